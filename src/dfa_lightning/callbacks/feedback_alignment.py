@@ -1,0 +1,163 @@
+"""``FeedbackAlignmentStrategy``: the Lightning callback that makes any wrapped model train by DFA.
+
+BP and DFA recipes differ only by this callback (``method: bp`` makes it inert). It builds a
+:class:`~dfa_lightning.feedback.engine.FeedbackEngine` in ``setup()``, i.e. before any strategy (DDP) wraps the
+model, runs one probe forward to learn the widths, draws ``B`` from its own seeded generator, prints the report,
+stores ``B`` in the checkpoint and checks that every rank holds the same ``B``.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback.engine import FeedbackEngine
+
+
+class FeedbackAlignmentStrategy(pl.Callback):
+    """Train the wrapped model with Direct Feedback Alignment (or the shallow control, or plain backprop).
+
+    Args:
+        method: ``bp``, ``dfa`` or ``shallow`` (default: ``"dfa"``).
+        feedback_points: globs on ``model.named_modules()`` or dotted module types (default: ``[]``).
+        output: module whose output gradient is the error e; empty for the model itself (default: ``None``).
+        batch_dims: dims sharing one feedback matrix (default: ``[0]``).
+        init: ``uniform`` (paper), ``gaussian`` or ``sign`` (default: ``"uniform"``).
+        scale: ``per_layer`` 1/sqrt(d_i), ``max_width`` 1/sqrt(max d_i) (paper), ``none`` (default: ``"per_layer"``).
+        shared_slices: one matrix whose first d_i columns feed point i, exactly as TinyDFA (default: ``False``).
+        seed: seed of the dedicated generator that draws B; ``None`` takes the run's ``seed_everything`` value, so
+            a seed sweep also varies B as the paper's code did (default: ``None``).
+        operator: ``dense`` (paper), ``lowrank`` (``B = UV``, rank ``rank``) or ``sparse`` (``nnz`` non-zeros per
+            feedback column): the projection's cost (default: ``"dense"``).
+        rank, nnz: sizes of the ``lowrank`` and ``sparse`` operators (default: ``64``, ``16``).
+        error: ``exact``, ``sign`` or ``ternary`` error sent through B (default: ``"exact"``).
+        verbose: print the placement report at setup (default: ``True``).
+    """
+
+    def __init__(
+        self,
+        method: str = "dfa",
+        feedback_points: list[str] | None = None,
+        output: str | None = None,
+        batch_dims: list[int] | None = None,
+        init: str = "uniform",
+        scale: str = "per_layer",
+        shared_slices: bool = False,
+        seed: int | None = None,
+        operator: str = "dense",
+        rank: int = 64,
+        nnz: int = 16,
+        error: str = "exact",
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if method == "fa":
+            raise ConfigError("method 'fa' (layer-to-layer feedback alignment) is not implemented; use dfa, shallow or bp")
+        if method in ("dfa", "shallow") and not feedback_points:
+            raise ConfigError(f"method {method!r} needs `feedback_points` (module-name globs or module types)")
+        self.config = dict(
+            method=method, feedback_points=list(feedback_points or []), output=output,
+            batch_dims=list(batch_dims or [0]), init=init, scale=scale, shared_slices=shared_slices, seed=seed,
+            operator=operator, rank=rank, nnz=nnz, error=error,
+        )
+        self.seed_given = seed is not None
+        self.verbose = verbose
+        self.engine: FeedbackEngine | None = None
+        self._loaded: dict[str, torch.Tensor] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.engine is not None or stage != "fit":
+            return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+        pl_module.configure_model()  # data-sized models are built before the points are resolved
+        if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
+            self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.engine = FeedbackEngine(pl_module.model, **self.config)
+        if self.method == "bp":
+            return
+        self._probe(trainer, pl_module)
+        if self._loaded is not None:
+            self.engine.load_feedback_state(self._loaded)
+        if self.verbose:
+            rank_zero_info(self.engine.report())
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
+        batch = _first_batch(trainer)
+        if batch is None:
+            return  # widths are learnt at the first training forward; B is still drawn from the seed
+        engine, model = self.engine, pl_module.model
+        was_training = model.training
+        engine.capture = {}
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                model.eval()
+                pl_module.task.step(model, batch, "train")
+                engine.record_segments()
+        finally:
+            engine.capture = None
+            engine.reset()
+            model.train(was_training)
+        engine.ensure_matrix()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None and self.engine.matrix is not None and trainer.world_size > 1:
+            self._assert_same_matrix_on_every_rank(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.engine is not None:
+            self.engine.reset()
+
+    def _assert_same_matrix_on_every_rank(self, trainer: pl.Trainer) -> None:
+        digest = torch.tensor([feedback_checksum(self.engine.feedback_state())], dtype=torch.float64,
+                              device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(digest).flatten().tolist()
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"feedback matrices differ across ranks (checksums {gathered}); DDP would average "
+                               "updates made with different B")
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state = self.engine.feedback_state() if self.engine is not None else self._loaded
+        return {"config": dict(self.config), "feedback": None if state is None else {k: v.clone() for k, v in state.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {})
+        if saved.get("method") == "dfa" and self.method == "dfa":
+            keys = ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz")
+            changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
+            if changed:
+                raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}; "
+                                  "resume with the recipe it was trained with")
+        self._loaded = state_dict.get("feedback")
+        if self.engine is not None and self._loaded is not None and self.method == "dfa":
+            self.engine.load_feedback_state(self._loaded)
+
+
+def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:
+    """A cheap exact fingerprint of B (CRC32 of its bytes), comparable across ranks."""
+    crc = 0
+    for key in sorted(state or {}):
+        crc = zlib.crc32(state[key].detach().cpu().contiguous().numpy().tobytes(), crc)
+    return float(crc)
+
+
+def _first_batch(trainer: pl.Trainer):
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        loader = datamodule.train_dataloader()
+        try:
+            return next(iter(loader))
+        except StopIteration:
+            return None

@@ -1,0 +1,66 @@
+"""Where datasets live: one setting (``DFA_DATA_DIR``) for every DataModule, plus checked downloads.
+
+Resolution order for a dataset folder: an explicit ``root`` argument, then ``$DFA_DATA_DIR``, then the user cache
+``~/.cache/dfa_lightning``. DataModules read the original files from there and download them (with a SHA-256 check)
+only when they are missing and downloading is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from dfa_lightning.errors import DatasetError
+
+ENV_VAR = "DFA_DATA_DIR"
+DEFAULT_CACHE = Path("~/.cache/dfa_lightning").expanduser()
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The base folder that holds every dataset (see module docstring for the order)."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser() if env else DEFAULT_CACHE
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` atomically; verify ``sha256`` when given. Never leaves a partial file behind."""
+    dest = Path(dest)
+    if dest.exists() and (sha256 is None or sha256sum(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out)
+        if sha256 is not None and (got := sha256sum(tmp)) != sha256:
+            raise DatasetError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}")
+        os.replace(tmp, dest)
+    except DatasetError:
+        raise
+    except OSError as err:
+        raise DatasetError(f"could not download {url} to {dest}: {err}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def require_files(folder: Path, names: list[str], what: str, hint: str = "") -> None:
+    """Raise one clear DatasetError listing every missing file of a dataset."""
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        extra = f" {hint}" if hint else ""
+        raise DatasetError(f"{what}: missing {', '.join(missing)} in {folder} (set {ENV_VAR} or `root:`).{extra}")

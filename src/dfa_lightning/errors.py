@@ -1,0 +1,17 @@
+"""Errors a user can fix. The CLI prints them as one line (no traceback wall) and exits non-zero."""
+
+
+class UserError(Exception):
+    """Base class: the message alone must tell the user what to fix (file, key, line or module name)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or callback setting is wrong (unknown key, feedback pattern matching nothing, bad shape)."""
+
+
+class DatasetError(UserError, FileNotFoundError):
+    """A dataset is missing, incomplete, fails its checksum, or has malformed rows."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or infinite; training stops before anything is saved from that step."""

@@ -1,0 +1,333 @@
+"""The DFA engine: cut the graph at feedback points, inject B_i·e, all inside ONE autograd pass.
+
+Direct Feedback Alignment (Nøkland 2016; Launay et al. 2020, https://arxiv.org/abs/2006.12878): a hidden layer
+receives ``δh_i = B_i e`` instead of ``∂L/∂h_i``, with ``e = ∂L/∂ŷ`` the error at the output and ``B_i`` fixed and
+random. Inside a block, gradients still flow locally (activation derivative, dropout, norms, attention).
+
+How it is done, with forward hooks only (the model's code is never edited):
+
+* each feedback point's output ``h_i`` is recorded and replaced by ``h_i.detach()`` for the layers above, so
+  autograd computes no gradient with respect to it from above (nothing that DFA would throw away);
+* the output ``ŷ`` is routed through :class:`_InjectFeedback`, an identity whose inputs are ``ŷ`` and every
+  recorded ``h_i``. Its backward receives ``e``, computes all projections with one matmul ``e @ M`` (fp32) and
+  returns them as the gradients of the ``h_i``; autograd then continues into each block in the same pass.
+
+Hence DDP buckets, AMP loss scaling, gradient accumulation and clipping see ordinary gradients.
+
+Shapes:
+    output ``ŷ``: ``[*batch, *out]`` -> ``e``: ``[N, d_out]`` with ``N = prod(batch)``, ``d_out = prod(out)``
+    point ``h_i``: ``[*batch, *feat_i]`` -> ``[N, d_i]``; ``M``: ``[d_out, K]``
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback import matrices, operators
+from dfa_lightning.feedback.points import resolve_output, resolve_points
+
+METHODS = ("bp", "dfa", "shallow")
+
+
+def flatten_batch(t: torch.Tensor, batch_dims: Sequence[int]) -> torch.Tensor:
+    """``[..]`` -> ``[N, d]``: batch dims moved to the front and merged, the rest merged into features."""
+    nb = len(batch_dims)
+    if tuple(batch_dims) != tuple(range(nb)):
+        t = t.movedim(tuple(batch_dims), tuple(range(nb)))
+    return t.reshape(math.prod(t.shape[:nb]), -1)
+
+
+def unflatten_batch(flat: torch.Tensor, shape: torch.Size, batch_dims: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`flatten_batch` for a tensor that had ``shape``."""
+    nb = len(batch_dims)
+    if tuple(batch_dims) == tuple(range(nb)):
+        return flat.reshape(shape)
+    moved = [shape[d] for d in batch_dims] + [s for i, s in enumerate(shape) if i not in batch_dims]
+    return flat.reshape(moved).movedim(tuple(range(nb)), tuple(batch_dims))
+
+
+@dataclass
+class PointInfo:
+    name: str
+    module: nn.Module
+    width: int | None = None
+
+
+@dataclass
+class _Pending:
+    """Points recorded since the output module last ran (one entry per point call)."""
+
+    index: list[int] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.index.clear()
+        self.tensors.clear()
+
+
+class _InjectFeedback(torch.autograd.Function):
+    """Identity on the output; backward sends ``B_i e`` to every recorded point in the same autograd pass."""
+
+    @staticmethod
+    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], output: torch.Tensor, *points: torch.Tensor):
+        ctx.engine, ctx.index = engine, index
+        ctx.shapes = [p.shape for p in points]
+        ctx.dtypes = [p.dtype for p in points]
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = ctx.engine.project(grad_output, ctx.index, ctx.shapes, ctx.dtypes)
+        return (None, None, grad_output, *grads)
+
+
+class FeedbackEngine:
+    """Attach DFA (or the shallow control) to any ``nn.Module`` via hooks; framework-free, so tests can drive it.
+
+    Args:
+        model: the network; its code is not touched.
+        feedback_points: globs on ``named_modules()`` or dotted module types (e.g. ``["mlp.*", "torch.nn.ReLU"]``).
+        method: ``dfa`` (direct feedback), ``shallow`` (cut, no feedback: only layers above the last point train)
+            or ``bp`` (nothing attached) (default: ``"dfa"``).
+        output: module whose output gradient is the error ``e``; ``None`` for the model itself (default: ``None``).
+        batch_dims: dimensions that share one feedback matrix, e.g. ``[0]`` rows/nodes, ``[0, 1]`` (batch, token)
+            (default: ``[0]``).
+        init, scale, shared_slices, seed: how ``B`` is drawn, see :mod:`dfa_lightning.feedback.matrices`.
+        operator, rank, nnz, error: the projection ``dense``/``lowrank``/``sparse`` and the error transform
+            ``exact``/``sign``/``ternary``, see :mod:`dfa_lightning.feedback.operators`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feedback_points: Sequence[str | type] = (),
+        method: str = "dfa",
+        output: str | None = None,
+        batch_dims: Sequence[int] = (0,),
+        init: str = "uniform",
+        scale: str = "per_layer",
+        shared_slices: bool = False,
+        seed: int = 0,
+        operator: str = "dense",
+        rank: int = 64,
+        nnz: int = 16,
+        error: str = "exact",
+    ) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        if init not in matrices.INITS:
+            raise ConfigError(f"init must be one of {matrices.INITS}, got {init!r}")
+        if scale not in matrices.SCALES:
+            raise ConfigError(f"scale must be one of {matrices.SCALES}, got {scale!r}")
+        if operator not in operators.OPERATORS:
+            raise ConfigError(f"operator must be one of {operators.OPERATORS}, got {operator!r}")
+        if error not in operators.ERRORS:
+            raise ConfigError(f"error must be one of {operators.ERRORS}, got {error!r}")
+        self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
+        self.model, self.method = model, method
+        self.batch_dims = tuple(int(d) for d in batch_dims)
+        self.init, self.scale, self.shared_slices, self.seed = init, scale, shared_slices, int(seed)
+        self.enabled = True  # False: hooks pass everything through (BP), used by the alignment probe
+        self.capture: dict[str, torch.Tensor] | None = None  # when a dict: raw point outputs and "__output__"
+        self.points: list[PointInfo] = []
+        self.output_name = ""
+        self.d_out: int | None = None
+        self.operator: operators.FeedbackOperator | None = None  # B, fp32 on CPU (the checkpointed copy)
+        self._post_scales: tuple[float, ...] | None = None
+        self._layout: matrices.FeedbackLayout | None = None
+        self._pending = _Pending()
+        self._handles: list = []
+        self.segments: dict[str, list[str]] = {}
+        if method != "bp":
+            self.points = [PointInfo(n, m) for n, m in resolve_points(model, feedback_points)]
+            self.output_name, output_module = resolve_output(model, output)
+            if any(p.module is output_module for p in self.points):
+                raise ConfigError(f"module {self.output_name!r} is both the output and a feedback point")
+            for i, p in enumerate(self.points):
+                self._handles.append(p.module.register_forward_hook(self._point_hook(i)))
+            self._handles.append(output_module.register_forward_hook(self._output_hook))
+
+    # ------------------------------------------------------------------ hooks
+    def _point_hook(self, index: int):
+        info = self.points[index]
+
+        def hook(module: nn.Module, args, out):
+            if not isinstance(out, torch.Tensor):
+                raise ConfigError(
+                    f"feedback point {info.name!r} ({type(module).__name__}) returns {type(out).__name__}, "
+                    "not a Tensor; choose a submodule whose output is a single tensor"
+                )
+            if info.width is None:
+                self._record_width(index, out)
+            if self.capture is not None:
+                self.capture[info.name] = out
+            if not self.enabled or not torch.is_grad_enabled() or not out.requires_grad:
+                return None
+            if self.method == "dfa":
+                self._pending.index.append(index)
+                self._pending.tensors.append(out)
+            return out.detach()
+
+        return hook
+
+    def _output_hook(self, module: nn.Module, args, out):
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(
+                f"output module {self.output_name or type(module).__name__!r} returns {type(out).__name__}, "
+                "not a Tensor; set `output:` to a submodule whose output is the tensor the error is taken at"
+            )
+        if self.d_out is None:
+            self.d_out = flatten_batch(out.detach(), self.batch_dims).shape[1]
+        if self.capture is not None:
+            self.capture["__output__"] = out
+        if not self._pending.tensors:
+            return None
+        index, tensors = tuple(self._pending.index), tuple(self._pending.tensors)
+        self._pending.clear()
+        if not self.enabled or not torch.is_grad_enabled():
+            return None
+        self.ensure_matrix()
+        return _InjectFeedback.apply(self, index, out, *tensors)
+
+    def _record_width(self, index: int, out: torch.Tensor) -> None:
+        if out.dim() <= max(self.batch_dims, default=-1):
+            raise ConfigError(
+                f"feedback point {self.points[index].name!r} output has shape {tuple(out.shape)}, "
+                f"fewer dims than batch_dims {list(self.batch_dims)}"
+            )
+        self.points[index].width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+
+    # ------------------------------------------------------------------ matrices
+    @property
+    def ready(self) -> bool:
+        return self.method == "bp" or (self.d_out is not None and all(p.width is not None for p in self.points))
+
+    @property
+    def matrix(self) -> torch.Tensor | None:
+        """The effective feedback matrix ``[d_out, K]`` (the stored one for ``dense``)."""
+        return None if self.operator is None else self.operator.dense()
+
+    def ensure_matrix(self) -> torch.Tensor | None:
+        """Draw the operator once all widths are known (at setup from a probe batch, or at the first forward)."""
+        if self.method != "dfa" or self.operator is not None:
+            return self.matrix
+        if not self.ready:
+            missing = [p.name for p in self.points if p.width is None]
+            raise ConfigError(f"feedback points never ran before the output: {', '.join(missing)}")
+        lay = self._make_layout()
+        self.operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
+                                                self.shared_slices, self.rank, self.nnz)
+        if self.shared_slices and self._post_scales is None:
+            self.operator = operators.FeedbackOperator({"matrix": self.operator.dense() * lay.scales[0]})
+        return self.matrix
+
+    def _make_layout(self) -> matrices.FeedbackLayout:
+        self._layout = matrices.layout([p.width for p in self.points], self.scale, self.shared_slices)
+        scales = self._layout.scales
+        # shared columns with different factors per point: applied after slicing; otherwise folded into B
+        self._post_scales = scales if self.shared_slices and len(set(scales)) > 1 else None
+        return self._layout
+
+    def set_matrix(self, matrix: torch.Tensor) -> None:
+        """Install a dense ``B`` as used in the projection (tests, experiments)."""
+        self.load_feedback_state({"matrix": matrix}, "dense")
+
+    def feedback_state(self) -> dict[str, torch.Tensor] | None:
+        return None if self.operator is None else dict(self.operator.tensors)
+
+    def load_feedback_state(self, state: dict[str, torch.Tensor], kind: str | None = None) -> None:
+        """Install a checkpointed operator; its shape must fit this model's widths."""
+        lay = self._make_layout()
+        op = operators.from_state({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                  kind or self.operator_kind)
+        if tuple(op.dense().shape) != (self.d_out, lay.total):
+            raise ConfigError(
+                f"feedback matrix shape {tuple(op.dense().shape)} does not fit this model "
+                f"(expected {(self.d_out, lay.total)}: d_out x feedback columns)"
+            )
+        self.operator = op
+
+    # ------------------------------------------------------------------ the projection
+    def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
+        """All ``B_i e`` from one projection (fp32 or wider), reshaped and cast to each point's shape and dtype."""
+        dtype = torch.promote_types(grad_output.dtype, torch.float32)  # fp32 under AMP, fp64 stays fp64
+        e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
+        projected = self.operator.project(e)  # [N, K], the single projection of the step
+        grads = []
+        for i, shape, dtype in zip(index, shapes, dtypes):
+            start, stop = self._layout.slices[i]
+            g = projected[:, start:stop]
+            if self._post_scales is not None:
+                g = g * self._post_scales[i]
+            n_point = math.prod(shape[d] for d in self.batch_dims)
+            if n_point != g.shape[0]:
+                raise ConfigError(
+                    f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
+                    f"{list(self.batch_dims)} but the output has {g.shape[0]}; adjust batch_dims"
+                )
+            grads.append(unflatten_batch(g, shape, self.batch_dims).to(dtype))
+        return grads
+
+    def reset(self) -> None:
+        """Forget points recorded by a forward that never reached the output (call at each batch start)."""
+        self._pending.clear()
+
+    def detach_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> str:
+        """Which modules are feedback points, their widths, and which parameters train how."""
+        if self.method == "bp":
+            return "FeedbackAlignmentStrategy: method=bp (backprop, nothing attached)"
+        params = dict(self.model.named_parameters())
+        count = lambda names: sum(params[n].numel() for n in names)  # noqa: E731
+        lines = [
+            f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
+            f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
+            f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}",
+        ]
+        for p in self.points:
+            seg = self.segments.get(p.name, [])
+            lines.append(f"  point {p.name:<28} {type(p.module).__name__:<14} width={p.width!s:<6} "
+                         f"segment params={count(seg):,}")
+        below = {n for p in self.points for n in self.segments.get(p.name, [])}
+        above = [n for n in self.segments.get("__output__", []) if n not in below]
+        unused = [n for n in params if n not in below and n not in above]
+        how = "direct feedback B_i e" if self.method == "dfa" else "nothing: frozen (shallow control)"
+        lines.append(f"  below the points, trained by {how}: {count(below):,} params in {len(below)} tensors")
+        lines.append(f"  above the last point, backprop from the output: {count(above):,} params "
+                     f"({', '.join(above) or '-'})")
+        if unused:
+            lines.append(f"  not reached by the forward: {', '.join(unused)}")
+        return "\n".join(lines)
+
+    def record_segments(self) -> None:
+        """From a captured DFA forward, list the parameters each point's segment (and the output's) reaches.
+
+        The cut makes every segment's graph end at the detached output of the point below, so a walk of the
+        autograd graph from a point's raw output finds exactly the parameters that its feedback trains.
+        """
+        ids = {id(p): n for n, p in self.model.named_parameters()}
+        self.segments = {name: _reachable_parameters(t, ids) for name, t in (self.capture or {}).items()}
+
+
+def _reachable_parameters(tensor: torch.Tensor, ids: dict[int, str]) -> list[str]:
+    found, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in ids:
+            found.append(ids[id(var)])
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return sorted(set(found))

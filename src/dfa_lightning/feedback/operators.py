@@ -1,0 +1,143 @@
+"""Feedback operators: how ``e [N, d_out]`` becomes all projections ``[N, K]`` in one step.
+
+The operator is the DFA step's main cost when the output is wide (a 32k vocabulary): ``dense`` costs
+``N·d_out·K`` multiply-adds, ``lowrank`` ``N·r·(d_out + K)``, ``sparse`` ``N·K·nnz``. Every operator is drawn from
+the engine's seeded generator and checkpointed as plain tensors.
+
+* ``dense``: ``B = M`` (the paper).
+* ``lowrank``: ``B = U V / sqrt(r)``, ``U [d_out, r]``, ``V [r, K]``: two thin matmuls.
+* ``sparse``: each feedback column (one hidden unit) listens to ``nnz`` output units:
+  ``B[:, j]`` has ``nnz`` non-zeros, scaled by ``sqrt(d_out / nnz)`` to keep the signal's norm.
+
+Error transforms (what an optical or low-precision co-processor would see): ``exact``; ``sign``: ``sign(e)·mean|e|``;
+``ternary``: ``sign(e)·[|e| > mean|e|/2]·mean|e|``. The single scalar ``mean|e|`` keeps the update's scale so that
+learning rates transfer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback import matrices
+
+OPERATORS = ("dense", "lowrank", "sparse")
+ERRORS = ("exact", "sign", "ternary")
+
+
+class FeedbackOperator:
+    """Holds CPU fp32 tensors (the checkpointed truth) and caches copies per device and dtype."""
+
+    kind = "dense"
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache = {key: {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                                 for k, v in self.tensors.items()}}
+        return self._cache[key]
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        t = self.on(e.device, e.dtype)
+        return e @ t["matrix"]
+
+    def dense(self) -> torch.Tensor:
+        """The equivalent ``[d_out, K]`` matrix (for tests, alignment and reports)."""
+        return self.tensors["matrix"]
+
+    def flops(self, n: int) -> int:
+        d_out, k = self.dense().shape
+        return 2 * n * d_out * k
+
+
+class LowRankFeedback(FeedbackOperator):
+    kind = "lowrank"
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        t = self.on(e.device, e.dtype)
+        return (e @ t["u"]) @ t["v"]
+
+    def dense(self) -> torch.Tensor:
+        return self.tensors["u"] @ self.tensors["v"]
+
+    def flops(self, n: int) -> int:
+        (d_out, r), (_, k) = self.tensors["u"].shape, self.tensors["v"].shape
+        return 2 * n * r * (d_out + k)
+
+
+class SparseFeedback(FeedbackOperator):
+    kind = "sparse"
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            rows, vals = self.tensors["rows"], self.tensors["values"]  # [K, nnz] each
+            k, nnz = rows.shape
+            d_out = int(self.tensors["d_out"])
+            crow = torch.arange(0, k * nnz + 1, nnz)
+            mt = torch.sparse_csr_tensor(crow, rows.reshape(-1), vals.reshape(-1), size=(k, d_out))
+            self._cache = {key: {"mt": mt.to(device=device, dtype=dtype)}}
+        return self._cache[key]
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        mt = self.on(e.device, e.dtype)["mt"]  # [K, d_out], CSR
+        return (mt @ e.t()).t()  # [N, K]
+
+    def dense(self) -> torch.Tensor:
+        rows, vals = self.tensors["rows"], self.tensors["values"]
+        k = rows.shape[0]
+        out = torch.zeros(int(self.tensors["d_out"]), k)
+        out[rows, torch.arange(k).unsqueeze(1).expand_as(rows)] = vals
+        return out
+
+    def flops(self, n: int) -> int:
+        return 2 * n * self.tensors["rows"].numel()
+
+
+KINDS = {"dense": FeedbackOperator, "lowrank": LowRankFeedback, "sparse": SparseFeedback}
+
+
+def draw_operator(kind: str, d_out: int, lay: matrices.FeedbackLayout, init: str, seed: int, shared_slices: bool,
+                  rank: int, nnz: int) -> FeedbackOperator:
+    """Draw an operator deterministically from ``seed``; per-point scales are folded in (independent columns)."""
+    if kind not in KINDS:
+        raise ConfigError(f"operator must be one of {OPERATORS}, got {kind!r}")
+    if kind == "dense":
+        return FeedbackOperator({"matrix": matrices.feedback_matrix(d_out, lay, init, seed, shared_slices)})
+    if shared_slices:
+        raise ConfigError(f"shared_slices applies to the dense operator only, not {kind!r}")
+    generator = torch.Generator().manual_seed(seed)
+    col_scale = torch.cat([torch.full((stop - start,), s) for (start, stop), s in zip(lay.slices, lay.scales)])
+    if kind == "lowrank":
+        if not 0 < rank:
+            raise ConfigError(f"lowrank operator needs rank > 0, got {rank}")
+        u = matrices.draw((d_out, rank), init, generator)
+        v = matrices.draw((rank, lay.total), init, generator) * col_scale / math.sqrt(rank)
+        return LowRankFeedback({"u": u, "v": v})
+    nnz = min(nnz, d_out)
+    if nnz <= 0:
+        raise ConfigError(f"sparse operator needs nnz > 0, got {nnz}")
+    scores = torch.rand((lay.total, d_out), generator=generator)
+    rows = scores.topk(nnz, dim=1).indices.sort(dim=1).values  # nnz distinct output units per column
+    values = matrices.draw((lay.total, nnz), init, generator) * col_scale.unsqueeze(1) * math.sqrt(d_out / nnz)
+    return SparseFeedback({"rows": rows, "values": values, "d_out": torch.tensor(d_out)})
+
+
+def from_state(state: dict[str, torch.Tensor], kind: str) -> FeedbackOperator:
+    return KINDS[kind](state)
+
+
+def transform_error(e: torch.Tensor, error: str) -> torch.Tensor:
+    if error == "exact":
+        return e
+    scale = e.abs().mean()
+    if error == "sign":
+        return torch.sign(e) * scale
+    if error == "ternary":
+        return torch.sign(e) * (e.abs() > scale / 2) * scale
+    raise ConfigError(f"error must be one of {ERRORS}, got {error!r}")

@@ -1,0 +1,309 @@
+"""Graph models of the DFA paper (Launay et al. 2020, §2.3 and §2.4), written so that DFA needs no model edits.
+
+Every place where the paper puts a ``DFALayer`` is a named submodule here whose forward output is one Tensor with
+the nodes as first dimension. A recipe selects them by glob on ``model.named_modules()``; :data:`FEEDBACK_POINTS`
+lists the globs that reproduce the paper for each model. Models return LOGITS (no ``log_softmax``): the task applies
+the cross-entropy, so the DFA error at the output is ``(softmax - onehot) / N_train`` as in the paper's GCNs.
+
+Defaults are the paper's backprop (BP) settings; its DFA settings differ only in constructor arguments:
+
+========  ===========================================  =============================================
+model     BP (defaults here)                           DFA in the paper
+========  ===========================================  =============================================
+gcn       dropout 0.5; Adam lr 0.01, wd 5e-4 on conv1  dropout 0.1; wd 1e-4 on conv1
+cheb      dropout 0.5; Adam lr 0.01, wd 5e-4 on conv1  dropout 0.0; wd 1e-4 on conv1
+spline    dropout 0.5; Adam lr 0.01, wd 5e-3 (all)     identical
+gat       dropout 0.6, att 0.6/0.6; lr 0.005, wd 5e-4  dropout 0.1, att 0.6/0.0; wd 1e-4
+dna       dropout 0.5, conv 0.8; lr 0.005, wd 5e-4     dropout 0.0, conv 0.0; lr 0.01, wd 0
+gae       Adam lr 0.01                                 lr 0.01 (0.02 on CiteSeer)
+========  ===========================================  =============================================
+
+(The paper's DNA output DFA wraps ``log_softmax``; here the error is taken at the logits like every other model.)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import GAE, ChebConv, DNAConv, GATConv, GCNConv
+
+from dfa_lightning.errors import ConfigError
+
+__all__ = [
+    "FEEDBACK_POINTS",
+    "GRAPH_MODELS",
+    "GCN",
+    "Cheb",
+    "Spline",
+    "GAT",
+    "DNA",
+    "GCNEncoder",
+    "GraphAutoEncoder",
+    "spline_available",
+]
+
+#: Globs (on ``named_modules()`` names, ``fnmatch`` style) of the paper's hidden DFA points for each model.
+#: Each matches only modules whose output is a Tensor ``[num_nodes, width]``; the output DFA point is the model
+#: output itself (logits ``[N, C]``, or the latent ``z`` ``[N, 16]`` for ``gae``).
+FEEDBACK_POINTS: dict[str, list[str]] = {
+    "gcn": ["hidden"],  # ReLU -> dropout after conv1 (the point comes after dropout)
+    "cheb": ["hidden"],  # ReLU -> dropout after conv1 (after dropout)
+    "spline": ["hidden"],  # ELU after conv1, before the hidden dropout
+    "gat": ["hidden"],  # ELU after conv1 (64 wide), before the hidden dropout
+    "dna": ["lin1_act", "acts.*"],  # Linear+ReLU, then the ReLU after each of the DNAConvs
+    "gae": ["encoder.hidden"],  # ReLU after the encoder's conv1 (32 wide)
+}
+
+
+class _GraphModel(nn.Module):
+    """Drops the GCN normalisation caches of ``cached=True`` convs whenever the model moves (``.to()``, ``.cuda()``),
+    so that a forward pass on one device (e.g. a shape probe on CPU) never leaves a stale cache on another."""
+
+    def _apply(self, fn, *args, **kwargs):
+        for module in self.modules():
+            if hasattr(module, "_cached_edge_index"):
+                module._cached_edge_index = None
+            if hasattr(module, "_cached_adj_t"):
+                module._cached_adj_t = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _edge_weight(edge_attr: Tensor | None, model: str) -> Tensor | None:
+    """``edge_attr`` as a GCN/Cheb edge weight: ``None``, ``[E]`` or ``[E, 1]`` are accepted."""
+    if edge_attr is None:
+        return None
+    if edge_attr.dim() == 2 and edge_attr.size(1) == 1:
+        return edge_attr.view(-1)
+    if edge_attr.dim() == 1:
+        return edge_attr
+    raise ConfigError(
+        f"{model}: edge_attr of shape {tuple(edge_attr.shape)} cannot be used as edge weights (need [E] or [E, 1]); "
+        "use `transform: normalize_features` or `none` in the data section"
+    )
+
+
+class GCN(_GraphModel):
+    """GCNConv(F→hidden, cached) → ReLU → dropout → GCNConv(hidden→C). Feedback point: ``hidden`` (after dropout).
+
+    Args:
+        in_channels: number of node features F.
+        out_channels: number of classes C.
+        hidden: width of the hidden layer (default: 16).
+        dropout: dropout on the hidden layer (default: 0.5; the paper's DFA run uses 0.1).
+        cached: cache the normalised adjacency (transductive, full batch) (default: True).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, dropout: float = 0.5,
+                 cached: bool = True) -> None:
+        super().__init__()
+        self.conv1 = GCNConv(in_channels, hidden, cached=cached)
+        self.hidden = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.conv2 = GCNConv(hidden, out_channels, cached=cached)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        w = _edge_weight(edge_attr, "gcn")
+        x = self.hidden(self.conv1(x, edge_index, w))
+        return self.conv2(x, edge_index, w)
+
+
+class Cheb(_GraphModel):
+    """ChebConv(F→hidden, K) → ReLU → dropout → ChebConv(hidden→C, K). Feedback point: ``hidden`` (after dropout).
+
+    Args:
+        in_channels, out_channels: F and C.
+        hidden: hidden width (default: 16).
+        dropout: hidden dropout (default: 0.5; the paper's DFA run uses 0).
+        K: Chebyshev filter size (default: 2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, dropout: float = 0.5,
+                 K: int = 2) -> None:
+        super().__init__()
+        self.conv1 = ChebConv(in_channels, hidden, K=K)
+        self.hidden = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.conv2 = ChebConv(hidden, out_channels, K=K)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        w = _edge_weight(edge_attr, "cheb")
+        x = self.hidden(self.conv1(x, edge_index, w))
+        return self.conv2(x, edge_index, w)
+
+
+def _pyg_wheel_hint(package: str) -> str:
+    version = torch.__version__.split("+")[0]
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return f"pip install {package} -f https://data.pyg.org/whl/torch-{version}+{cuda}.html"
+
+
+def _make_spline_conv(*args, **kwargs):
+    """A SplineConv, or a ConfigError naming the compiled package to install."""
+    from torch_geometric.nn import SplineConv
+
+    try:
+        return SplineConv(*args, **kwargs)
+    except ImportError as err:
+        # PyG >= 2.7 takes the spline kernels from pyg-lib; older releases from torch-spline-conv.
+        package = "pyg-lib" if "pyg" in str(err).lower() else "torch-spline-conv"
+        raise ConfigError(
+            f"model 'spline' needs SplineConv's compiled kernels, which are not installed here ({err}). "
+            f"Install them with `{_pyg_wheel_hint(package)}` (the wheel must match your torch and CUDA versions)"
+        ) from None
+
+
+def spline_available() -> tuple[bool, str]:
+    """(whether :class:`Spline` can be built here, the reason when it cannot)."""
+    try:
+        _make_spline_conv(1, 1, dim=1, kernel_size=2)
+    except ConfigError as err:
+        return False, str(err)
+    return True, ""
+
+
+class Spline(_GraphModel):
+    """dropout → SplineConv(F→hidden, dim, kernel_size) → ELU → dropout → SplineConv(hidden→C).
+
+    Needs ``edge_attr`` pseudo-coordinates in [0, 1] (data ``transform: target_indegree``) and SplineConv's compiled
+    kernels (``pyg-lib`` for PyG >= 2.7, ``torch-spline-conv`` before); without them the constructor raises
+    :class:`ConfigError`. Feedback point: ``hidden`` (the ELU, before the hidden dropout).
+
+    Args:
+        in_channels, out_channels: F and C.
+        hidden: hidden width (default: 16).
+        dropout: input and hidden dropout (default: 0.5, BP and DFA alike).
+        dim: pseudo-coordinate dimension (default: 1).
+        kernel_size: B-spline kernel size (default: 2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, dropout: float = 0.5,
+                 dim: int = 1, kernel_size: int = 2) -> None:
+        super().__init__()
+        self.drop_in = nn.Dropout(dropout)
+        self.conv1 = _make_spline_conv(in_channels, hidden, dim=dim, kernel_size=kernel_size)
+        self.hidden = nn.ELU()
+        self.drop_hidden = nn.Dropout(dropout)
+        self.conv2 = _make_spline_conv(hidden, out_channels, dim=dim, kernel_size=kernel_size)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        if edge_attr is None:
+            raise ConfigError("model 'spline' needs edge_attr pseudo-coordinates: use `transform: target_indegree`")
+        x = self.hidden(self.conv1(self.drop_in(x), edge_index, edge_attr))
+        return self.conv2(self.drop_hidden(x), edge_index, edge_attr)
+
+
+class GAT(_GraphModel):
+    """dropout → GATConv(F→hidden, heads) → ELU → dropout → GATConv(hidden·heads→C, out_heads, mean).
+
+    Feedback point: ``hidden`` (the ELU, ``hidden·heads`` = 64 wide, before the hidden dropout). ``edge_attr`` is
+    ignored (GATConv is built without edge features).
+
+    Args:
+        in_channels, out_channels: F and C.
+        hidden: channels per head of conv1 (default: 8).
+        heads: attention heads of conv1 (default: 8).
+        out_heads: attention heads of conv2, averaged (default: 1).
+        dropout: input and hidden dropout (default: 0.6; the paper's DFA run uses 0.1).
+        att_dropout1, att_dropout2: attention dropout of conv1 / conv2 (default: 0.6 / 0.6; DFA: 0.6 / 0).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 8, heads: int = 8, out_heads: int = 1,
+                 dropout: float = 0.6, att_dropout1: float = 0.6, att_dropout2: float = 0.6) -> None:
+        super().__init__()
+        self.drop_in = nn.Dropout(dropout)
+        self.conv1 = GATConv(in_channels, hidden, heads=heads, dropout=att_dropout1)
+        self.hidden = nn.ELU()
+        self.drop_hidden = nn.Dropout(dropout)
+        self.conv2 = GATConv(hidden * heads, out_channels, heads=out_heads, concat=False, dropout=att_dropout2)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        x = self.hidden(self.conv1(self.drop_in(x), edge_index))
+        return self.conv2(self.drop_hidden(x), edge_index)
+
+
+class DNA(_GraphModel):
+    """Linear(F→hidden)+ReLU → dropout → num_layers × DNAConv with a dense "jumping" history → dropout → Linear(→C).
+
+    Module layout: ``lin1_act`` (Linear+ReLU), ``drop1``, ``convs.<i>`` (DNAConv), ``acts.<i>`` (ReLU after conv i),
+    ``drop2``, ``lin2``. The history that each DNAConv attends over is built only from the outputs of ``lin1_act``
+    (after ``drop1``) and of ``acts.<i>``; so when those are DFA points (``["lin1_act", "acts.*"]``) and the engine
+    detaches them, the history is detached, exactly as the paper's ``x_all.detach()``. DNAConv is pure PyTorch in
+    PyG >= 2.3 (torch-sparse is not needed).
+
+    Args:
+        in_channels, out_channels: F and C.
+        hidden: width of every layer (default: 128).
+        num_layers: number of DNAConv layers (default: 5).
+        heads, groups: DNAConv attention heads and projection groups (default: 8, 16).
+        dropout: dropout after lin1 and before lin2 (default: 0.5; the paper's DFA run uses 0).
+        conv_dropout: DNAConv attention dropout (default: 0.8; DFA: 0).
+        cached: cache the GCN normalisation in DNAConv (default: True).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 128, num_layers: int = 5, heads: int = 8,
+                 groups: int = 16, dropout: float = 0.5, conv_dropout: float = 0.8, cached: bool = True) -> None:
+        super().__init__()
+        if hidden % heads or hidden % groups:
+            raise ConfigError(f"model 'dna': hidden={hidden} must be divisible by heads={heads} and groups={groups}")
+        self.lin1_act = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU())
+        self.drop1 = nn.Dropout(dropout)
+        self.convs = nn.ModuleList(
+            DNAConv(hidden, heads=heads, groups=groups, dropout=conv_dropout, cached=cached) for _ in range(num_layers)
+        )
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(num_layers))
+        self.drop2 = nn.Dropout(dropout)
+        self.lin2 = nn.Linear(hidden, out_channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        x = self.drop1(self.lin1_act(x))
+        x_all = x.unsqueeze(1)  # [N, 1, hidden]
+        for conv, act in zip(self.convs, self.acts):
+            x = act(conv(x_all, edge_index))
+            x_all = torch.cat([x_all, x.unsqueeze(1)], dim=1)
+        return self.lin2(self.drop2(x))
+
+
+class GCNEncoder(_GraphModel):
+    """GAE encoder of the paper: GCNConv(F→hidden) → ReLU (``hidden``) → GCNConv(hidden→out_channels).
+
+    ``cached`` defaults to False: the link-prediction splits encode different edge sets (train edges for train/val,
+    train+val edges for test), which a cached normalisation would silently ignore.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 32, out_channels: int = 16, cached: bool = False) -> None:
+        super().__init__()
+        self.conv1 = GCNConv(in_channels, hidden, cached=cached)
+        self.hidden = nn.ReLU()
+        self.conv2 = GCNConv(hidden, out_channels, cached=cached)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.conv2(self.hidden(self.conv1(x, edge_index)), edge_index)
+
+
+class GraphAutoEncoder(GAE):
+    """PyG :class:`~torch_geometric.nn.GAE` with a :class:`GCNEncoder` and the inner-product decoder (paper §2.4).
+
+    ``forward(x, edge_index)`` returns the latent ``z`` [N, latent]: that is where the output DFA error is taken
+    (the decoder has no parameters). Feedback point: ``encoder.hidden``. Use with
+    :class:`~dfa_lightning.tasks.graph.LinkPrediction`.
+
+    Args:
+        in_channels: number of node features F.
+        hidden: encoder hidden width (default: 32).
+        latent: latent width (default: 16).
+        cached: cache the encoder's GCN normalisation (default: False, see :class:`GCNEncoder`).
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 32, latent: int = 16, cached: bool = False) -> None:
+        super().__init__(GCNEncoder(in_channels, hidden, latent, cached=cached))
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        return self.encoder(x, edge_index)
+
+
+#: Short names used by :data:`FEEDBACK_POINTS`.
+GRAPH_MODELS: dict[str, type[nn.Module]] = {
+    "gcn": GCN,
+    "cheb": Cheb,
+    "spline": Spline,
+    "gat": GAT,
+    "dna": DNA,
+    "gae": GraphAutoEncoder,
+}

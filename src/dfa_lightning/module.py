@@ -1,0 +1,123 @@
+"""``TaskModule``: the one LightningModule of the project; it wraps any ``nn.Module`` and knows nothing of DFA.
+
+The model computes, the :class:`~dfa_lightning.tasks.base.Task` turns a batch into a loss and metrics, the
+optimizer is configuration. Whether the update is backprop or DFA is decided only by the callbacks of the recipe.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from dfa_lightning.errors import ConfigError, NonFiniteLossError
+from dfa_lightning.feedback.points import glob_match
+from dfa_lightning.tasks.base import Task
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class TaskModule(pl.LightningModule):
+    """Train ``model`` on ``task``.
+
+    Args:
+        model: any network; data-sized models may expose ``build(**datamodule.model_hints())``.
+        task: loss and metrics (node classification, CTR, language modelling...).
+        optimizer: e.g. ``{class_path: torch.optim.Adam, init_args: {lr: 0.01}}`` (default: Adam, lr 1e-3).
+        lr_scheduler: optional scheduler; ``ReduceLROnPlateau`` monitors ``task.monitor`` (default: ``None``).
+        param_groups: per-parameter options by glob, e.g. ``[{params: "conv1.*", weight_decay: 5e-4}]``; the
+            remaining parameters form a last group with the optimizer's defaults (default: ``None``).
+        check_finite_loss: stop with a one-line error on a NaN/inf loss (costs one sync per step)
+            (default: ``True``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optimizer: OptimizerCallable = _adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+        check_finite_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.param_groups = param_groups or []
+        self.check_finite_loss = check_finite_loss
+        self._built = False
+
+    def configure_model(self) -> None:
+        """Build layers whose size comes from the data (idempotent; also called by the DFA callback's setup)."""
+        if self._built:
+            return
+        build = getattr(self.model, "build", None)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        hints = getattr(datamodule, "model_hints", None)
+        if callable(build) and callable(hints):
+            build(**hints())
+        self._built = True
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        out = self.task.step(self.model, batch, stage)
+        if stage == "train" and self.check_finite_loss and not torch.isfinite(out.loss.detach()).all():
+            raise NonFiniteLossError(
+                f"loss is {out.loss.item()} at epoch {self.current_epoch}, global step {self.global_step}: "
+                "training stopped; lower the learning rate or check the inputs (nothing saved from this step)"
+            )
+        metrics = self.task.update_metrics(out, batch, stage)
+        self.log(f"{stage}/loss", out.loss.detach(), on_step=stage == "train", on_epoch=True,
+                 prog_bar=stage != "train", batch_size=out.batch_size, sync_dist=stage != "train")
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=out.batch_size)
+        return out.loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.task.step(self.model, batch, "test").output
+
+    # ------------------------------------------------------------------ optimizer
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        named = dict(self.model.named_parameters())
+        taken: set[str] = set()
+        groups = []
+        for spec in self.param_groups:
+            spec = dict(spec)
+            pattern = spec.pop("params", None)
+            if not isinstance(pattern, str):
+                raise ConfigError(f"param_groups entry {spec} needs `params:` as a glob on parameter names")
+            names = [n for n in named if glob_match(n, pattern) and n not in taken]
+            if not names:
+                raise ConfigError(f"param_groups pattern {pattern!r} matches no parameter; names: {', '.join(named)}")
+            taken.update(names)
+            groups.append({"params": [named[n] for n in names], **spec})
+        rest = [p for n, p in named.items() if n not in taken]
+        if rest:
+            groups.append({"params": rest})
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameter_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.task.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,74 @@
+"""Run recipes over several seeds and write a markdown table of mean ± std next to reference numbers.
+
+``python -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml --seeds 0 1 2 3 4
+--metric test/acc --out results.md [-- extra CLI args]``. Each run is a normal ``fit`` (then test at the best
+checkpoint) in this process; per-seed values and the summary go to ``--out`` (markdown) and a JSON beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from dfa_lightning.cli import run
+
+
+def run_seed(recipe: str, seed: int, extra: list[str], root: str) -> dict[str, float]:
+    name = Path(recipe).stem
+    args = ["fit", "--config", recipe, "--seed_everything", str(seed),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", f"{root}/{name}/seed{seed}",
+            "--trainer.logger.init_args.save_dir", f"{root}/{name}/seed{seed}", *extra]
+    cli = run(args)
+    return dict(cli.test_results)
+
+
+def summarize(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipes", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--metric", default="test/acc")
+    parser.add_argument("--out", required=True, help="markdown file to write")
+    parser.add_argument("--root", default="logs/sweeps", help="where each run writes logs and checkpoints")
+    parser.add_argument("--reference", type=json.loads, default={},
+                        help='JSON {recipe stem: paper value} printed next to the measured mean')
+    opts = parser.parse_args(argv)
+    table: dict[str, dict[int, float]] = {}
+    for recipe in opts.recipes:
+        stem = Path(recipe).stem
+        table[stem] = {}
+        for seed in opts.seeds:
+            table[stem][seed] = run_seed(recipe, seed, extra, opts.root)[opts.metric]
+            print(f"SWEEP {stem} seed={seed} {opts.metric}={table[stem][seed]:.4f}", flush=True)
+    lines = [f"| recipe | {' | '.join(f'seed {s}' for s in opts.seeds)} | mean ± std | paper |",
+             f"|---|{'---|' * len(opts.seeds)}---|---|"]
+    for stem, per_seed in table.items():
+        cells = " | ".join(f"{per_seed[s]:.4f}" for s in opts.seeds)
+        ref = opts.reference.get(stem, "")
+        lines.append(f"| {stem} | {cells} | {summarize(list(per_seed.values()))} | {ref} |")
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"Metric: `{opts.metric}`. Command: `python -m dfa_lightning.sweep {' '.join(sys.argv[1:])}`\n\n"
+                   + "\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"metric": opts.metric, "results": table}, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Run by test_ddp.py as a script: DFA under DDP with 2 CPU processes (gloo), or 1 process on the full batch.
+
+Usage: python ddp_worker.py OUT_DIR {ddp,single}. Each rank saves its feedback matrix and final parameters.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore")
+
+from helpers import build, params, trainer  # noqa: E402
+
+
+def main(out: Path, mode: str) -> None:
+    per_rank = 16
+    if mode == "ddp":
+        module, data, dfa = build("dfa", batch_size=per_rank)
+        t = trainer(out, [dfa], max_steps=4, devices=2, strategy="ddp", deterministic=False,
+                    use_distributed_sampler=False)
+        # rank r reads rows r, r+2, ...: step k's two half batches are exactly the single run's batch k
+        data.train_dataloader = lambda: DataLoader(data.splits["train"], batch_size=per_rank,
+                                                   sampler=DistributedSampler(data.splits["train"], shuffle=False))
+    else:
+        module, data, dfa = build("dfa", batch_size=2 * per_rank)
+        t = trainer(out, [dfa], max_steps=4)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[1].tolist())
+
+    t.callbacks.append(Record())
+    t.fit(module, data)
+    torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module)}, out / f"{mode}_rank{t.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,272 @@
+"""Criteo pipeline: torchfm-exact encoding, cache, splits, malformed rows, missing file."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfa_lightning.data import criteo
+from dfa_lightning.data.criteo import CriteoDataModule
+from dfa_lightning.errors import ConfigError, DatasetError
+
+SAMPLE = Path("/work/shared/data/criteo/train_10k.txt")
+needs_sample = pytest.mark.skipif(not SAMPLE.is_file(), reason="shared Criteo sample not available")
+
+
+def torchfm_reference(path: Path, min_threshold: int) -> tuple[list[int], list[list], list[set]]:
+    """Transcription of torchfm 0.7 CriteoDataset's rules: (labels, categories per row, kept categories per field)."""
+
+    def convert(val: str) -> str:
+        if val == "":
+            return "NULL"
+        v = int(val)
+        return str(int(math.log(v) ** 2)) if v > 2 else str(v - 2)
+
+    counts = defaultdict(lambda: defaultdict(int))
+    labels, rows = [], []
+    with open(path) as fh:
+        for line in fh:
+            values = line.rstrip("\n").split("\t")
+            if len(values) != 40:
+                continue
+            feats = [convert(v) for v in values[1:14]] + values[14:]
+            labels.append(int(values[0]))
+            rows.append(feats)
+            for i, feat in enumerate(feats):
+                counts[i][feat] += 1
+    kept = [{f for f, c in counts[i].items() if c >= min_threshold} for i in range(39)]
+    return labels, rows, kept
+
+
+def assert_same_as_torchfm(cache: Path, source: Path, min_threshold: int) -> None:
+    """Equal to torchfm up to the order of ids inside a field: same field_dims, rare bucket last, bijection."""
+    labels, rows, kept = torchfm_reference(source, min_threshold)
+    meta = json.loads((cache / "meta.json").read_text())
+    x, y = np.load(cache / "x.npy"), np.load(cache / "y.npy")
+    dims = [len(k) + 1 for k in kept]
+    assert meta["field_dims"] == dims
+    assert x.shape == (len(rows), 39) and x.dtype == np.int32
+    np.testing.assert_array_equal(y, labels)
+    local = x - np.concatenate(([0], np.cumsum(dims)[:-1]))
+    for f in range(39):
+        mapping = {}
+        for r, feats in enumerate(rows):
+            if feats[f] in kept[f]:
+                assert mapping.setdefault(feats[f], local[r, f]) == local[r, f]
+            else:
+                assert local[r, f] == dims[f] - 1  # the shared rare bucket is the field's last index
+        assert sorted(mapping.values()) == list(range(len(kept[f])))
+
+
+def make_line(label: str, ints: dict[int, str], cats: dict[int, str]) -> str:
+    """A 40-field line: defaults I_k = "5", C_k = "abcdef01", overridden by 1-based field numbers."""
+    fields = [label] + [ints.get(i, "5") for i in range(1, 14)] + [cats.get(i, "abcdef01") for i in range(1, 27)]
+    return "\t".join(fields)
+
+
+def test_synthetic_file_matches_hand_computed_encoding(tmp_path):
+    long_c, long_i = "0123456789abcdef", "123456789012"  # longer than 8 bytes: the slow path
+    lines = [
+        make_line("1", {1: "20", 2: "-1", 3: long_i, 13: ""}, {1: "68fd1e64", 2: long_c, 26: ""}),
+        make_line("0", {1: "19", 2: "-1", 3: long_i, 13: ""}, {1: "68fd1e64", 2: long_c, 26: "abc"}),
+        make_line("0", {1: "", 2: "1", 13: ""}, {1: "", 26: ""}),
+        make_line("1", {1: "", 2: "2", 13: ""}, {1: "", 26: ""}),
+        make_line("0", {1: "3", 2: "-1", 13: ""}, {1: "05db9164", 26: "x"}),
+        make_line("0", {1: "7", 2: "2", 13: ""}, {1: "05db9164", 26: ""}),
+    ]
+    path = tmp_path / "tiny.txt"
+    path.write_text("\n".join(lines))  # no final newline; several lines end with an empty (tab-terminated) field
+    assert lines[0].endswith("\t")
+    meta = criteo.preprocess(path, tmp_path / "out", min_threshold=2, log_every=0)
+
+    # Categories (torchfm): v > 2 -> floor(ln(v)^2): 20 -> 8, 19 -> 8, 3 -> 1, 7 -> 3, 5 -> 2, 123456789012 -> 652;
+    # v <= 2 -> v - 2: -1 -> -3, 1 -> -1, 2 -> 0; empty -> NULL. Kept = seen >= 2 times, numbered in sorted order
+    # of the category key (I: the integer, NULL last; C: the value's bytes as a little-endian uint64, values longer
+    # than 8 bytes first), then one rare bucket.
+    expected_local = {
+        0: [0, 0, 1, 1, 2, 2],  # I1: {8 -> 0, NULL -> 1}; 1 and 3 seen once -> rare 2
+        1: [0, 0, 2, 1, 0, 1],  # I2: {-3 -> 0, 0 -> 1}; -1 seen once -> rare 2
+        2: [1, 1, 0, 0, 0, 0],  # I3: {2 -> 0, 652 -> 1}
+        12: [0] * 6,  # I13: {NULL -> 0}
+        13: [2, 2, 0, 0, 1, 1],  # C1: {"" -> 0, "05db9164" -> 1, "68fd1e64" -> 2}
+        14: [0, 0, 1, 1, 1, 1],  # C2: {long -> 0, "abcdef01" -> 1}
+        38: [0, 1, 0, 0, 1, 0],  # C26: {"" -> 0}; "abc" and "x" seen once -> rare 1 (trailing empty fields kept)
+    }
+    dims = [3, 3, 3] + [2] * 10 + [4, 3] + [2] * 24
+    assert meta["field_dims"] == dims
+    assert meta["rows"] == meta["lines"] == 6 and meta["bad_lines"] == 0
+    offsets = np.concatenate(([0], np.cumsum(dims)[:-1]))
+    expected = np.zeros((6, 39), dtype=np.int64)  # constant fields: their one value is kept -> index 0
+    for f, col in expected_local.items():
+        expected[:, f] = col
+    x = np.load(tmp_path / "out" / "x.npy")
+    np.testing.assert_array_equal(x, expected + offsets)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), [1, 0, 0, 1, 0, 0])
+    assert_same_as_torchfm(tmp_path / "out", path, 2)
+
+
+@pytest.fixture(scope="module")
+def sample_copy(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("criteo") / "train_10k.txt"
+    shutil.copyfile(SAMPLE, path)
+    return path
+
+
+@needs_sample
+def test_real_sample_datamodule_and_cache(sample_copy, tmp_path):
+    dm = CriteoDataModule(path=str(sample_copy), cache_dir=str(tmp_path / "cache"), batch_size=1000)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.built_cache
+    assert dm.meta["rows"] == 10_000 and dm.meta["bad_lines"] == 0
+    assert len(dm.field_dims) == 39 and dm.model_hints() == {"field_dims": dm.field_dims}
+    assert 0.15 < dm.meta["label_mean"] < 0.35  # 21.82% clicks in this sample
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sizes == {"train": 8000, "val": 1000, "test": 1000}
+    everything = np.concatenate(list(dm.splits.values()))
+    assert np.array_equal(np.sort(everything), np.arange(10_000))  # disjoint and complete
+
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.dtype == torch.int64 and x.shape == (1000, 39) and y.dtype == torch.float32 and y.shape == (1000,)
+    offsets = np.concatenate(([0], np.cumsum(dm.field_dims)))
+    assert ((x >= torch.tensor(offsets[:-1])) & (x < torch.tensor(offsets[1:]))).all()  # each field in its range
+    assert sum(len(b[1]) for b in dm.train_dataloader()) == 8000
+    assert [len(b[1]) for b in dm.val_dataloader()] == [1000]
+    assert len(dm.test_dataloader()) == 1
+
+    # Second run: the cache is reused (nothing rebuilt), the split is the same.
+    folder = dm.cache
+    stamp = (folder / "x.npy").stat().st_mtime_ns
+    dm2 = CriteoDataModule(path=str(sample_copy), cache_dir=str(tmp_path / "cache"))
+    dm2.setup()
+    assert not dm2.built_cache and dm2.cache == folder and (folder / "x.npy").stat().st_mtime_ns == stamp
+    assert all(np.array_equal(dm.splits[k], dm2.splits[k]) for k in dm.splits)
+
+    # Another min_threshold is another cache.
+    assert criteo.cache_key(sample_copy, 5) != criteo.cache_key(sample_copy, 10)
+    dm3 = CriteoDataModule(path=str(sample_copy), cache_dir=str(tmp_path / "cache"), min_threshold=5)
+    dm3.setup()
+    assert dm3.built_cache and dm3.cache != folder and sum(dm3.field_dims) > sum(dm.field_dims)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([folder.name, dm3.cache.name])
+
+
+@needs_sample
+def test_real_sample_matches_torchfm_rules(sample_copy, tmp_path):
+    criteo.preprocess(sample_copy, tmp_path / "out", min_threshold=10, log_every=0)
+    assert_same_as_torchfm(tmp_path / "out", sample_copy, 10)
+
+
+@needs_sample
+def test_block_boundaries_do_not_matter(sample_copy, tmp_path):
+    head = tmp_path / "head.txt"
+    head.write_text("".join(sample_copy.read_text().splitlines(keepends=True)[:300]))
+    criteo.preprocess(head, tmp_path / "a", min_threshold=2, log_every=0)
+    criteo.preprocess(head, tmp_path / "b", min_threshold=2, log_every=0, block_bytes=100)  # < one line
+    criteo.preprocess(head, tmp_path / "c", min_threshold=2, log_every=0, block_bytes=4099)
+    x = np.load(tmp_path / "a" / "x.npy")
+    assert x.shape == (300, 39)
+    for other in "bc":
+        np.testing.assert_array_equal(np.load(tmp_path / other / "x.npy"), x)
+
+
+@needs_sample
+def test_crlf_line_ends_encode_like_lf(tmp_path):
+    head = SAMPLE.read_text().splitlines()[:300]
+    (tmp_path / "lf.txt").write_text("\n".join(head) + "\n")
+    (tmp_path / "crlf.txt").write_bytes(("\r\n".join(head) + "\r\n").encode())
+    a = criteo.preprocess(tmp_path / "lf.txt", tmp_path / "a", min_threshold=2, log_every=0)
+    b = criteo.preprocess(tmp_path / "crlf.txt", tmp_path / "b", min_threshold=2, log_every=0)
+    assert a["field_dims"] == b["field_dims"] and b["bad_lines"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "x.npy"), np.load(tmp_path / "b" / "x.npy"))
+
+
+def _with_bad_lines(sample: Path, dest: Path, bad: dict[int, str], n: int = 2000) -> Path:
+    lines = sample.read_text().splitlines()[:n]
+    for number, line in bad.items():  # 1-based line numbers
+        lines[number - 1] = line
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@needs_sample
+def test_few_malformed_lines_are_skipped_and_counted(tmp_path):
+    path = _with_bad_lines(SAMPLE, tmp_path / "one_bad.txt", {7: "1\t2\t3"})  # 1 of 2000 = 0.05% <= 0.1%
+    dm = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"))
+    dm.setup()
+    assert dm.meta["rows"] == 1999 and dm.meta["lines"] == 2000 and dm.meta["bad_lines"] == 1
+    assert dm.meta["first_bad_line"] == 7 and "3 tab-separated fields" in dm.meta["first_bad_reason"]
+    # The cached result is re-checked against a stricter setting.
+    with pytest.raises(DatasetError, match="first bad line 7"):
+        CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), max_bad_fraction=0.0).setup()
+
+
+@needs_sample
+def test_too_many_malformed_lines_fail_with_file_and_line(tmp_path):
+    good = SAMPLE.read_text().splitlines()[0].split("\t")
+    bad = {
+        5: "\t".join(["2"] + good[1:]),  # label not 0/1
+        10: "\t".join(good[:3] + ["abc"] + good[4:]),  # non-integer I3
+        20: "\t".join(good[:-1]),  # 39 fields
+    }
+    path = _with_bad_lines(SAMPLE, tmp_path / "bad.txt", bad)  # 3 of 2000 = 0.15% > 0.1%
+    dm = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DatasetError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert str(path) in message and "first bad line 5" in message and "label" in message
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing cached
+    # A non-integer I field alone is detected as such.
+    path2 = _with_bad_lines(SAMPLE, tmp_path / "bad2.txt", {10: bad[10], 11: bad[10], 12: bad[10]})
+    with pytest.raises(DatasetError, match=r"first bad line 10: I3 = b'abc' is not an integer"):
+        criteo.preprocess(path2, tmp_path / "out", log_every=0)
+
+
+def test_missing_file_says_where_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFA_DATA_DIR", str(tmp_path))
+    with pytest.raises(DatasetError) as err:
+        CriteoDataModule().prepare_data()
+    assert criteo.DOWNLOAD_URL in str(err.value) and str(tmp_path / "criteo" / "train.txt") in str(err.value)
+    assert "45,840,617" in str(err.value)
+    with pytest.raises(DatasetError, match="go.criteo.net"):
+        CriteoDataModule(path=str(tmp_path / "nope.txt")).setup()
+
+
+@needs_sample
+def test_relative_path_is_looked_up_in_the_data_root(tmp_path):
+    (tmp_path / "criteo").mkdir()
+    head = SAMPLE.read_text().splitlines(keepends=True)[:50]
+    (tmp_path / "criteo" / "small.txt").write_text("".join(head))
+    dm = CriteoDataModule(path="small.txt", root=str(tmp_path), batch_size=16)  # cache under root/criteo/cache
+    dm.setup()
+    assert dm.meta["rows"] == 50 and dm.cache.parent == tmp_path / "criteo" / "cache"
+
+
+@needs_sample
+def test_crash_leaves_no_cache(tmp_path, monkeypatch):
+    real = criteo.preprocess
+
+    def crash(path, out_dir, *args, **kwargs):
+        real(path, out_dir, *args, **kwargs)
+        raise KeyboardInterrupt  # after every file was written, before the rename
+
+    monkeypatch.setattr(criteo, "preprocess", crash)
+    head = tmp_path / "head.txt"
+    head.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:100]))
+    with pytest.raises(KeyboardInterrupt):
+        criteo.ensure_cache(head, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="split"):
+        CriteoDataModule(split=(0.8, 0.1))
+    with pytest.raises(ConfigError, match="min_threshold"):
+        CriteoDataModule(min_threshold=0)
+    with pytest.raises(ConfigError, match="field_dims"):
+        CriteoDataModule().field_dims

@@ -1,0 +1,29 @@
+"""DFA under DDP (2 CPU processes, gloo): same B on every rank, same parameters, equal to one process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import pytest
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ddp_two_processes_match_each_other_and_a_single_process_on_the_combined_batch(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    for mode in ("ddp", "single"):
+        run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), mode], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"ddp_rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "single_rank0.pt")
+    assert torch.equal(rank0["matrix"], rank1["matrix"]) and torch.equal(rank0["matrix"], single["matrix"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+        torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)

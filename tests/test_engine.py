@@ -1,0 +1,231 @@
+"""The DFA engine in pure PyTorch: exact gradients, the cut, and the matrices."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.feedback.points import glob_match
+from dfa_lightning.models.mlp import MLP
+
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_dfa_equals_bp_when_feedback_matrix_is_the_transposed_top_weight():
+    torch.manual_seed(0)
+    model = MLP(6, 4, hidden=[10], activation="tanh")
+    x, y = torch.randn(7, 6), torch.randint(0, 4, (7,))
+    F.cross_entropy(model(x), y).backward()
+    bp = grads(model)
+    model.zero_grad()
+    engine = FeedbackEngine(model, ["blocks.0"], scale="none")
+    model(x)  # learn widths
+    engine.reset()
+    engine.set_matrix(model.head.weight.detach().clone())  # e @ M = e @ W_2 = (W_2^T e)^T
+    F.cross_entropy(model(x), y).backward()
+    dfa = grads(model)
+    assert bp.keys() == dfa.keys()
+    for name in bp:
+        torch.testing.assert_close(dfa[name], bp[name], atol=1e-6, rtol=0)
+
+
+def test_each_layer_gets_hand_computed_dfa_update_with_random_feedback():
+    torch.manual_seed(1)
+    model = MLP(5, 3, hidden=[8, 6], activation="tanh")
+    engine = FeedbackEngine(model, ["blocks.*"], init="gaussian", scale="per_layer", seed=3)
+    x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 3)) / 9  # dL/dlogits
+    M = engine.matrix.to(torch.float64)
+    (s0, t0), (s1, t1) = engine._layout.slices
+    W1, b1 = model.blocks[0][0].weight, model.blocks[0][0].bias
+    W2, b2 = model.blocks[1][0].weight, model.blocks[1][0].bias
+    a1 = x @ W1.T + b1
+    h1 = torch.tanh(a1)
+    a2 = h1 @ W2.T + b2
+    delta1 = (e @ M[:, s0:t0]) * (1 - torch.tanh(a1) ** 2)  # B_1 e ⊙ f'(a_1)
+    delta2 = (e @ M[:, s1:t1]) * (1 - torch.tanh(a2) ** 2)
+    torch.testing.assert_close(W1.grad, delta1.T @ x, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(W2.grad, delta2.T @ h1.detach(), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(b2.grad, delta2.sum(0), atol=1e-10, rtol=1e-8)
+    # the top layer still trains by backprop from e
+    torch.testing.assert_close(model.head.weight.grad, e.T @ torch.tanh(a2).detach(), atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["dfa", "shallow"])
+def test_nothing_above_a_feedback_point_sends_gradient_below_it(method):
+    torch.manual_seed(2)
+    model = MLP(5, 3, hidden=[8, 8])
+    engine = FeedbackEngine(model, ["blocks.*"], method=method, seed=0)
+    received: dict[str, list[torch.Tensor]] = {"blocks.0": [], "blocks.1": []}
+    input_grads: list = []
+
+    def probe(name):
+        def hook(module, args, out):
+            out.register_hook(lambda g: received[name].append(g.clone()))
+        return hook
+
+    # registered BEFORE the engine's hooks would be too late; these see the raw (uncut) output
+    for name in received:
+        dict(model.named_modules())[name].register_forward_hook(probe(name), prepend=True)
+    model.head.register_full_backward_hook(lambda m, gin, gout: input_grads.append(gin))
+    model.blocks[1].register_full_backward_hook(lambda m, gin, gout: input_grads.append(gin))
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    # layers above a cut are never asked for the gradient w.r.t. their (detached) input
+    assert all(g is None for gin in input_grads for g in gin)
+    if method == "shallow":
+        assert received == {"blocks.0": [], "blocks.1": []}
+        assert model.blocks[0][0].weight.grad is None and model.blocks[1][0].weight.grad is None
+        assert model.head.weight.grad is not None
+    else:
+        e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 3)) / 4
+        for i, name in enumerate(["blocks.0", "blocks.1"]):
+            start, stop = engine._layout.slices[i]
+            (g,) = received[name]  # exactly one gradient arrives, and it is B_i e, nothing else
+            torch.testing.assert_close(g, e @ engine.matrix.double()[:, start:stop], atol=1e-12, rtol=1e-10)
+
+
+def test_projection_is_a_single_matmul_per_step():
+    model = MLP(5, 3, hidden=[8, 8, 8])
+    FeedbackEngine(model, ["blocks.*"])
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with torch.profiler.profile() as prof:
+        F.cross_entropy(model(x), y).backward()
+    names = [e.name for e in prof.events()]
+    # forward: 4 linears (addmm); backward: weight grads via mm; the projection: one aten::matmul from backward
+    inject = [e for e in prof.events() if e.name == "_InjectFeedbackBackward"]
+    assert len(inject) == 1
+    assert names.count("aten::matmul") == 1
+
+
+def test_shared_slices_reproduce_tinydfa_layout():
+    model = MLP(5, 3, hidden=[8, 6])
+    engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", seed=5)
+    model(torch.randn(2, 5))
+    engine.ensure_matrix()
+    assert engine.matrix.shape == (3, 8)
+    assert engine._layout.slices == ((0, 8), (0, 6))
+    raw = torch.Generator().manual_seed(5)
+    expected = (torch.rand((3, 8), generator=raw, dtype=torch.float32) * 2 - 1) / 8 ** 0.5
+    torch.testing.assert_close(engine.matrix, expected)
+
+
+@pytest.mark.parametrize("init", ["uniform", "gaussian", "sign"])
+def test_feedback_matrix_depends_only_on_the_seed(init):
+    torch.set_default_dtype(torch.float32)
+    mats = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        model = MLP(5, 3, hidden=[8, 6])
+        engine = FeedbackEngine(model, ["blocks.*"], init=init, scale="none", seed=11)
+        model(torch.randn(2, 5))
+        mats.append(engine.ensure_matrix())
+    assert torch.equal(mats[0], mats[1]) and mats[0].dtype == torch.float32
+    if init == "sign":
+        assert set(mats[0].unique().tolist()) == {-1.0, 1.0}
+    if init == "uniform":
+        assert mats[0].min() >= -1 and mats[0].max() < 1
+
+
+def test_pattern_matching_nothing_lists_the_module_names():
+    with pytest.raises(ConfigError, match=r"'blok\.\*' matches no module of MLP; modules: blocks, blocks.0"):
+        FeedbackEngine(MLP(4, 2, hidden=[3]), ["blok.*"])
+
+
+def test_points_by_module_type_and_glob_semantics():
+    model = MLP(4, 2, hidden=[3, 3])
+    engine = FeedbackEngine(model, ["torch.nn.ReLU"])
+    assert [p.name for p in engine.points] == ["blocks.0.1", "blocks.1.1"]
+    assert glob_match("blocks.0", "blocks.*") and not glob_match("blocks.0.1", "blocks.*")
+    assert glob_match("blocks.0.1", "blocks.**")
+
+
+def test_tuple_output_is_a_clear_error_naming_the_module():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    model = TwoHeads()
+    FeedbackEngine(model, ["lstm"])
+    with pytest.raises(ConfigError, match="feedback point 'lstm' \\(LSTM\\) returns tuple"):
+        model(torch.randn(2, 3, 4))
+
+
+def test_token_level_batch_dims_and_mixed_dtypes():
+    torch.set_default_dtype(torch.float32)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+    engine = FeedbackEngine(model, ["1"], batch_dims=[0, 1])
+    x = torch.randn(2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert engine.matrix.dtype == torch.float32 and engine.matrix.shape == (5, 6)
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+
+
+def test_evaluation_without_grad_leaves_outputs_untouched():
+    model = MLP(4, 2, hidden=[3])
+    FeedbackEngine(model, ["blocks.*"])
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        a = model(x)
+    b = model(x)
+    torch.testing.assert_close(a, b.detach())
+    assert b.grad_fn is not None and "InjectFeedback" in type(b.grad_fn).__name__
+
+
+@pytest.mark.parametrize("operator", ["dense", "lowrank", "sparse"])
+def test_every_operator_projects_like_its_dense_matrix_and_trains_the_same_way(operator):
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(4)
+    model = MLP(5, 40, hidden=[8, 6])
+    engine = FeedbackEngine(model, ["blocks.*"], operator=operator, rank=4, nnz=3, seed=2)
+    x, y = torch.randn(7, 5), torch.randint(0, 40, (7,))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    dense = engine.matrix
+    assert dense.shape == (40, 14)
+    e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 40)) / 7
+    (got,) = engine.project(e, (1,), [torch.Size([7, 6])], [torch.float32])
+    start, stop = engine._layout.slices[1]
+    torch.testing.assert_close(got, e @ dense[:, start:stop], atol=1e-6, rtol=1e-5)
+    if operator == "sparse":
+        assert ((dense != 0).sum(0) == 3).all()  # each hidden unit listens to nnz output units
+    if operator == "lowrank":
+        assert torch.linalg.matrix_rank(dense) <= 4
+
+
+@pytest.mark.parametrize("error", ["sign", "ternary"])
+def test_quantised_errors_send_only_sign_information(error):
+    torch.set_default_dtype(torch.float32)
+    model = MLP(5, 3, hidden=[8])
+    engine = FeedbackEngine(model, ["blocks.*"], error=error, scale="none")
+    model(torch.randn(2, 5))
+    engine.ensure_matrix()
+    e = torch.tensor([[0.3, -0.01, 0.0], [-0.2, 0.05, 0.4]])
+    (got,) = engine.project(e, (0,), [torch.Size([2, 8])], [torch.float32])
+    scale = e.abs().mean()
+    q = torch.sign(e) * scale if error == "sign" else torch.sign(e) * (e.abs() > scale / 2) * scale
+    torch.testing.assert_close(got, q @ engine.matrix)

@@ -1,0 +1,442 @@
+"""Planetoid data module, graph models of the paper (§2.3, §2.4) and the graph tasks, on the real Cora graph.
+
+Training here is a plain torch loop calling ``task.step`` (no Lightning Trainer). Nothing is ever written under
+/work/shared: data roots are copies in tmp, or the shared folder with a tmp ``cache_dir`` (checked).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import urllib.error
+import urllib.request
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dfa_lightning.data import planetoid as planetoid_mod
+from dfa_lightning.data.planetoid import PlanetoidDataModule, git_blob_id, stratified_kfold
+from dfa_lightning.errors import ConfigError, DatasetError
+from dfa_lightning.models.graph import (
+    DNA,
+    FEEDBACK_POINTS,
+    GAT,
+    GCN,
+    GRAPH_MODELS,
+    Cheb,
+    GraphAutoEncoder,
+    Spline,
+    spline_available,
+)
+from dfa_lightning.tasks.graph import ArgmaxAccuracy, LinkPrediction, LinkStepOutput, NodeClassification
+
+SHARED = Path("/work/shared/data")
+SHARED_PLANETOID = SHARED / "planetoid"
+SPLINE_OK, SPLINE_WHY = spline_available()
+
+pytestmark = pytest.mark.skipif(not (SHARED_PLANETOID / "Cora" / "raw").is_dir(),
+                                reason="shared Planetoid copy not found at /work/shared/data/planetoid")
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small full-batch graphs: one intra-op thread. On a busy 2-core machine, 2 threads spin against other jobs
+    and run ~30x slower (measured: 30 GCN epochs 12 s vs 0.4 s)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def dirs(tmp_path_factory):
+    """(root, cache): a tmp data root holding copies of Cora and PubMed, and a tmp work folder shared by tests."""
+    base = tmp_path_factory.mktemp("planetoid")
+    for name in ("Cora", "PubMed"):
+        shutil.copytree(SHARED_PLANETOID / name, base / "data" / "planetoid" / name)
+    return base / "data", base / "cache"
+
+
+def make_dm(dirs, **kwargs) -> PlanetoidDataModule:
+    root, cache = dirs
+    kwargs.setdefault("name", "Cora")
+    return PlanetoidDataModule(root=str(root), cache_dir=str(cache), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def cora(dirs):
+    dm = make_dm(dirs)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="session")
+def cora_raw(dirs):
+    dm = make_dm(dirs, transform="none", split="dna_kfold")
+    dm.setup("fit")
+    return dm
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_cora_public_split_and_hints(cora):
+    data = cora.data
+    assert cora.model_hints() == {"in_channels": 1433, "out_channels": 7, "num_nodes": 2708}
+    assert data.num_nodes == 2708 and data.edge_index.shape == (2, 10556) and data.x.shape == (2708, 1433)
+    assert int(data.y.max()) + 1 == 7
+    assert [int(data[f"{s}_mask"].sum()) for s in ("train", "val", "test")] == [140, 500, 1000]
+    assert torch.allclose(data.x.sum(1)[data.x.sum(1) > 0], torch.ones(1))  # NormalizeFeatures: rows sum to 1
+    for loader in (cora.train_dataloader(), cora.val_dataloader(), cora.test_dataloader()):
+        batches = list(loader)
+        assert len(batches) == 1 and batches[0] is data  # full batch, once per epoch
+    assert hasattr(data, "to")  # Lightning moves the batch through Data.to
+
+
+def test_reads_shared_folder_without_writing_it(tmp_path):
+    before = sorted(p.relative_to(SHARED_PLANETOID) for p in SHARED_PLANETOID.rglob("*"))
+    dm = PlanetoidDataModule("cora", root=str(SHARED), cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    assert dm.model_hints()["num_nodes"] == 2708
+    assert (tmp_path / "cache" / "Cora" / "processed").is_dir()
+    assert sorted(p.relative_to(SHARED_PLANETOID) for p in SHARED_PLANETOID.rglob("*")) == before
+
+
+def test_transforms(dirs, cora_raw):
+    assert set(cora_raw.data.x.unique().tolist()) == {0.0, 1.0}  # transform "none": raw binary features
+    dm = make_dm(dirs, transform="target_indegree")
+    dm.setup()
+    ea = dm.data.edge_attr
+    assert ea.shape == (10556, 1) and float(ea.min()) >= 0 and float(ea.max()) == 1.0
+
+
+def test_config_errors(dirs):
+    for kwargs in ({"name": "Reddit"}, {"transform": "l2"}, {"split": "random"},
+                   {"link_split": True, "link_val": 0.6, "link_test": 0.5}):
+        with pytest.raises(ConfigError):
+            make_dm(dirs, **kwargs)
+
+
+def test_pubmed_missing_allx_without_download(dirs):
+    dm = make_dm(dirs, name="PubMed", download=False)
+    with pytest.raises(DatasetError, match=r"ind\.pubmed\.allx") as err:
+        dm.setup()
+    msg = str(err.value)
+    assert "PubMed" in msg and str(dirs[0] / "planetoid" / "PubMed" / "raw") in msg and "download" in msg
+    assert "ind.pubmed.ally" not in msg  # only the missing file is named
+
+
+def test_pubmed_missing_allx_offline_download(dirs, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    dm = make_dm(dirs, name="PubMed", download=True)
+    with pytest.raises(DatasetError, match=r"ind\.pubmed\.allx") as err:
+        dm.setup()
+    msg = str(err.value)
+    assert "PubMed" in msg and str(dirs[0] / "planetoid" / "PubMed" / "raw") in msg
+    assert "github.com/kimiyoung/planetoid" in msg and "Name or service not known" in msg
+    assert not list((dirs[1] / "PubMed" / "raw").glob("*allx*"))  # no partial file left behind
+
+
+def test_download_fetches_only_missing_files_and_checks_them(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(SHARED_PLANETOID / "Cora", root / "planetoid" / "Cora")
+    (root / "planetoid" / "Cora" / "raw" / "ind.cora.x").unlink()
+    fetched = []
+
+    def fake_download(url, dest, sha256=None):  # stands in for the network
+        fetched.append(url)
+        shutil.copy(SHARED_PLANETOID / "Cora" / "raw" / Path(url).name, dest)
+        return Path(dest)
+
+    monkeypatch.setattr(planetoid_mod, "download_file", fake_download)
+    dm = PlanetoidDataModule(root=str(root), cache_dir=str(tmp_path / "cache"))
+    assert dm.model_hints()["num_nodes"] == 2708
+    assert fetched == ["https://github.com/kimiyoung/planetoid/raw/master/data/ind.cora.x"]
+    assert git_blob_id(tmp_path / "cache" / "Cora" / "raw" / "ind.cora.x") == "c4a91d008245403e7f26aa616b437191509793c0"
+
+    def corrupt_download(url, dest, sha256=None):
+        Path(dest).write_bytes(b"not a pickle")
+        return Path(dest)
+
+    monkeypatch.setattr(planetoid_mod, "download_file", corrupt_download)
+    dm = PlanetoidDataModule(root=str(root), cache_dir=str(tmp_path / "cache2"))
+    with pytest.raises(DatasetError, match="git blob id"):
+        dm.setup()
+    assert not (tmp_path / "cache2" / "Cora" / "raw" / "ind.cora.x").exists()
+
+
+def test_stratified_kfold_unit():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 7)
+    folds = stratified_kfold(y, 5, seed=3)
+    assert torch.equal(torch.sort(torch.cat(folds)).values, torch.arange(87))
+    assert max(f.numel() for f in folds) - min(f.numel() for f in folds) <= 1
+    for c, n_c in ((0, 50), (1, 30), (2, 7)):
+        counts = [int((y[f] == c).sum()) for f in folds]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == n_c
+    assert all(torch.equal(a, b) for a, b in zip(folds, stratified_kfold(y, 5, seed=3)))
+    assert not all(torch.equal(a, b) for a, b in zip(folds, stratified_kfold(y, 5, seed=4)))
+
+
+def test_dna_kfold_split(cora_raw, dirs):
+    data = cora_raw.data
+    masks = [data.train_mask, data.val_mask, data.test_mask]
+    sizes = [int(m.sum()) for m in masks]
+    assert sum(sizes) == 2708 and all(abs(s - e) <= 3 for s, e in zip(sizes, (542, 542, 1624)))
+    assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() and not (masks[1] & masks[2]).any()
+    for c in range(7):
+        n_c = int((data.y == c).sum())
+        for m, frac in zip(masks, (0.2, 0.2, 0.6)):
+            assert abs(int((data.y[m] == c).sum()) - frac * n_c) <= 3  # stratified
+    other = make_dm(dirs, transform="none", split="dna_kfold", seed=1)
+    other.setup()
+    assert not torch.equal(other.data.train_mask, data.train_mask)
+
+
+def test_link_split(dirs):
+    dm = make_dm(dirs, link_split=True)
+    train, val, test = (next(iter(dl)) for dl in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()))
+    undirected = 10556 // 2
+    n_val, n_test = val.pos_edge_label_index.size(1), test.pos_edge_label_index.size(1)
+    assert n_val == int(0.05 * undirected) and n_test == int(0.1 * undirected)
+    assert train.pos_edge_label_index.size(1) == undirected - n_val - n_test
+    assert train.edge_index.size(1) == 2 * train.pos_edge_label_index.size(1)  # the encoder sees train edges only
+    assert not hasattr(train, "neg_edge_label_index") or train.neg_edge_label_index is None
+    assert val.neg_edge_label_index.size(1) == n_val and test.neg_edge_label_index.size(1) == n_test
+    again = make_dm(dirs, link_split=True)
+    again.setup()
+    assert torch.equal(next(iter(again.val_dataloader())).pos_edge_label_index, val.pos_edge_label_index)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def _glob_nodot(pattern: str) -> re.Pattern:
+    """``*`` does not cross dots (the engine's semantics); compare with fnmatch where it does."""
+    return re.compile("".join("[^.]*" if ch == "*" else re.escape(ch) for ch in pattern) + r"\Z")
+
+
+def build(name: str, hints: dict) -> nn.Module:
+    if name == "gae":
+        return GraphAutoEncoder(hints["in_channels"])
+    return GRAPH_MODELS[name](hints["in_channels"], hints["out_channels"])
+
+
+MODEL_NAMES = ["gcn", "cheb", "spline", "gat", "dna", "gae"]
+EXPECTED_POINTS = {"gcn": ["hidden"], "cheb": ["hidden"], "spline": ["hidden"], "gat": ["hidden"],
+                   "dna": ["lin1_act"] + [f"acts.{i}" for i in range(5)], "gae": ["encoder.hidden"]}
+WIDTHS = {"gcn": 16, "cheb": 16, "spline": 16, "gat": 64, "dna": 128, "gae": 32}
+
+
+def _data_for(name, cora, dirs):
+    if name == "spline":
+        dm = make_dm(dirs, transform="target_indegree")
+        dm.setup()
+        return dm.data
+    return cora.data
+
+
+def _skip_spline(name):
+    if name == "spline" and not SPLINE_OK:
+        pytest.skip(SPLINE_WHY)
+
+
+def test_spline_missing_extension_is_config_error(cora):
+    if SPLINE_OK:
+        pytest.skip("SplineConv kernels are installed here")
+    with pytest.raises(ConfigError, match=r"pip install (pyg-lib|torch-spline-conv) -f https://data\.pyg\.org/whl/"):
+        Spline(1433, 7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_shapes_and_feedback_points(name, cora, dirs):
+    _skip_spline(name)
+    torch.manual_seed(0)
+    data = _data_for(name, cora, dirs)
+    model = build(name, cora.model_hints()).eval()
+    names = [n for n, _ in model.named_modules()]
+    hits = []
+    for pattern in FEEDBACK_POINTS[name]:
+        loose = [n for n in names if fnmatchcase(n, pattern)]
+        strict = [n for n in names if _glob_nodot(pattern).match(n)]
+        assert loose == strict and strict, (pattern, loose, strict)
+        hits += strict
+    assert hits == EXPECTED_POINTS[name]
+    outputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in hits]
+    with torch.no_grad():
+        out = model(data.x, data.edge_index, getattr(data, "edge_attr", None))
+    for h in handles:
+        h.remove()
+    assert out.shape == ((2708, 16) if name == "gae" else (2708, 7)) and torch.isfinite(out).all()
+    for n in hits:
+        assert isinstance(outputs[n], torch.Tensor) and outputs[n].shape == (2708, WIDTHS[name]), n
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_detached_points_cut_every_layer_below(name, cora, dirs):
+    """What the DFA engine does at a point (output replaced by a detached tensor) must leave only the layers above
+    the last point reachable by the loss; for DNA this proves the dense history is built from the points."""
+    _skip_spline(name)
+    torch.manual_seed(0)
+    data = _data_for(name, cora, dirs)
+    model = build(name, cora.model_hints())
+    modules = dict(model.named_modules())
+    for n in EXPECTED_POINTS[name]:
+        modules[n].register_forward_hook(lambda m, i, o: o.detach())
+    model(data.x, data.edge_index, getattr(data, "edge_attr", None)).square().mean().backward()
+    top = {"gcn": "conv2", "cheb": "conv2", "spline": "conv2", "gat": "conv2", "dna": "lin2", "gae": "encoder.conv2"}
+    for pname, p in model.named_parameters():
+        reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert reached == pname.startswith(top[name] + "."), pname
+
+
+def test_gcn_cache_dropped_on_device_move(cora):
+    model = GCN(1433, 7)
+    model(cora.data.x, cora.data.edge_index)
+    assert model.conv1._cached_edge_index is not None
+    model.to(torch.float32)
+    assert model.conv1._cached_edge_index is None and model.conv2._cached_edge_index is None
+
+
+def test_dna_needs_no_torch_sparse():
+    model = DNA(6, 3, hidden=8, num_layers=2, heads=2, groups=2)
+    x, ei = torch.randn(5, 6), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    assert model(x, ei).shape == (5, 3)
+    with pytest.raises(ConfigError, match="divisible"):
+        DNA(6, 3, hidden=10, heads=4)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+# (model factory, Adam kwargs, transform, split): the paper's BP settings; DNA is shrunk (2 layers of 32) and uses
+# the paper's DFA regularisation (no dropout, lr 0.01) so that 30 CPU epochs are enough.
+TRAIN_CASES = {
+    "gcn": (lambda h: GCN(h["in_channels"], h["out_channels"]), dict(lr=0.01, weight_decay=5e-4), "normalize_features", "public"),
+    "cheb": (lambda h: Cheb(h["in_channels"], h["out_channels"]), dict(lr=0.01, weight_decay=5e-4), "normalize_features", "public"),
+    "gat": (lambda h: GAT(h["in_channels"], h["out_channels"]), dict(lr=0.005, weight_decay=5e-4), "normalize_features", "public"),
+    "spline": (lambda h: Spline(h["in_channels"], h["out_channels"]), dict(lr=0.01, weight_decay=5e-3), "target_indegree", "public"),
+    "dna": (lambda h: DNA(h["in_channels"], h["out_channels"], hidden=32, num_layers=2, heads=4, groups=4, dropout=0.0,
+                          conv_dropout=0.0), dict(lr=0.01), "none", "dna_kfold"),
+}
+
+
+def _evaluate(task, model, data, stage, key):
+    model.eval()
+    with torch.no_grad():
+        out = task.step(model, data, stage)
+        task.update_metrics(out, data, stage)
+    metric = task.stage_metrics(stage)[key]
+    value = float(metric.compute())
+    metric.reset()
+    return value
+
+
+@pytest.mark.parametrize("name", ["gcn", "cheb", "gat", "spline", "dna"])
+def test_backprop_training_on_cora(name, dirs):
+    _skip_spline(name)
+    factory, adam, transform, split = TRAIN_CASES[name]
+    dm = make_dm(dirs, transform=transform, split=split)
+    hints = dm.model_hints()
+    data = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model, task = factory(hints), NodeClassification(hints["out_channels"])
+    opt = torch.optim.Adam(model.parameters(), **adam)
+    before = _evaluate(task, model, data, "val", "acc")
+    for _ in range(30):
+        model.train()
+        opt.zero_grad()
+        out = task.step(model, data, "train")
+        out.loss.backward()
+        opt.step()
+    after = _evaluate(task, model, data, "val", "acc")
+    assert after > 0.5 and after > before + 0.2, (before, after)
+
+
+def test_gae_link_prediction_training(dirs):
+    dm = make_dm(dirs, link_split=True)
+    train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
+    torch.manual_seed(0)
+    model, task = GraphAutoEncoder(dm.model_hints()["in_channels"]), LinkPrediction()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = _evaluate(task, model, val, "val", "auroc")
+    for _ in range(40):
+        model.train()
+        opt.zero_grad()
+        task.step(model, train, "train").loss.backward()
+        opt.step()
+    after, ap = _evaluate(task, model, val, "val", "auroc"), _evaluate(task, model, val, "val", "ap")
+    assert after > 0.75 and after > before + 0.05 and ap > 0.7, (before, after, ap)
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+class _Recorder(nn.Module):
+    def __init__(self, num_classes=7):
+        super().__init__()
+        self.calls, self.num_classes = [], num_classes
+
+    def forward(self, *args):
+        self.calls.append(len(args))
+        return torch.zeros(args[0].size(0), self.num_classes, requires_grad=True)
+
+
+def test_node_classification_step_uses_stage_mask(cora, dirs):
+    task, data = NodeClassification(7), cora.data
+    assert task.monitor == "val/acc" and task.monitor_mode == "max"
+    model = _Recorder()
+    for stage, n in (("train", 140), ("val", 500), ("test", 1000)):
+        out = task.step(model, data, stage)
+        assert out.batch_size == n and out.target.shape == (n,) and out.output.shape == (2708, 7)
+        assert torch.equal(out.target, data.y[data[f"{stage}_mask"]])
+        assert out.loss.requires_grad and torch.isclose(out.loss, torch.log(torch.tensor(7.0)))
+        preds, target = task.metric_inputs(out, data, stage)
+        assert preds.shape == (n, 7) and torch.equal(target, out.target)
+        logged = task.update_metrics(out, data, stage)
+        assert set(logged) == {f"{stage}/acc"}
+    assert model.calls == [2, 2, 2]  # no edge_attr on the graph: model(x, edge_index)
+    with pytest.raises(ValueError, match="stage"):
+        task.step(model, data, "predict")
+    dm = make_dm(dirs, transform="target_indegree")
+    dm.setup()
+    task.step(model, dm.data, "train")
+    assert model.calls[-1] == 3  # Spline's pseudo-coordinates are passed on
+
+
+def test_accuracy_without_num_classes_matches_torchmetrics(cora):
+    torch.manual_seed(0)
+    logits = torch.randn(2708, 7)
+    data = cora.data
+    values = []
+    for task in (NodeClassification(7), NodeClassification()):
+        model = lambda x, ei: logits  # noqa: E731
+        out = task.step(model, data, "val")
+        task.update_metrics(out, data, "val")
+        values.append(float(task.stage_metrics("val")["acc"].compute()))
+    expected = float((logits[data.val_mask].argmax(1) == data.y[data.val_mask]).float().mean())
+    assert values[0] == pytest.approx(expected) and values[1] == pytest.approx(expected)
+    assert isinstance(NodeClassification().stage_metrics("train")["acc"], ArgmaxAccuracy)
+
+
+def test_link_prediction_task(dirs, cora):
+    dm = make_dm(dirs, link_split=True)
+    train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
+    task = LinkPrediction()
+    assert task.monitor == "val/auroc" and task.monitor_mode == "max"
+    torch.manual_seed(0)
+    model = GraphAutoEncoder(1433)
+    out = task.step(model, train, "train")
+    n_pos = train.pos_edge_label_index.size(1)
+    assert isinstance(out, LinkStepOutput) and out.output.shape == (2708, 16)
+    assert out.scores.shape == (2 * n_pos,) and int(out.labels.sum()) == n_pos and out.batch_size == 2 * n_pos
+    # the loss is GAE.recon_loss on the same positives (up to its 1e-15 EPS and the random negatives)
+    pos_score = task.score(out.output, train.pos_edge_label_index)
+    assert torch.allclose(-torch.log(torch.sigmoid(pos_score) + 1e-15).mean() +
+                          torch.nn.functional.softplus(out.scores[n_pos:]).mean(), out.loss, atol=1e-5)
+    v1, v2 = task.step(model, val, "val"), task.step(model, val, "val")
+    assert torch.equal(v1.scores, v2.scores)  # fixed val negatives
+    logged = task.update_metrics(v1, val, "val")
+    assert set(logged) == {"val/auroc", "val/ap"}
+    assert 0.0 <= float(logged["val/auroc"].compute()) <= 1.0
+    with pytest.raises(ConfigError, match="link_split"):
+        task.step(model, cora.data, "train")

@@ -1,0 +1,96 @@
+"""Recipes and the command line: every recipe instantiates, Cora trains end to end, bad input is one clear line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dfa_lightning.cli import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_parses_and_instantiates(recipe):
+    cli = run(["--config", str(recipe)], run=False)
+    assert cli.model.model is not None and cli.datamodule is not None
+    strategies = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
+    assert len(strategies) == 1, "every recipe states its learning rule (callbacks/bp.yaml for backprop)"
+
+
+def _fit(recipe: str, tmp_path: Path, *extra: str) -> int:
+    return main(["fit", "--config", str(REPO / recipe), *QUIET, "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert not any("Traceback" in line for line in err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("recipe", ["recipes/gcn_bp.yaml", "recipes/gcn_dfa.yaml"])
+def test_cora_end_to_end_reaches_75_percent_test_accuracy(recipe, cora_root, tmp_path, capsys):
+    assert _fit(recipe, tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache")) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("TEST")][-1]
+    acc = float(line.split("test/acc=")[1].split(",")[0])
+    assert acc > 0.75, line
+
+
+def test_unknown_recipe_key_names_the_file_and_suggests_the_key(tmp_path, capsys):
+    bad = _edited_recipe(tmp_path, "gcn_dfa.yaml", "max_epochs:", "max_epoch:")
+    assert main(["fit", "--config", str(bad)]) == 2
+    line = _one_line_error(capsys)
+    assert str(bad) in line and "'trainer.max_epoch'" in line and "did you mean 'trainer.max_epochs'" in line
+
+
+def test_unknown_model_argument_names_the_class(capsys):
+    assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--model.model.init_args.hiden", "3"]) == 2
+    line = _one_line_error(capsys)
+    assert "model.model.init_args.hiden" in line and "GCN has no argument 'hiden'" in line
+
+
+def test_missing_dataset_directory_is_one_line_naming_the_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(missing),
+                "--data.init_args.download", "false", "--data.init_args.cache_dir", str(tmp_path / "cache")) == 2
+    line = _one_line_error(capsys)
+    assert str(missing) in line and "ind.cora" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def _edited_recipe(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    text = (REPO / "recipes" / name).read_text()
+    assert old in text
+    path = tmp_path / name
+    path.write_text(text.replace(old, new).replace("../callbacks/", f"{REPO}/callbacks/"))
+    return path
+
+
+def test_feedback_pattern_matching_nothing_lists_the_modules(cora_root, tmp_path, capsys):
+    recipe = _edited_recipe(tmp_path, "gcn_dfa.yaml", "feedback_points: [hidden]", "feedback_points: [hiddn]")
+    assert _fit(str(recipe), tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache")) == 2
+    line = _one_line_error(capsys)
+    assert "'hiddn' matches no module of GCN; modules: conv1" in line and "hidden" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_nan_loss_is_one_line_and_leaves_no_checkpoint_from_the_bad_step(tmp_path, capsys):
+    args = ["fit", "--model.model", "dfa_lightning.models.mlp.MLP", "--model.model.in_features", "32",
+            "--model.model.out_features", "4", "--model.task", "dfa_lightning.tasks.classification.Classification",
+            "--model.task.num_classes", "4", "--data", "helpers.NaNAfterOneStepDataModule",
+            "--trainer.max_epochs", "2", "--trainer.callbacks+=" + str(REPO / "callbacks/best_val_acc.yaml"),
+            "--trainer.callbacks+=dfa_lightning.callbacks.FeedbackAlignmentStrategy",
+            "--trainer.callbacks.feedback_points", "[blocks.*]", *QUIET,
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(args) == 2
+    line = _one_line_error(capsys)
+    assert "loss is nan at epoch 0, global step 1" in line
+    assert not list(tmp_path.rglob("*.ckpt"))  # validation never ran on a good epoch: nothing claims to be good

@@ -1,0 +1,133 @@
+"""The engine inside Lightning: accumulation, mixed precision, resume, the alignment probe, NaN handling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfa_lightning.callbacks import AlignmentMonitor
+from dfa_lightning.errors import NonFiniteLossError
+from helpers import adam, build, params, trainer
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dfa", "shallow"])
+def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path, method):
+    full, data, dfa = build(method, batch_size=32)
+    trainer(tmp_path, [dfa], max_steps=3).fit(full, data)
+    half, data, dfa = build(method, batch_size=16)
+    trainer(tmp_path, [dfa], max_steps=3, accumulate_grad_batches=2).fit(half, data)
+    assert_same(params(full), params(half), atol=1e-6)
+
+
+def test_dfa_trains_and_changes_every_layer_while_shallow_freezes_the_hidden_ones(tmp_path):
+    for method in ("dfa", "shallow"):
+        module, data, dfa = build(method)
+        before = params(module)
+        trainer(tmp_path, [dfa], max_steps=4).fit(module, data)
+        after = params(module)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        hidden = {n for n in before if n.startswith("blocks")}
+        assert "head.weight" in changed
+        assert (hidden <= changed) if method == "dfa" else not (hidden & changed)
+
+
+def test_bf16_mixed_runs_keeps_feedback_in_fp32_and_stays_close_to_fp32(tmp_path):
+    ref, data, dfa32 = build("dfa")
+    trainer(tmp_path, [dfa32], max_steps=2).fit(ref, data)
+    module, data, dfa = build("dfa")
+    trainer(tmp_path, [dfa], max_steps=2, precision="bf16-mixed").fit(module, data)
+    assert dfa.engine.matrix.dtype == torch.float32
+    assert torch.equal(dfa.engine.matrix, dfa32.engine.matrix)
+    for name, p in params(module).items():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+        torch.testing.assert_close(p, params(ref)[name], atol=2e-2, rtol=5e-2)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    # k = one epoch (4 steps); the uninterrupted run saves a checkpoint at k and goes on to 2k
+    straight, data, dfa_straight = build("dfa", optimizer=adam)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path, [dfa_straight, every_epoch], max_epochs=2, enable_checkpointing=True).fit(straight, data)
+    ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"]
+    assert torch.equal(saved, dfa_straight.engine.matrix)
+
+    resumed, data, dfa_resumed = build("dfa", optimizer=adam)
+    trainer(tmp_path, [dfa_resumed], max_epochs=2).fit(resumed, data, ckpt_path=str(ckpt))
+    assert torch.equal(dfa_resumed.engine.matrix, dfa_straight.engine.matrix)
+    assert_same(params(straight), params(resumed))
+
+
+def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path):
+    first, data, dfa = build("dfa")
+    t = trainer(tmp_path, [dfa], max_epochs=1)
+    t.fit(first, data)
+    ckpt = tmp_path / "k.ckpt"
+    t.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
+    torch.save(state, ckpt)
+    resumed, data, dfa2 = build("dfa")
+    trainer(tmp_path, [dfa2], max_epochs=2).fit(resumed, data, ckpt_path=str(ckpt))
+    torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
+
+
+def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
+    plain, data, dfa = build("dfa", dropout=0.3)
+    trainer(tmp_path, [dfa], max_steps=5).fit(plain, data)
+    watched, data, dfa2 = build("dfa", dropout=0.3)
+    monitor = AlignmentMonitor(every_n_steps=1)
+    trainer(tmp_path, [dfa2, monitor], max_steps=5).fit(watched, data)
+    assert_same(params(plain), params(watched))
+    keys = set(monitor.last)
+    for point in ("blocks.0", "blocks.1"):
+        assert {f"align/signal_cos/{point}", f"align/update_cos/{point}", f"align/update_ratio/{point}"} <= keys
+    assert all(-1.0 <= monitor.last[k] <= 1.0 for k in keys if "cos" in k)
+
+
+def test_alignment_is_perfect_when_feedback_equals_the_transposed_top_weight(tmp_path):
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.models.mlp import MLP
+    from dfa_lightning.module import TaskModule
+    from dfa_lightning.tasks.classification import Classification
+    from helpers import sgd
+    from dfa_lightning.data.synthetic import SyntheticClassificationDataModule
+
+    module = TaskModule(MLP(16, 4, hidden=[32]), Classification(4), optimizer=sgd)
+    data = SyntheticClassificationDataModule(num_samples=64, in_features=16, num_classes=4, batch_size=32)
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.0"], scale="none", verbose=False)
+    monitor = AlignmentMonitor(every_n_steps=1)
+    t = trainer(tmp_path, [dfa, monitor], max_steps=1)
+    data.setup()
+    dfa.setup(t, module, "fit") if False else None
+    t.fit(module, data)  # sets up the engine
+    dfa.engine.set_matrix(module.model.head.weight.detach().clone())
+    batch = next(iter(data.train_dataloader()))
+    out = monitor.measure(module, dfa, batch)
+    assert out["align/signal_cos/blocks.0"] == pytest.approx(1.0, abs=1e-5)
+    assert out["align/update_cos/blocks.0"] == pytest.approx(1.0, abs=1e-5)
+    assert out["align/update_ratio/blocks.0"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    module, data, dfa = build("dfa")
+    data.setup()
+    data.splits["train"].tensors[0][40] = float("nan")  # second batch
+    ckpt_dir = tmp_path / "ckpts"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 0, global step 1"):
+        trainer(tmp_path, [dfa, checkpoint], max_steps=4, enable_checkpointing=True).fit(module, data)
+    # only the state after the last good step (global step 1) was saved; nothing from the NaN step
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
