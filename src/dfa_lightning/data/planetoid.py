@@ -186,6 +186,8 @@ class PlanetoidDataModule(pl.LightningDataModule):
     def _sync_raw_files(self) -> None:
         """Copy the original files into the work folder and download the missing ones (see module docstring)."""
         src, dst = self.source_dir, self.work_root / self.name / "raw"
+        if self.root is not None and not Path(self.root).expanduser().is_dir():
+            raise DatasetError(f"Planetoid {self.name}: the data folder {self.root} (`root:`) does not exist")
         same = src.exists() and dst.exists() and os.path.samefile(src, dst)
         changed, missing = False, []
         for fname in self.raw_names:
