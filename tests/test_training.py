@@ -174,3 +174,14 @@ def test_different_feedback_on_two_ranks_is_refused():
                            world_size=2)
     with pytest.raises(RuntimeError, match="feedback matrices differ across ranks"):
         dfa.on_fit_start(fake, module)
+
+
+def test_per_point_projection_trains_exactly_like_the_fused_one(tmp_path):
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    fused, data, dfa = build("dfa", dropout=0.2)
+    trainer(tmp_path, [dfa], max_steps=3).fit(fused, data)
+    lazy, data, _ = build("dfa", dropout=0.2)
+    per_point = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], seed=7, projection="per_point", verbose=False)
+    trainer(tmp_path, [per_point], max_steps=3).fit(lazy, data)
+    assert_same(params(fused), params(lazy), atol=1e-6)

@@ -1,7 +1,8 @@
 """Run recipes over several seeds and write a markdown table of mean ± std next to reference numbers.
 
 ``python -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml --seeds 0 1 2 3 4
---metric test/acc --out results.md [-- extra CLI args]``. Each run is a normal ``fit`` (then test at the best
+--metric test/acc --out results.md [-- extra CLI args]``; ``--metrics test/auroc test/logloss`` records several
+metrics (one table each, the first is the main one). Each run is a normal ``fit`` (then test at the best
 checkpoint) in this process; per-seed values and the summary go to ``--out`` (markdown) and a JSON beside it.
 """
 from __future__ import annotations
@@ -43,29 +44,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--metric", default="test/acc")
+    parser.add_argument("--metrics", nargs="+", default=None,
+                        help="several metrics, one table each (overrides --metric; the first is the main one)")
     parser.add_argument("--out", required=True, help="markdown file to write")
     parser.add_argument("--root", default="logs/sweeps", help="where each run writes logs and checkpoints")
     parser.add_argument("--reference", type=json.loads, default={},
-                        help='JSON {recipe stem: paper value} printed next to the measured mean')
+                        help='JSON {recipe stem: paper value} printed next to the measured mean (main metric), '
+                             'or {metric: {recipe stem: paper value}}')
     opts = parser.parse_args(argv)
-    table: dict[str, dict[int, float]] = {}
+    metrics = opts.metrics or [opts.metric]
+    tables: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
     for recipe in opts.recipes:
         stem = Path(recipe).stem
-        table[stem] = {}
         for seed in opts.seeds:
-            table[stem][seed] = run_seed(recipe, seed, extra, opts.root)[opts.metric]
-            print(f"SWEEP {stem} seed={seed} {opts.metric}={table[stem][seed]:.4f}", flush=True)
-    lines = [f"| recipe | {' | '.join(f'seed {s}' for s in opts.seeds)} | mean ± std | paper |",
-             f"|---|{'---|' * len(opts.seeds)}---|---|"]
-    for stem, per_seed in table.items():
-        cells = " | ".join(f"{per_seed[s]:.4f}" for s in opts.seeds)
-        ref = opts.reference.get(stem, "")
-        lines.append(f"| {stem} | {cells} | {summarize(list(per_seed.values()))} | {ref} |")
+            results = run_seed(recipe, seed, extra, opts.root)
+            for metric in metrics:
+                tables[metric].setdefault(stem, {})[seed] = results[metric]
+            print(f"SWEEP {stem} seed={seed} " + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
+    sections = []
+    for metric in metrics:
+        lines = [f"| recipe | {' | '.join(f'seed {s}' for s in opts.seeds)} | mean ± std | paper |",
+                 f"|---|{'---|' * len(opts.seeds)}---|---|"]
+        if any(key in metrics for key in opts.reference):  # {metric: {stem: value}}
+            reference = opts.reference.get(metric, {})
+        else:  # {stem: value}: the main metric's reference
+            reference = opts.reference if metric == metrics[0] else {}
+        for stem, per_seed in tables[metric].items():
+            cells = " | ".join(f"{per_seed[s]:.4f}" for s in opts.seeds)
+            ref = reference.get(stem, "")
+            lines.append(f"| {stem} | {cells} | {summarize(list(per_seed.values()))} | {ref} |")
+        sections.append(lines if len(metrics) == 1 else [f"### `{metric}`", "", *lines])
+    lines = [line for i, sec in enumerate(sections) for line in ([""] if i else []) + sec]
+    heading = f"Metric: `{metrics[0]}`" if len(metrics) == 1 else f"Metrics: {', '.join(f'`{m}`' for m in metrics)}"
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"Metric: `{opts.metric}`. Command: `python -m dfa_lightning.sweep {' '.join(sys.argv[1:])}`\n\n"
+    out.write_text(f"{heading}. Command: `python -m dfa_lightning.sweep {' '.join(sys.argv[1:])}`\n\n"
                    + "\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"metric": opts.metric, "results": table}, indent=2))
+    summary = {"metric": metrics[0], "results": tables[metrics[0]], "metrics": tables}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines))
     return 0
 

@@ -36,6 +36,10 @@ class FeedbackAlignmentStrategy(pl.Callback):
             feedback column): the projection's cost (default: ``"dense"``).
         rank, nnz: sizes of the ``lowrank`` and ``sparse`` operators (default: ``64``, ``16``).
         error: ``exact``, ``sign`` or ``ternary`` error sent through B (default: ``"exact"``).
+        projection: ``fused``: all ``B_i e`` from one operator call when the backward reaches the output;
+            ``per_point``: ``e`` is prepared once and each ``B_i e`` is computed when the backward reaches point i,
+            so only one feedback signal is alive at a time (same FLOPs, peak memory ≈ BP's)
+            (default: ``"fused"``).
         verbose: print the placement report at setup (default: ``True``).
     """
 
@@ -53,6 +57,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         rank: int = 64,
         nnz: int = 16,
         error: str = "exact",
+        projection: str = "fused",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -63,7 +68,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self.config = dict(
             method=method, feedback_points=list(feedback_points or []), output=output,
             batch_dims=list(batch_dims or [0]), init=init, scale=scale, shared_slices=shared_slices, seed=seed,
-            operator=operator, rank=rank, nnz=nnz, error=error,
+            operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
         )
         self.seed_given = seed is not None
         self.verbose = verbose

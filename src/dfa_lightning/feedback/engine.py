@@ -32,6 +32,7 @@ from dfa_lightning.feedback import matrices, operators
 from dfa_lightning.feedback.points import resolve_output, resolve_points
 
 METHODS = ("bp", "dfa", "shallow")
+PROJECTIONS = ("fused", "per_point")
 
 
 def flatten_batch(t: torch.Tensor, batch_dims: Sequence[int]) -> torch.Tensor:
@@ -64,26 +65,65 @@ class _Pending:
 
     index: list[int] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    stash: "_Stash | None" = None  # projection="per_point": shared by this forward's receivers and its injector
 
     def clear(self) -> None:
         self.index.clear()
         self.tensors.clear()
+        self.stash = None
+
+
+class _Stash:
+    """``projection="per_point"``: the prepared error of one backward, freed after the last point has used it."""
+
+    __slots__ = ("prepared", "remaining")
+
+    def __init__(self) -> None:
+        self.prepared: torch.Tensor | None = None
+        self.remaining = 0
 
 
 class _InjectFeedback(torch.autograd.Function):
     """Identity on the output; backward sends ``B_i e`` to every recorded point in the same autograd pass."""
 
     @staticmethod
-    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], output: torch.Tensor, *points: torch.Tensor):
-        ctx.engine, ctx.index = engine, index
+    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], stash: "_Stash | None", output: torch.Tensor,
+                *points: torch.Tensor):
+        ctx.engine, ctx.index, ctx.stash = engine, index, stash
         ctx.shapes = [p.shape for p in points]
         ctx.dtypes = [p.dtype for p in points]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grads = ctx.engine.project(grad_output, ctx.index, ctx.shapes, ctx.dtypes)
-        return (None, None, grad_output, *grads)
+        if ctx.stash is None:  # fused: every B_i e from one operator call
+            grads = ctx.engine.project(grad_output, ctx.index, ctx.shapes, ctx.dtypes)
+        else:  # per point: prepare e once; each _ReceiveFeedback computes its slice when autograd reaches it
+            ctx.stash.prepared = ctx.engine.prepare_error(grad_output)
+            ctx.stash.remaining = len(ctx.index)
+            grads = [grad_output.new_zeros((), dtype=dtype).expand(shape)  # no memory: a signal to proceed
+                     for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
+        return (None, None, None, grad_output, *grads)
+
+
+class _ReceiveFeedback(torch.autograd.Function):
+    """``projection="per_point"``: identity on a point's output, created at the point (so autograd runs it right
+    before that point's segment); its backward computes ``B_i e`` from the stash, then the segment consumes it."""
+
+    @staticmethod
+    def forward(ctx, engine: "FeedbackEngine", stash: _Stash, index: int, point: torch.Tensor):
+        ctx.engine, ctx.stash, ctx.index = engine, stash, index
+        ctx.shape, ctx.dtype = point.shape, point.dtype
+        return point.view_as(point)
+
+    @staticmethod
+    def backward(ctx, _signal: torch.Tensor):
+        stash = ctx.stash
+        grad = ctx.engine.project_point(stash.prepared, ctx.index, ctx.shape, ctx.dtype)
+        stash.remaining -= 1
+        if stash.remaining <= 0:
+            stash.prepared = None
+        return None, None, None, grad
 
 
 class FeedbackEngine:
@@ -100,6 +140,11 @@ class FeedbackEngine:
         init, scale, shared_slices, seed: how ``B`` is drawn, see :mod:`dfa_lightning.feedback.matrices`.
         operator, rank, nnz, error: the projection ``dense``/``lowrank``/``sparse`` and the error transform
             ``exact``/``sign``/``ternary``, see :mod:`dfa_lightning.feedback.operators`.
+        projection: ``fused``: all ``B_i e`` from ONE operator call when the backward reaches the output (all
+            signals alive at once: ``N x K`` extra memory at the backward's start); ``per_point``: the error is
+            prepared once (``e``, or ``e U`` for lowrank) and each ``B_i e`` is computed when autograd reaches point
+            i, right before its segment, so one signal is alive at a time (peak memory as BP; one matmul per
+            point, same FLOPs) (default: ``"fused"``).
     """
 
     def __init__(
@@ -117,6 +162,7 @@ class FeedbackEngine:
         rank: int = 64,
         nnz: int = 16,
         error: str = "exact",
+        projection: str = "fused",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -128,6 +174,9 @@ class FeedbackEngine:
             raise ConfigError(f"operator must be one of {operators.OPERATORS}, got {operator!r}")
         if error not in operators.ERRORS:
             raise ConfigError(f"error must be one of {operators.ERRORS}, got {error!r}")
+        if projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.projection = projection
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
         self.batch_dims = tuple(int(d) for d in batch_dims)
@@ -170,6 +219,10 @@ class FeedbackEngine:
                 return None
             if self.method == "dfa":
                 self._pending.index.append(index)
+                if self.projection == "per_point":
+                    if self._pending.stash is None:
+                        self._pending.stash = _Stash()
+                    out = _ReceiveFeedback.apply(self, self._pending.stash, index, out)
                 self._pending.tensors.append(out)
             return out.detach()
 
@@ -187,12 +240,13 @@ class FeedbackEngine:
             self.capture["__output__"] = out
         if not self._pending.tensors:
             return None
-        index, tensors = tuple(self._pending.index), tuple(self._pending.tensors)
+        index, tensors, stash = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.stash
         self._pending.clear()
         if not self.enabled or not torch.is_grad_enabled():
             return None
-        self.ensure_matrix()
-        return _InjectFeedback.apply(self, index, out, *tensors)
+        if self.operator is None:  # drawn once; never `ensure_matrix()` here: `.matrix` densifies lowrank/sparse B
+            self.ensure_matrix()
+        return _InjectFeedback.apply(self, index, stash, out, *tensors)
 
     def _record_width(self, index: int, out: torch.Tensor) -> None:
         if out.dim() <= max(self.batch_dims, default=-1):
@@ -264,14 +318,32 @@ class FeedbackEngine:
             g = projected[:, start:stop]
             if self._post_scales is not None:
                 g = g * self._post_scales[i]
-            n_point = math.prod(shape[d] for d in self.batch_dims)
-            if n_point != g.shape[0]:
-                raise ConfigError(
-                    f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
-                    f"{list(self.batch_dims)} but the output has {g.shape[0]}; adjust batch_dims"
-                )
+            self._check_rows(i, shape, g.shape[0])
             grads.append(unflatten_batch(g, shape, self.batch_dims).to(dtype))
         return grads
+
+    def prepare_error(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """``projection="per_point"``: the flattened, transformed error (fp32 or wider), prepared by the operator."""
+        dtype = torch.promote_types(grad_output.dtype, torch.float32)
+        e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
+        return self.operator.prepare(e)
+
+    def project_point(self, prepared: torch.Tensor, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point."""
+        start, stop = self._layout.slices[i]
+        g = self.operator.project_slice(prepared, start, stop)
+        if self._post_scales is not None:
+            g = g * self._post_scales[i]
+        self._check_rows(i, shape, g.shape[0])
+        return unflatten_batch(g, shape, self.batch_dims).to(dtype)
+
+    def _check_rows(self, i: int, shape: torch.Size, rows: int) -> None:
+        n_point = math.prod(shape[d] for d in self.batch_dims)
+        if n_point != rows:
+            raise ConfigError(
+                f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
+                f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims"
+            )
 
     def reset(self) -> None:
         """Forget points recorded by a forward that never reached the output (call at each batch start)."""
@@ -292,7 +364,8 @@ class FeedbackEngine:
         lines = [
             f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
             f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
-            f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}",
+            f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}, "
+            f"projection={self.projection}",
         ]
         for p in self.points:
             seg = self.segments.get(p.name, [])

@@ -9,13 +9,15 @@ the engine's seeded generator and checkpointed as plain tensors.
 * ``sparse``: each feedback column (one hidden unit) listens to ``nnz`` output units:
   ``B[:, j]`` has ``nnz`` non-zeros, scaled by ``sqrt(d_out / nnz)`` to keep the signal's norm.
 
-Error transforms (what an optical or low-precision co-processor would see): ``exact``; ``sign``: ``sign(e)·mean|e|``;
-``ternary``: ``sign(e)·[|e| > mean|e|/2]·mean|e|``. The single scalar ``mean|e|`` keeps the update's scale so that
-learning rates transfer.
+Error transforms (what an optical or low-precision co-processor would see): ``exact``; ``sign``: ``sign(e)·m``;
+``ternary``: ``sign(e)·[|e| > m/2]·m``, with ``m`` the mean of ``|e|`` over its non-zero entries. The single scalar
+keeps the update's scale so that learning rates transfer; averaging over non-zero entries only keeps unlabeled rows
+(masked graph nodes, padding) from shrinking it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -46,6 +48,15 @@ class FeedbackOperator:
         t = self.on(e.device, e.dtype)
         return e @ t["matrix"]
 
+    # per-point projection (engine ``projection="per_point"``): ``prepare`` once per step, then one slice per point
+    def prepare(self, e: torch.Tensor) -> torch.Tensor:
+        """What every column slice is computed from (``e`` itself; ``e U`` for the low-rank operator)."""
+        return e
+
+    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of ``project(e)`` from ``prepare(e)``: ``[N, stop - start]``."""
+        return prepared @ self.on(prepared.device, prepared.dtype)["matrix"][:, start:stop]
+
     def dense(self) -> torch.Tensor:
         """The equivalent ``[d_out, K]`` matrix (for tests, alignment and reports)."""
         return self.tensors["matrix"]
@@ -61,6 +72,12 @@ class LowRankFeedback(FeedbackOperator):
     def project(self, e: torch.Tensor) -> torch.Tensor:
         t = self.on(e.device, e.dtype)
         return (e @ t["u"]) @ t["v"]
+
+    def prepare(self, e: torch.Tensor) -> torch.Tensor:
+        return e @ self.on(e.device, e.dtype)["u"]  # [N, r]
+
+    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return prepared @ self.on(prepared.device, prepared.dtype)["v"][:, start:stop]
 
     def dense(self) -> torch.Tensor:
         return self.tensors["u"] @ self.tensors["v"]
@@ -80,13 +97,29 @@ class SparseFeedback(FeedbackOperator):
             k, nnz = rows.shape
             d_out = int(self.tensors["d_out"])
             crow = torch.arange(0, k * nnz + 1, nnz)
-            mt = torch.sparse_csr_tensor(crow, rows.reshape(-1), vals.reshape(-1), size=(k, d_out))
+            with warnings.catch_warnings():  # "beta state" / "invariant checks" notices, once per process is enough
+                warnings.simplefilter("ignore", UserWarning)
+                mt = torch.sparse_csr_tensor(crow, rows.reshape(-1), vals.reshape(-1), size=(k, d_out))
             self._cache = {key: {"mt": mt.to(device=device, dtype=dtype)}}
         return self._cache[key]
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         mt = self.on(e.device, e.dtype)["mt"]  # [K, d_out], CSR
         return (mt @ e.t()).t()  # [N, K]
+
+    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        cache = self.on(prepared.device, prepared.dtype)
+        key = ("rows", start, stop)
+        if key not in cache:  # the CSR rows start:stop (feedback columns of one point), built once per device
+            rows, vals = self.tensors["rows"][start:stop], self.tensors["values"][start:stop]
+            k, nnz = rows.shape
+            crow = torch.arange(0, k * nnz + 1, nnz)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mt = torch.sparse_csr_tensor(crow, rows.reshape(-1), vals.reshape(-1),
+                                             size=(k, int(self.tensors["d_out"])))
+            cache[key] = mt.to(device=prepared.device, dtype=prepared.dtype)
+        return (cache[key] @ prepared.t()).t()
 
     def dense(self) -> torch.Tensor:
         rows, vals = self.tensors["rows"], self.tensors["values"]
@@ -135,7 +168,10 @@ def from_state(state: dict[str, torch.Tensor], kind: str) -> FeedbackOperator:
 def transform_error(e: torch.Tensor, error: str) -> torch.Tensor:
     if error == "exact":
         return e
-    scale = e.abs().mean()
+    magnitude = e.abs()
+    nonzero = magnitude > 0
+    # mean over the entries that carry error: rows without a label (masked nodes, padding) must not dilute it
+    scale = magnitude.sum() / nonzero.sum().clamp_min(1)
     if error == "sign":
         return torch.sign(e) * scale
     if error == "ternary":

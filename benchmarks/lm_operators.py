@@ -1,0 +1,153 @@
+"""Small-scale CPU proxy: BP vs DFA feedback operators for a Transformer LM on WikiText-2 (word level).
+
+Not the paper's setting (6x512, 8192-token batches, 20 epochs on WikiText-103): a 2-block post-LN TransformerLM
+trained for a few hundred steps, the same steps, data order, initialisation and optimizer for every variant. It
+compares the final validation perplexity (and wall time per step) of
+
+* ``bp``: backprop;
+* ``shallow``: the macro points cut, no feedback (only the decoder trains): the floor DFA must beat;
+* ``dfa_before``: DFA macro, error before the vocabulary (``output: hidden_out``), dense B (the paper's choice);
+* ``after_dense`` / ``after_lowrank`` / ``after_sparse``: DFA macro with the error after the vocabulary (``output:
+  null``, e has V = 33,278 dims) through a dense, low-rank (rank 64) or sparse (16 non-zeros per column) B;
+* ``after_dense_sign``: as ``after_dense`` with the sign of the error sent through B.
+
+Run (from the repository root; about 2-3 min per variant on one shared CPU core):
+
+    DFA_DATA_DIR=../shared/data python benchmarks/lm_operators.py --out benchmarks/results/lm_operators
+
+writes ``lm_operators.json`` and ``lm_operators.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+from dfa_lightning.data.wikitext import WikiTextDataModule
+from dfa_lightning.models.transformer import ERROR_AT, FEEDBACK_POINTS, TransformerLM
+from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.language_modeling import LanguageModeling
+
+MACRO = FEEDBACK_POINTS["macro"]
+VARIANTS: dict[str, dict] = {
+    "bp": dict(method="bp"),
+    "shallow": dict(method="shallow", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
+    "dfa_before": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
+    "after_dense": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["after_vocab"]),
+    "after_lowrank": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64),
+    "after_sparse": dict(method="dfa", feedback_points=MACRO, output=None, operator="sparse", nnz=16),
+    "after_dense_sign": dict(method="dfa", feedback_points=MACRO, output=None, error="sign"),
+}
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def run_variant(name: str, args) -> dict:
+    pl.seed_everything(args.seed, verbose=False)
+    dm = WikiTextDataModule(streams=args.streams, seq_len=args.seq_len, cache_dir=args.cache_dir)
+    dm.setup("fit")
+    model = TransformerLM(dm.vocab_size, d_model=args.d_model, n_heads=args.heads, d_ff=4 * args.d_model,
+                          n_layers=args.layers, dropout=args.dropout, max_len=args.seq_len)
+    module = TaskModule(model, LanguageModeling(),
+                        optimizer=lambda p: torch.optim.Adam(p, lr=args.lr, betas=(0.9, 0.999)))
+    strategy = FeedbackAlignmentStrategy(batch_dims=[0, 1], seed=args.seed, verbose=False, **VARIANTS[name])
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=args.steps,
+                         limit_val_batches=args.val_batches, num_sanity_val_steps=0, gradient_clip_val=0.5,
+                         callbacks=[strategy, timer], deterministic=True)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - start
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    steady = timer.times[5:] or timer.times
+    result = {"variant": name, "config": {k: v for k, v in VARIANTS[name].items()},
+              "val_ppl": round(val["val/ppl"], 2), "val_loss": round(val["val/loss"], 4),
+              "steps": len(timer.times), "s_per_step": round(sum(steady) / len(steady), 4), "fit_s": round(fit_s, 1)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--val-batches", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/lm_operators")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "variants", "cache_dir")}
+    setup["val_tokens"] = args.val_batches * args.streams * args.seq_len
+    command = "DFA_DATA_DIR=../shared/data python " + " ".join(["benchmarks/lm_operators.py", *sys.argv[1:]])
+    payload = {"benchmark": "lm_operators", "command": command, "setup": setup, "torch": torch.__version__,
+               "machine": f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
+               "results": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:  # results are rewritten after each variant: an interrupted run keeps what it did
+        payload["results"].append(run_variant(name, args))
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        lines = [f"| {r['variant']} | {r['val_ppl']:.1f} | {r['val_loss']:.3f} | {r['s_per_step']:.3f} |"
+                 for r in payload["results"]]
+        out.with_suffix(".md").write_text(render_md(payload, lines))
+
+
+def render_md(payload: dict, rows: list[str]) -> str:
+    s = payload["setup"]
+    return "\n".join([
+        "# Transformer LM on WikiText-2: BP vs DFA feedback operators (small CPU proxy)",
+        "",
+        "**A small-scale CPU proxy, not the paper's setting.** The paper (Table 5) trains a 6x512 post-LN Transformer on "
+        "WikiText-103 with 32k BPE, 8192-token batches, for 20 epochs (BP 29.8, DFA macro 52.0, micro 93.3, shallow 428). "
+        f"Here: {s['layers']} blocks x d_model {s['d_model']} ({s['heads']} heads, FFN {4 * s['d_model']}), post-LN, "
+        f"dropout {s['dropout']}, WikiText-2 word level (V = 33,278), {s['streams']} streams x {s['seq_len']} tokens, "
+        f"{s['steps']} steps (~{s['steps'] * s['streams'] * s['seq_len'] / 2.09e6:.2f} epoch), Adam lr {s['lr']} "
+        f"beta2 0.999, grad clip 0.5, seed {s['seed']}; validation perplexity on the first {s['val_tokens']:,} "
+        "validation tokens (each stream's first chunks) after the last step. One seed: differences of a few percent "
+        "are noise. Time per step is wall time on a shared, loaded CPU core: compare variants only roughly.",
+        "",
+        f"Command: `{payload['command']}` (script: `benchmarks/lm_operators.py`; `--cache-dir` only moves the "
+        "token-id cache).",
+        "",
+        "| variant | val ppl | val loss | s / step |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale): "
+        "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
+        "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` error "
+        "after the vocabulary (`output: null`, e over 33,278 words) through a dense B, a low-rank B (rank 64), a sparse "
+        "B (16 non-zeros per column), or the dense B fed the sign of e.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Profile one DFA step (and the BP step beside it) per model: where the backward's matmuls go.
+
+``python -m benchmarks.profile_step [--preset tiny|cpu|gpu]`` writes ``benchmarks/results/profile_<preset>.md`` and
+``.json``. For each case's default DFA variant (see :mod:`benchmarks.models`) it runs one forward + backward under
+``torch.profiler`` and reads, from the autograd engine's events (``autograd::engine::evaluate_function: <Node>``):
+
+* **projection**: the matmul-like ops run inside ``_InjectFeedbackBackward`` (must be exactly one ``_Inject``
+  node per step; ``dense``: one ``aten::mm``; ``lowrank``: ``(e U) V``, two thin ones in the same call;
+  ``sparse``: one sparse-dense product);
+* **input-gradient matmuls** of linear layers: every ``AddmmBackward0`` / ``MmBackward0`` / ``LinearBackward0``
+  computes its weight gradient with one matmul and, only when its input requires a gradient, one more for the
+  input. Counted: ``matmuls - nodes``. Expected: the number of ``nn.Linear`` calls whose input requires grad,
+  recorded by forward pre-hooks in the same forward. Under DFA every layer directly above a feedback point reads a
+  detached tensor, so it computes no input gradient: no kernel computes a gradient that DFA would throw away.
+  The BP profile of the same model shows how many input-gradient matmuls DFA saved.
+* backward matmul FLOPs (profiler ``with_flops``) of DFA and BP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.models import cases
+from benchmarks.run import RESULTS, Runner, machine
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sparse_mm", "aten::_sparse_csr_mm",
+           "aten::addmm_", "aten::_sparse_addmm", "aten::sparse_sampled_addmm")
+LINEAR_NODES = ("AddmmBackward0", "MmBackward0", "LinearBackward0")
+NODE = "autograd::engine::evaluate_function: "
+
+
+def _matmuls_below(event) -> list[str]:
+    """Names of the matmul ops reached from ``event`` (not descending into a matmul: addmm may call mm)."""
+    found, stack = [], list(event.cpu_children)
+    while stack:
+        e = stack.pop()
+        if e.name in MATMULS:
+            found.append(e.name)
+            continue
+        stack.extend(e.cpu_children)
+    return found
+
+
+def profile_variant(runner: Runner) -> dict:
+    """One forward + backward of ``runner`` under the profiler; counts per autograd node."""
+    linears_needing_input_grad = []
+
+    def pre_hook(module, args):
+        x = args[0] if args else None
+        linears_needing_input_grad.append(bool(isinstance(x, torch.Tensor) and x.requires_grad))
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in runner.model.modules() if isinstance(m, nn.Linear)]
+    runner.optimizer.zero_grad(set_to_none=True)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
+                                    record_shapes=True) as prof:
+            runner.forward_backward()
+    finally:
+        for h in handles:
+            h.remove()
+        runner.optimizer.zero_grad(set_to_none=True)
+    nodes: Counter = Counter()
+    node_matmuls: Counter = Counter()
+    projection: list[str] = []
+    inject_nodes = 0
+    backward_flops = 0
+    for e in prof.events():
+        if not e.name.startswith(NODE):
+            continue
+        node = e.name[len(NODE):]
+        mms = _matmuls_below(e)
+        backward_flops += sum(c.flops or 0 for c in _walk(e) if c.name in MATMULS)
+        if node == "_InjectFeedbackBackward":
+            inject_nodes += 1
+            projection += mms
+        elif node in LINEAR_NODES:
+            nodes[node] += 1
+            node_matmuls[node] += len(mms)
+    linear_nodes = sum(nodes.values())
+    return dict(inject_nodes=inject_nodes, projection_matmuls=projection, linear_backward_nodes=linear_nodes,
+                input_grad_matmuls=sum(node_matmuls.values()) - linear_nodes,
+                expected_input_grad_matmuls=sum(linears_needing_input_grad),
+                linear_calls=len(linears_needing_input_grad), backward_matmul_flops=backward_flops)
+
+
+def _walk(event):
+    stack = list(event.cpu_children)
+    while stack:
+        e = stack.pop()
+        yield e
+        if e.name not in MATMULS:
+            stack.extend(e.cpu_children)
+
+
+def run(preset: str, only: list[str] | None = None) -> dict:
+    device = torch.device("cpu")  # the op structure is the same on CUDA; the CPU profile is cheap to read
+    report = dict(preset=preset, machine=machine(device), models=[])
+    for case in cases(preset, only):
+        torch.manual_seed(0)
+        base = case.build()
+        batch = case.batch(device, torch.Generator().manual_seed(0))
+        bp = Runner(case, case.variants[0], base, device, batch)
+        bp_prof = profile_variant(bp)
+        for variant in case.variants:
+            if not variant.default:
+                continue
+            dfa = Runner(case, variant, base, device, batch)
+            prof = profile_variant(dfa)
+            kind = dfa.engine.operator_kind
+            expected_proj = 2 if kind == "lowrank" else 1
+            prof.update(case=case.name, variant=variant.name, operator=kind, points=len(dfa.engine.points),
+                        bp_input_grad_matmuls=bp_prof["input_grad_matmuls"],
+                        bp_backward_matmul_flops=bp_prof["backward_matmul_flops"])
+            prof["ok_one_projection"] = prof["inject_nodes"] == 1 and len(prof["projection_matmuls"]) == expected_proj
+            prof["ok_no_discarded_gradients"] = prof["input_grad_matmuls"] == prof["expected_input_grad_matmuls"]
+            report["models"].append(prof)
+            print(f"{case.name:<10} {variant.name:<40} projection {prof['projection_matmuls']} "
+                  f"input-grad matmuls DFA {prof['input_grad_matmuls']} (expected "
+                  f"{prof['expected_input_grad_matmuls']}) vs BP {prof['bp_input_grad_matmuls']}", file=sys.stderr)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# One DFA step under torch.profiler, preset `{report['preset']}`", "",
+             f"Command: `python -m benchmarks.profile_step --preset {report['preset']}`; "
+             f"{report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
+             "Per default DFA variant: matmuls inside `_InjectFeedbackBackward` (the projection; lowrank is (eU)V, "
+             "two thin matmuls in one operator call), input-gradient matmuls of linear layers in the backward "
+             "(DFA measured / expected from the layers whose input requires grad / BP), backward matmul GFLOPs.", "",
+             "| model | variant | points | inject nodes | projection ops | input-grad matmuls DFA (expected) | "
+             "input-grad matmuls BP | bwd GFLOP DFA / BP | one projection | nothing discarded |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        lines.append(
+            f"| {m['case']} | {m['variant']} | {m['points']} | {m['inject_nodes']} | "
+            f"{', '.join(m['projection_matmuls'])} | {m['input_grad_matmuls']} ({m['expected_input_grad_matmuls']}) | "
+            f"{m['bp_input_grad_matmuls']} | {m['backward_matmul_flops'] / 1e9:.3f} / "
+            f"{m['bp_backward_matmul_flops'] / 1e9:.3f} | {'yes' if m['ok_one_projection'] else '**NO**'} | "
+            f"{'yes' if m['ok_no_discarded_gradients'] else '**NO**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu")
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    report = run(args.preset, args.models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_{args.preset}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"profile_{args.preset}.md").write_text(markdown(report))
+    ok = all(m["ok_one_projection"] and m["ok_no_discarded_gradients"] for m in report["models"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Step time, peak memory and FLOPs of BP, DFA and shallow training on every task model (issue #5).
+
+``make bench`` (= ``python -m benchmarks.run --preset cpu``) and ``make bench-gpu`` (``--preset gpu``) write
+``benchmarks/results/bench_<preset>.json`` and ``.md`` naming the machine (CPU model, cores, threads, load average,
+torch version; the GPU's name).
+
+What is measured, per case (a model at one size, see :mod:`benchmarks.models`) and per variant (bp, dfa, ...):
+
+* **step time**: one full training step, ``zero_grad(set_to_none=True)``, forward (under bf16 autocast for the
+  ``bf16`` cases), loss, backward, ``Adam.step()``; CUDA-synchronised before and after. After ``--warmup`` steps,
+  the variants of a case are timed in interleaved rounds (round r: ``--steps`` steps of bp, then of dfa, ...), so
+  that a load change on a shared machine hits every variant alike; the median of all timed steps is reported with
+  the inter-quartile range.
+* **peak memory**: persistent bytes (parameters, buffers, optimizer state, the batch, the feedback operator's cached
+  device copy; distinct storages counted once) plus the peak, over one step, of the memory allocated during that
+  step. CUDA: ``max_memory_allocated() - memory_allocated()`` before the step. CPU (torch has no allocator
+  statistics there): ``torch.profiler`` with ``profile_memory=True``; every allocation and free is attributed to
+  the innermost op that made it (``self_cpu_memory_usage``, frees outside ops are ``[memory]`` events); sorted by
+  time, the running sum's maximum is the step's peak. Scratch memory that an op allocates and frees inside itself
+  is not seen on CPU (the same for every variant).
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward (matmul-like ops, the ones
+  that dominate; the sparse operator's ``2·N·K·nnz`` is added analytically since sparse kernels are not counted).
+  ``flop_ratio`` = variant / bp is the lower bound of the time ratio when the step is matmul-bound: for DFA with
+  feedback on every layer, (forward + weight gradients + projection) / (forward + weight gradients + input
+  gradients) ~ 2/3.
+* **projection calls**: how many times the feedback operator was called on ``e`` in the counted step (must be 1
+  for DFA: ``project(e)`` when fused, ``prepare(e)`` when per point, whose column slices follow point by point).
+
+CPU runs set ``torch.set_flush_denormal(True)``: without it Adam's tiny second moments become denormal floats and
+its ``div`` runs 10-50x slower, a CPU artefact that would drown the comparison. ``--threads 1`` avoids OpenMP
+spin-wait stalls on an oversubscribed machine (2 threads on 2 busy cores were 1000x slower on tiny models).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.models import Case, Variant, cases
+from dfa_lightning.feedback.engine import FeedbackEngine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESETS = {  # warm-up steps, timed rounds, steps per round
+    "tiny": dict(warmup=1, rounds=2, steps=1),
+    "cpu": dict(warmup=2, rounds=4, steps=2),
+    "gpu": dict(warmup=5, rounds=5, steps=4),
+}
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+            "device": str(device), "gpu": None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- one variant
+class Runner:
+    """A model copy with its engine, optimizer and batch; ``step()`` is one full training step."""
+
+    def __init__(self, case: Case, variant: Variant, base: torch.nn.Module, device: torch.device, batch):
+        self.case, self.variant, self.device = case, variant, device
+        self.model = copy.deepcopy(base).to(device)
+        self.engine = FeedbackEngine(self.model, method=variant.method, **variant.engine)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=case.lr)
+        self.inputs, self.target = batch
+        self.projections = 0
+        if variant.method == "dfa":  # draw B from a first forward, then count the operator's calls
+            self.forward_backward()
+            self._wrap_operator()
+            self.model.zero_grad(set_to_none=True)
+
+    def _wrap_operator(self) -> None:
+        op = self.engine.operator
+        for name in ("project", "prepare"):  # fused: one project(e); per point: one prepare(e), then slices
+            original = getattr(op, name)
+
+            def counted(e, original=original):
+                self.projections += 1
+                self.last_rows = e.shape[0]
+                return original(e)
+
+            setattr(op, name, counted)
+
+    def forward_backward(self) -> torch.Tensor:
+        self.engine.reset()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case.amp == "bf16"):
+            out = self.model(*self.inputs)
+            loss = self.case.loss(out.float() if self.case.amp == "bf16" else out, self.target)
+        loss.backward()
+        return loss
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_backward()
+        self.optimizer.step()
+
+    def persistent_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + list(self.inputs) + [self.target]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        if self.engine.operator is not None:
+            for cache in self.engine.operator._cache.values():
+                tensors += [v for v in cache.values() if isinstance(v, torch.Tensor)]
+        seen, total = set(), 0
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device != self.device:
+                continue
+            if t.layout != torch.strided:
+                parts = [t.values(), t.crow_indices(), t.col_indices()] if t.layout == torch.sparse_csr else []
+            else:
+                parts = [t]
+            for p in parts:
+                storage = p.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
+
+    def peak_bytes(self) -> int:
+        """Persistent bytes + the peak of what one step allocates on top of them (see the module docstring)."""
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.step()
+            sync(self.device)
+            step_peak = torch.cuda.max_memory_allocated(self.device) - before
+        else:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                self.step()
+            events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                            if e.self_cpu_memory_usage)
+            running = step_peak = 0
+            for _, nbytes in events:
+                running += nbytes
+                step_peak = max(step_peak, running)
+        return self.persistent_bytes() + step_peak
+
+    def flops(self) -> tuple[int, int]:
+        """(matmul FLOPs of one forward + backward, projection calls in it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.projections = 0
+        with FlopCounterMode(display=False) as counter:
+            self.forward_backward()
+        total = counter.get_total_flops()
+        op = self.engine.operator
+        if op is not None and op.kind == "sparse" and self.projections:
+            total += op.flops(self.last_rows)  # sparse kernels are not counted by FlopCounterMode
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, self.projections
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: int, log) -> dict:
+    torch.manual_seed(0)
+    base = case.build()
+    batch = case.batch(device, torch.Generator().manual_seed(0))
+    runners = [Runner(case, v, base, device, batch) for v in case.variants]
+    del base
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    sync(device)
+    times: dict[str, list[float]] = {r.variant.name: [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            for _ in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                r.step()
+                sync(device)
+                times[r.variant.name].append(time.perf_counter() - t0)
+    rows = []
+    for r in runners:
+        flops, calls = r.flops()
+        ts = sorted(times[r.variant.name])
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        rows.append(dict(variant=r.variant.name, method=r.variant.method, default=r.variant.default,
+                         note=r.variant.note, engine={k: v for k, v in r.variant.engine.items()},
+                         median_ms=1e3 * statistics.median(ts), q1_ms=1e3 * q[0], q3_ms=1e3 * q[2], steps=len(ts),
+                         peak_mem_bytes=r.peak_bytes(), flops=flops, projection_calls=calls))
+        log(f"  {r.variant.name:<42} {rows[-1]['median_ms']:9.2f} ms  {rows[-1]['peak_mem_bytes'] / 2**20:9.1f} MiB")
+    bp = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["median_ms"] / bp["median_ms"]
+        row["mem_ratio"] = row["peak_mem_bytes"] / bp["peak_mem_bytes"]
+        row["flop_ratio"] = row["flops"] / bp["flops"] if bp["flops"] else math.nan
+    del runners
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(case=case.name, description=case.description, amp=case.amp, mlp_target=case.mlp_target, rows=rows)
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """Issue #5's targets, on every default DFA variant and on the per-point projection variants."""
+    checks = []
+    for res in results:
+        for row in res["rows"]:
+            if not (row["default"] or (row["method"] == "dfa" and row["engine"].get("projection") == "per_point")):
+                continue
+            limit = 0.8 if res["mlp_target"] else 1.0
+            checks.append(dict(case=res["case"], variant=row["variant"], what=f"time <= {limit} x BP",
+                               value=row["time_ratio"], ok=row["time_ratio"] <= limit))
+            checks.append(dict(case=res["case"], variant=row["variant"], what="peak memory <= 1.1 x BP",
+                               value=row["mem_ratio"], ok=row["mem_ratio"] <= 1.1))
+            checks.append(dict(case=res["case"], variant=row["variant"], what="one projection per step",
+                               value=row["projection_calls"], ok=row["projection_calls"] == 1))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------- output
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    where = f"{m['gpu']} (CUDA {m.get('cuda')})" if m["gpu"] else f"{m['cpu']}, {m['cores']} cores"
+    lines = [
+        f"# DFA vs BP step cost, preset `{report['preset']}`",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {where}; torch {m['torch']}, {m['torch_threads']} threads; host `{m['host']}`  ",
+        f"Date: {report['date']}; load average (1, 5, 15 min) before {report['load_before']}, "
+        f"after {report['load_after']}; wall time {report['wall_s']:.0f} s  ",
+        f"Timing: median of {report['timing']['rounds'] * report['timing']['steps']} full steps (forward, backward, "
+        f"Adam step) after {report['timing']['warmup']} warm-up steps, variants interleaved; IQR in brackets. "
+        "Memory: persistent (params, Adam state, batch, B) + peak allocated during one step. FLOPs: matmul FLOPs of "
+        "forward + backward (torch FlopCounterMode); the FLOP ratio is the lower bound of the time ratio. "
+        "`*` marks the default DFA variant (the targets are checked on it).",
+        "",
+    ]
+    for res in report["results"]:
+        lines += [f"## {res['case']}: {res['description']}", "",
+                  "| variant | step ms [IQR] | × BP | FLOP bound × BP | peak MiB | mem × BP | proj. calls |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            name = r["variant"] + (" *" if r["default"] else "") + (f" ({r['note']})" if r["note"] else "")
+            lines.append(f"| {name} | {r['median_ms']:.2f} [{r['q1_ms']:.2f}–{r['q3_ms']:.2f}] | "
+                         f"{r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['peak_mem_bytes'] / 2**20:.1f} | "
+                         f"{r['mem_ratio']:.2f} | {r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
+        lines.append("")
+    for f in report.get("failures", []):
+        lines += [f"## {f['case']}: FAILED", "", f"`{f['error']}`", ""]
+    lines += ["## Targets (issue #5, default DFA variants and per-point projection variants)", "", "| case | variant | target | value | ok |",
+              "|---|---|---|---|---|"]
+    for c in report["targets"]:
+        value = f"{c['value']:.2f}" if isinstance(c["value"], float) else str(c["value"])
+        lines.append(f"| {c['case']} | {c['variant']} | {c['what']} | {value} | {'yes' if c['ok'] else '**NO**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--models", nargs="*", help="subset of: mlp gcn deepfm nerf lm")
+    parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for bench_<preset>.json/.md")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 for tiny). On an "
+                        "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls of 100x")
+    args = parser.parse_args(argv)
+    if args.threads or args.preset == "tiny":
+        torch.set_num_threads(args.threads or 1)
+    torch.set_flush_denormal(True)  # CPU: Adam's tiny second moments turn denormal and slow `div` down 10-50x
+    device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("the gpu preset needs CUDA (torch.cuda.is_available() is False)")
+    timing = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    report = dict(preset=args.preset, command="python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(device),
+                  load_before=load_average(), timing=timing, results=[])
+    t0 = time.perf_counter()
+    for case in cases(args.preset, args.models):
+        log(f"{case.name}: {case.description}")
+        try:
+            report["results"].append(run_case(case, device, **timing, log=log))
+        except Exception as exc:  # noqa: BLE001 - one failing case must not cost the other results
+            log(f"  FAILED: {type(exc).__name__}: {exc}")
+            report.setdefault("failures", []).append(dict(case=case.name, error=f"{type(exc).__name__}: {exc}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report["wall_s"] = time.perf_counter() - t0
+    report["load_after"] = load_average()
+    report["targets"] = check_targets(report["results"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_{args.preset}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"bench_{args.preset}.md").write_text(markdown(report))
+    log(f"wrote {out / f'bench_{args.preset}.md'} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Reference numbers of the paper (data only)."""

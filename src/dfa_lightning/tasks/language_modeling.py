@@ -1,0 +1,74 @@
+"""Next-token language modelling: cross-entropy over ``[B, T, V]`` logits, perplexity as the metric.
+
+Batches are ``(x LongTensor[B, T], y LongTensor[B, T])`` with ``y`` the next token of ``x`` (see
+:class:`~dfa_lightning.data.wikitext.WikiTextDataModule`); the model maps ``x`` to logits ``[B, T, V]``. The loss
+is the mean cross-entropy per token; ``{stage}/loss`` is logged with ``batch_size = B*T`` so that the epoch value is
+the mean over all tokens, and ``{stage}/ppl`` = exp(mean cross-entropy over all tokens of the epoch), exactly (the
+sum is kept in float64, not averaged per batch). The paper reports the best validation perplexity (Table 5); the
+checkpoint monitor is ``val/loss`` (min), which selects the same epoch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.tasks.base import StepOutput, Task
+
+
+class TokenPerplexity(Metric):
+    """``exp(sum of per-token NLL / number of tokens)`` from per-batch mean NLLs and token counts.
+
+    ``update(mean_nll, count)``: ``mean_nll`` is a batch's mean cross-entropy (natural log) over ``count`` tokens.
+    Kept in float64 so that millions of tokens add up exactly enough; synchronised across ranks by sum.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, mean_nll: torch.Tensor, count: torch.Tensor) -> None:
+        count = torch.as_tensor(count, device=self.count.device)
+        self.total += mean_nll.detach().double() * count
+        self.count += count.long()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.total / self.count.clamp(min=1)).float()
+
+
+class LanguageModeling(Task):
+    """Causal language modelling: loss = mean token cross-entropy, metric ``ppl`` (perplexity).
+
+    The checkpoint monitor is ``val/loss`` (lower is better; its exp is ``val/ppl``).
+    """
+
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def make_metrics(self) -> dict[str, nn.Module]:
+        return {"ppl": TokenPerplexity()}
+
+    def step(self, model: nn.Module, batch: Any, stage: str) -> StepOutput:
+        x, y = batch
+        try:
+            logits = model(x)  # [B, T, V]
+        except IndexError as err:  # nn.Embedding with fewer rows than the data's vocabulary
+            raise ConfigError(f"{type(model).__name__}: token id {int(x.max())} is outside the model's vocabulary "
+                              f"({err}); set the model's vocab_size to the data's (WikiTextDataModule.vocab_size)"
+                              ) from None
+        vocab = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+        return StepOutput(loss=loss, output=logits, target=y, batch_size=y.numel())
+
+    def metric_inputs(self, out: StepOutput, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean NLL of the batch, its token count)``: perplexity needs no second pass over the logits."""
+        return out.loss.detach(), torch.tensor(out.target.numel())

@@ -1,0 +1,211 @@
+"""WikiText-2 data, the language-modelling task and the LM recipes, on the real files (copied to tmp first)."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+from dfa_lightning.data.wikitext import StreamChunks, WikiTextDataModule, batchify
+from dfa_lightning.errors import ConfigError, DatasetError
+from dfa_lightning.models.transformer import ERROR_AT, FEEDBACK_POINTS, TransformerLM
+from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.language_modeling import LanguageModeling, TokenPerplexity
+
+REPO = Path(__file__).resolve().parents[1]
+WT2_TOKENS = {"train": 2_088_628, "valid": 217_646, "test": 245_569}
+WT2_VOCAB = 33_278
+LM_RECIPES = sorted((REPO / "recipes").glob("lm_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def wt2_root(tmp_path_factory) -> Path:
+    """A private copy of shared/data/wikitext-2 (module scope: copied and encoded once for these tests)."""
+    from conftest import SHARED_DATA
+
+    src = SHARED_DATA / "wikitext-2"
+    if not all((src / f"{s}.txt").is_file() for s in WT2_TOKENS):
+        pytest.skip(f"WikiText-2 not found at {src} (set DFA_DATA_DIR)")
+    root = tmp_path_factory.mktemp("wt2") / "data"
+    shutil.copytree(src, root / "wikitext-2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def wt2(wt2_root) -> WikiTextDataModule:
+    dm = WikiTextDataModule(root=str(wt2_root), cache_dir=str(wt2_root.parent / "cache"), download=False)
+    dm.setup("fit")
+    return dm
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_real_wikitext2_has_the_documented_token_counts_and_vocabulary(wt2):
+    assert {s: ids.numel() for s, ids in wt2.ids.items()} == WT2_TOKENS
+    assert wt2.vocab_size == WT2_VOCAB and wt2.model_hints() == {"vocab_size": WT2_VOCAB}
+    # word_language_model Corpus: ids in order of first appearance, the file starts with an empty line
+    assert wt2.vocab[:4] == ["<eos>", "=", "Valkyria", "Chronicles"]
+    assert wt2.ids["train"][:5].tolist() == [0, 1, 2, 3, 4]
+    assert max(int(ids.max()) for ids in wt2.ids.values()) == WT2_VOCAB - 1
+
+
+def test_token_ids_are_cached_and_the_cache_follows_the_file(wt2, wt2_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
+    cache = wt2_root.parent / "cache"  # keyed by content: the copy reuses the fixture's cache
+    first = WikiTextDataModule(root=str(root), cache_dir=str(cache), download=False)
+    first.setup()
+    again = WikiTextDataModule(root=str(root), cache_dir=str(cache), download=False)
+    again.setup()
+    assert again.cache_path == first.cache_path == wt2.cache_path
+    assert torch.equal(again.ids["valid"], first.ids["valid"])
+    with open(root / "wikitext-2" / "test.txt", "a", encoding="utf-8") as fh:
+        fh.write(" a new line\n")
+    edited = WikiTextDataModule(root=str(root), cache_dir=str(cache), download=False)
+    edited.setup()
+    assert edited.cache_path != first.cache_path
+    assert edited.ids["test"].numel() == WT2_TOKENS["test"] + 4
+    assert not [p for p in cache.iterdir() if p.name.endswith(".part")]
+
+
+def test_batchify_shapes_and_next_token_targets():
+    ids = torch.arange(103)
+    rows = batchify(ids, 4)  # 103 // 4 = 25 tokens per stream, 3 dropped
+    assert rows.shape == (4, 25) and rows[1, 0] == 25 and rows[3, -1] == 99
+    chunks = StreamChunks(ids, streams=4, seq_len=10)
+    assert len(chunks) == 3  # targets need one token more: 24 positions -> 10 + 10 + 4
+    shapes = [tuple(chunks[i][0].shape) for i in range(3)]
+    assert shapes == [(4, 10), (4, 10), (4, 4)]
+    for i in range(3):
+        x, y = chunks[i]
+        assert x.dtype == y.dtype == torch.long
+        assert torch.equal(y, x + 1)  # ids are positions here: the target is the next token of the same stream
+    x1, _ = chunks[1]
+    assert torch.equal(x1[:, 0], chunks[0][1][:, -1])  # batch i+1 continues each stream of batch i
+    with pytest.raises(IndexError):
+        chunks[3]
+
+
+def test_real_batches_have_paper_shape(wt2):
+    loader = wt2.train_dataloader()
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (64, 128)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    per_stream = WT2_TOKENS["train"] // 64
+    assert len(loader) == math.ceil((per_stream - 1) / 128)
+    assert sum(b[1].numel() for b in wt2.val_dataloader()) == 64 * (WT2_TOKENS["valid"] // 64 - 1)
+
+
+def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path):
+    root = tmp_path / "data"
+    (root / "wikitext-2").mkdir(parents=True)
+    for split in ("train", "test"):
+        shutil.copy(wt2_root / "wikitext-2" / f"{split}.txt", root / "wikitext-2")
+    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
+    with pytest.raises(DatasetError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert f"missing valid.txt in {root / 'wikitext-2'} " in message
+    assert "wikitext-2-v1.zip" in message and "\n" not in message
+
+
+def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    root = tmp_path / "data" / "wikitext-2"
+    root.mkdir(parents=True)
+    for split in WT2_TOKENS:  # the first 300 lines of each file: the code path, not the real vocabulary
+        lines = (wt2_root / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (root / f"{split}.txt").write_text("".join(lines[:300]), encoding="utf-8")
+    dm = WikiTextDataModule(root=str(root.parent), cache_dir=str(tmp_path / "cache"), tokenizer="bpe",
+                            vocab_size=500, streams=2, seq_len=8, download=False)
+    dm.setup()
+    assert dm.vocab_size == 500 and dm.vocab[:2] == ["<unk>", "<eos>"]
+    tok = tokenizers.Tokenizer.from_file(str(dm.cache_path / "tokenizer.json"))
+    first = (root / "valid.txt").read_text(encoding="utf-8").splitlines()[1]  # " = Homarus gammarus = "
+    n = len(tok.encode(first).ids)
+    assert tok.decode(dm.ids["valid"][1 : 1 + n].tolist()) == first.strip()
+    assert int(dm.ids["valid"][0]) == int(dm.ids["valid"][1 + n]) == 1  # <eos> ends every line (the first is empty)
+
+
+def test_missing_root_and_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        WikiTextDataModule(root=str(tmp_path / "nowhere"), download=False).setup()
+    with pytest.raises(ConfigError, match="unknown name"):
+        WikiTextDataModule(name="wikitext-5")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        WikiTextDataModule(tokenizer="char")
+
+
+def test_model_with_a_smaller_vocabulary_is_a_config_error(wt2, tmp_path):
+    module = TaskModule(TransformerLM(1000, d_model=16, n_heads=2, d_ff=16, n_layers=1), LanguageModeling())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=1, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="vocabulary 1000 .* smaller than the wikitext-2 word vocabulary 33278"):
+        trainer.fit(module, datamodule=wt2)
+
+
+@pytest.mark.parametrize("recipe", LM_RECIPES, ids=[r.stem for r in LM_RECIPES])
+def test_recipe_vocab_size_matches_the_data(recipe, wt2):
+    config = yaml.safe_load(recipe.read_text())
+    assert config["model"]["model"]["init_args"]["vocab_size"] == wt2.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------ task
+def test_perplexity_is_exp_of_mean_token_cross_entropy():
+    torch.manual_seed(0)
+    task = LanguageModeling()
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    batches = [(torch.randint(0, 50, (3, t)), torch.randint(0, 50, (3, t))) for t in (7, 7, 2)]  # uneven sizes
+    logits, targets = [], []
+    for batch in batches:
+        out = task.step(model, batch, "val")
+        assert out.batch_size == batch[1].numel() and out.output.shape == (*batch[0].shape, 50)
+        task.update_metrics(out, batch, "val")
+        logits.append(out.output.reshape(-1, 50))
+        targets.append(batch[1].reshape(-1))
+    expected = torch.exp(F.cross_entropy(torch.cat(logits), torch.cat(targets)))
+    got = task.stage_metrics("val")["ppl"].compute()
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert task.monitor == "val/loss" and task.monitor_mode == "min"
+
+
+def test_token_perplexity_metric_weights_by_tokens():
+    metric = TokenPerplexity()
+    metric.update(torch.tensor(1.0), torch.tensor(30))
+    metric.update(torch.tensor(4.0), torch.tensor(10))
+    assert torch.allclose(metric.compute(), torch.exp(torch.tensor(70.0 / 40)))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _val_ppl(trainer, module, dm) -> float:
+    return trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ppl"]
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa"])
+def test_tiny_transformer_learns_wikitext2_by_bp_and_dfa(method, wt2_root, tmp_path):
+    """2 x 64 post-LN TransformerLM, 8 streams x 16 tokens, 30 steps: validation perplexity drops (loose check)."""
+    pl.seed_everything(0, verbose=False)
+    dm = WikiTextDataModule(root=str(wt2_root), cache_dir=str(wt2_root.parent / "cache"), streams=8, seq_len=16,
+                            download=False)
+    model = TransformerLM(WT2_VOCAB, d_model=64, n_heads=2, d_ff=128, n_layers=2, dropout=0.0, max_len=16)
+    module = TaskModule(model, LanguageModeling(), optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    strategy = FeedbackAlignmentStrategy(method=method, feedback_points=FEEDBACK_POINTS["macro"],
+                                         output=ERROR_AT["before_vocab"], batch_dims=[0, 1], seed=1, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=30, limit_val_batches=4,
+                         num_sanity_val_steps=0, gradient_clip_val=0.5, default_root_dir=tmp_path,
+                         callbacks=[strategy])
+    before = _val_ppl(trainer, module, dm)
+    block = model.blocks[0].ffn.fc.weight.detach().clone()
+    trainer.fit(module, datamodule=dm)
+    after = _val_ppl(trainer, module, dm)
+    print(f"{method}: val ppl {before:.0f} -> {after:.0f}")
+    assert math.isfinite(after) and after < 0.5 * before, (before, after)
+    assert not torch.equal(block, model.blocks[0].ffn.fc.weight)  # the first block learned (BP or feedback)
+    if method == "dfa":
+        assert strategy.engine is not None and strategy.engine.matrix is not None
