@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -124,14 +123,15 @@ def render_md(payload: dict, rows: list[str]) -> str:
     return "\n".join([
         "# Transformer LM on WikiText-2: BP vs DFA feedback operators (small CPU proxy)",
         "",
-        "**A small-scale CPU proxy, not the paper's setting.** The paper (Table 5) trains a 6x512 post-LN Transformer on "
-        "WikiText-103 with 32k BPE, 8192-token batches, for 20 epochs (BP 29.8, DFA macro 52.0, micro 93.3, shallow 428). "
+        "**A small-scale CPU proxy, not the paper's setting.** The paper (Table 5) trains a 6x512 post-LN Transformer "
+        "on WikiText-103 with 32k BPE, 8192-token batches, for 20 epochs (BP 29.8, DFA macro 52.0, micro 93.3, "
+        "shallow 428). "
         f"Here: {s['layers']} blocks x d_model {s['d_model']} ({s['heads']} heads, FFN {4 * s['d_model']}), post-LN, "
         f"dropout {s['dropout']}, WikiText-2 word level (V = 33,278), {s['streams']} streams x {s['seq_len']} tokens, "
         f"{s['steps']} steps (~{s['steps'] * s['streams'] * s['seq_len'] / 2.09e6:.2f} epoch), Adam lr {s['lr']} "
         f"beta2 0.999, grad clip 0.5, seed {s['seed']}; validation perplexity on the first {s['val_tokens']:,} "
-        "validation tokens (each stream's first chunks) after the last step. One seed: differences of a few percent "
-        "are noise. Time per step is wall time on a shared, loaded CPU core: compare variants only roughly.",
+        "validation tokens (each stream's first chunks) after the last step. One seed: differences of a few "
+        "percent are noise. Time per step is wall time on a shared, loaded CPU core: compare variants only roughly.",
         "",
         f"Command: `{payload['command']}` (script: `benchmarks/lm_operators.py`; `--cache-dir` only moves the "
         "token-id cache).",
@@ -142,9 +142,9 @@ def render_md(payload: dict, rows: list[str]) -> str:
         "",
         "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale): "
         "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
-        "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` error "
-        "after the vocabulary (`output: null`, e over 33,278 words) through a dense B, a low-rank B (rank 64), a sparse "
-        "B (16 non-zeros per column), or the dense B fed the sign of e.",
+        "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` "
+        "error after the vocabulary (`output: null`, e over 33,278 words) through a dense B, a low-rank B (rank 64), "
+        "a sparse B (16 non-zeros per column), or the dense B fed the sign of e.",
         "",
     ])
 

@@ -227,11 +227,11 @@ def test_render_flags_a_missed_dfa_number_and_a_shallow_run_too_close_to_dfa():
     results = [{"model": "gat", "method": m, "dataset": "Cora", "seed": 0, "metrics": {"test/acc": acc},
                 "alignment": {}, "deepest": None} for m, acc in (("bp", 0.82), ("dfa", 0.70), ("shallow", 0.65))]
     row = _table_rows(gr.render(gr.collect(results), "cmd"))[2]
-    assert row[0] == "gat" and row[5] == "✗ MISSED (-10.6)" and row[6] == "✗ MISSED (5.0 below DFA)"
+    assert row[0] == "gat" and row[5] == "✗ MISSED (-10.6)" and row[6] == "✗ MISSED (5.0 below DFA; paper 21.2)"
     results[1]["metrics"]["test/acc"] = 0.79
     results[2]["metrics"]["test/acc"] = 0.40
     row = _table_rows(gr.render(gr.collect(results), "cmd"))[2]
-    assert row[5] == "✓ (-1.6)" and row[6] == "✓ (39.0 below DFA)"
+    assert row[5] == "✓ (-1.6)" and row[6] == "✓ (39.0 below DFA; paper 21.2)"
 
 
 # ------------------------------------------------------------------------------------------------ Figure 2

@@ -185,3 +185,20 @@ def test_per_point_projection_trains_exactly_like_the_fused_one(tmp_path):
     per_point = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], seed=7, projection="per_point", verbose=False)
     trainer(tmp_path, [per_point], max_steps=3).fit(lazy, data)
     assert_same(params(fused), params(lazy), atol=1e-6)
+
+
+def test_noam_schedule_steps_every_batch_and_peaks_at_warmup(tmp_path):
+    from dfa_lightning.module import TaskModule
+    from dfa_lightning.models.mlp import MLP
+    from dfa_lightning.schedules import NoamLR
+    from dfa_lightning.tasks.classification import Classification
+
+    module = TaskModule(MLP(16, 4, hidden=[8]), Classification(4), optimizer=lambda p: torch.optim.Adam(p, lr=1.0),
+                        lr_scheduler=lambda o: NoamLR(o, d_model=512, warmup=4), scheduler_interval="step")
+    _, data, dfa = build("dfa")
+    t = trainer(tmp_path, [dfa], max_steps=6)
+    t.fit(module, data)
+    lr = t.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(512 ** -0.5 * 6 ** -0.5)  # past the peak, stepped once per batch
+    peak = 512 ** -0.5 * 4 ** -0.5
+    assert peak == pytest.approx(512 ** -0.5 * 4 * 4 ** -1.5)

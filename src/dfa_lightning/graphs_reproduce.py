@@ -157,7 +157,8 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
     except UserError as err:
         result["error"] = str(err).splitlines()[0]
     else:
-        final = [cb for cb in cli.trainer.callbacks if isinstance(cb, FinalAlignment)]
+        # by name: under `python -m` this file is __main__ and the CLI's callback comes from the importable module
+        final = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == FinalAlignment.__name__]
         result["metrics"] = {k: float(v) for k, v in cli.test_results.items()}
         result["alignment"] = final[0].alignment if final else {}
         result["deepest"] = final[0].deepest if final else None
@@ -181,7 +182,8 @@ def collect(results: list[dict]) -> dict:
         cell = table.setdefault(r["dataset"], {}).setdefault(r["model"], {}).setdefault(
             r["method"], {"values": {}, "seeds": [], "align": [], "error": None})
         if "error" in r:
-            cell["error"] = r["error"]
+            if cell["error"] is None or cell["error"].startswith("not run"):  # a real reason beats "not run"
+                cell["error"] = r["error"]
             continue
         cell["seeds"].append(r["seed"])
         for k, v in r["metrics"].items():
@@ -191,6 +193,14 @@ def collect(results: list[dict]) -> dict:
             cell["align"].append(r["alignment"][f"align/signal_cos/{deepest}"])
             cell["align_point"] = deepest
     return table
+
+
+def _short(error: str | None) -> str:
+    """The head of a one-line error, for a table cell (the full reasons are listed under the tables)."""
+    if not error:
+        return "no run"
+    head = error.split(" (")[0]
+    return head if len(head) <= 100 else head[:99] + "…"
 
 
 def _fmt(ms: tuple[float, float] | None, scale: float, digits: int) -> str:
@@ -219,7 +229,7 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                         continue
                     ms = _mean_std(cell["values"].get("test/acc", []))
                     if ms is None:
-                        row.append(f"*not measured*: {cell['error'] or 'no run'}")
+                        row.append(f"*not measured*: {_short(cell['error'])}")
                         continue
                     means[method] = ms[0] * 100
                     seeds = cell["seeds"]
@@ -234,7 +244,8 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                     row.append("not measured")
                 if "dfa" in means and "shallow" in means:
                     gap = means["dfa"] - means["shallow"]
-                    row.append(f"{'✓' if gap >= shallow_margin else '✗ MISSED'} ({gap:.1f} below DFA)")
+                    paper_gap = f"; paper {paper['dfa'] - paper['shallow']:.1f}" if "shallow" in paper else ""
+                    row.append(f"{'✓' if gap >= shallow_margin else '✗ MISSED'} ({gap:.1f} below DFA{paper_gap})")
                 else:
                     row.append("not measured")
                 lines.append("| " + " | ".join(row) + " |")
@@ -250,7 +261,7 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                     continue
                 auc, ap = _mean_std(cell["values"].get("test/auroc", [])), _mean_std(cell["values"].get("test/ap", []))
                 if auc is None:
-                    lines.append(f"| {method} | *not measured*: {cell['error'] or 'no run'} | | | |")
+                    lines.append(f"| {method} | *not measured*: {_short(cell['error'])} | | | |")
                     continue
                 p = paper.get(method)
                 pref = f"{p['auroc']:.3f} / {p['ap']:.3f}" if p else "not in the paper"
@@ -270,8 +281,12 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
             paper = PAPER_GRAPHS["alignment_cora"].get(model) if dataset == "Cora" else None
             pref = f"{paper['mean']:.2f} ({paper['std']:.2f})" if paper else "n/a"
             ms = _mean_std(cell["align"])
-            measured = (f"{ms[0]:.2f} ± {ms[1]:.2f} (n={len(cell['align'])})" if ms else
-                        f"*not measured*: {cell['error'] or 'no DFA run'}")
+            if ms:
+                measured = f"{ms[0]:.2f} ± {ms[1]:.2f} (n={len(cell['align'])})"
+            elif cell["seeds"]:
+                measured = "*not measured*: no alignment recorded by these runs"
+            else:
+                measured = f"*not measured*: {_short(cell['error'] or 'no DFA run')}"
             align_rows.append(f"| {dataset} | {model} | {cell.get('align_point', '-')} | {measured} | {pref} |")
     if align_rows:
         lines += ["### Alignment at the end of training (paper Table A.2)", "",
@@ -280,6 +295,11 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                   "with the same dropout masks in both passes); mean ± std over seeds. The paper's std (in "
                   "parentheses) is over nodes.", "",
                   "| dataset | model | point | measured | paper |", "|---|---|---|---|---|", *align_rows, ""]
+    reasons = sorted({cell["error"] for models in table.values() for methods in models.values()
+                      for cell in methods.values() if cell["error"] and not cell["seeds"]})
+    if reasons:
+        lines += ["Why some cells are not measured (the runs' one-line errors):", "",
+                  *(f"- {reason}" for reason in reasons), ""]
     return "\n".join(lines)
 
 
@@ -318,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in seeds_for.get(model, opts.seeds):
                     run_dir = Path(opts.root) / dataset / f"{model}_{method}" / f"seed{seed}" / "result.json"
                     if opts.table_only:
-                        if run_dir.is_file():
-                            results.append(json.loads(run_dir.read_text()))
+                        results.append(json.loads(run_dir.read_text()) if run_dir.is_file() else
+                                       {"model": model, "method": method, "dataset": dataset, "seed": seed,
+                                        "error": "not run (no result.json)"})
                         continue
                     r = run_one(model, method, dataset, seed, opts.root, extra, opts.recipes, opts.rerun)
                     results.append(r)
@@ -335,4 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run from the importable module, not from __main__: the CLI instantiates the FinalAlignment callback from
+    # "dfa_lightning.graphs_reproduce", and run_one must recognise that very class
+    from dfa_lightning.graphs_reproduce import main as _main
+
+    sys.exit(_main())

@@ -33,6 +33,7 @@ class TaskModule(pl.LightningModule):
             remaining parameters form a last group with the optimizer's defaults (default: ``None``).
         check_finite_loss: stop with a one-line error on a NaN/inf loss (costs one sync per step)
             (default: ``True``).
+        scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (Noam) (default: ``"epoch"``).
     """
 
     def __init__(
@@ -43,12 +44,16 @@ class TaskModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         param_groups: list[dict[str, Any]] | None = None,
         check_finite_loss: bool = True,
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
         self.model, self.task = model, task
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.param_groups = param_groups or []
         self.check_finite_loss = check_finite_loss
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.scheduler_interval = scheduler_interval
         self._built = False
 
     def configure_model(self) -> None:
@@ -117,7 +122,7 @@ class TaskModule(pl.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
-        config = {"scheduler": scheduler}
+        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.task.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
