@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=str(REPO / "recipes"), help="folder holding <model>_<method>.yaml")
     parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from result.json files")
+    parser.add_argument("--dfa-tolerance", type=float, default=2.5,
+                        help="points a DFA mean may lie below the paper's DFA number (default: 2.5, the issue's)")
+    parser.add_argument("--shallow-margin", type=float, default=20.0,
+                        help="points the shallow mean must lie below the DFA mean to count as far below (default: 20)")
     opts = parser.parse_args(argv)
     seeds_for = {}
     for spec in opts.seeds_for:
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(r)
                     what = r.get("error") or ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
                     print(f"GRAPHS {dataset} {model}_{method} seed={seed} ({r['seconds']} s): {what}", flush=True)
-    text = render(collect(results), command)
+    text = render(collect(results), command, opts.shallow_margin, opts.dfa_tolerance)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
