@@ -7,7 +7,7 @@ ARGS ?=
 SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 
-.PHONY: help install train test test-slow tensorboard bench bench-gpu reproduce-cora clean
+.PHONY: help install train test test-slow tensorboard bench bench-gpu reproduce-cora reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,17 @@ reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml recipes/gcn_shallow.yaml \
 		--seeds $(SEEDS) --metric test/acc --out benchmarks/results/cora_gcn.md --root $(LOGDIR)/sweeps \
 		--reference '{"gcn_bp": 0.801, "gcn_dfa": 0.799, "gcn_shallow": 0.370}'
+
+GRAPH_DATASETS ?= Cora
+GRAPH_MODELS ?= gcn cheb spline gat dna gae
+GRAPHS_OUT ?= benchmarks/results/graphs_cora.md
+
+reproduce-graphs: ## paper graph tables (3, 4, A.2, A.4): GRAPH_MODELS x BP/DFA/shallow on GRAPH_DATASETS over SEEDS, + hidden-layer PCA
+	$(PYTHON) -m dfa_lightning.graphs_reproduce --datasets $(GRAPH_DATASETS) --models $(GRAPH_MODELS) --seeds $(SEEDS) \
+		--root $(LOGDIR)/graphs --out $(GRAPHS_OUT) $(ARGS)
+	$(PYTHON) -m dfa_lightning.embedding --hidden $(LOGDIR)/graphs/Cora/gcn_bp/seed0/hidden.pt \
+		$(LOGDIR)/graphs/Cora/gcn_dfa/seed0/hidden.pt $(LOGDIR)/graphs/Cora/gcn_shallow/seed0/hidden.pt \
+		--png benchmarks/results/cora_gcn_hidden_pca.png --logdir $(LOGDIR)/embedding
 
 clean: ## remove logs and checkpoints (not the data cache)
 	rm -rf $(LOGDIR) checkpoints lightning_logs
