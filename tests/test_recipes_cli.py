@@ -100,3 +100,9 @@ def test_nan_loss_is_one_line_and_leaves_no_checkpoint_from_the_bad_step(tmp_pat
     line = _one_line_error(capsys)
     assert "loss is nan at epoch 0, global step 1" in line
     assert not list(tmp_path.rglob("*.ckpt"))  # validation never ran on a good epoch: nothing claims to be good
+
+
+def test_two_learning_rules_in_one_run_are_one_clear_line(capsys):
+    args = ["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--trainer.callbacks+=" + str(REPO / "callbacks/bp.yaml")]
+    assert main(args) == 2
+    assert "a run has one learning rule" in _one_line_error(capsys)

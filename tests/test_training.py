@@ -201,3 +201,15 @@ def test_noam_schedule_steps_every_batch_and_peaks_at_warmup(tmp_path):
     assert lr == pytest.approx(512 ** -0.5 * 6 ** -0.5)  # past the peak, stepped once per batch
     peak = 512 ** -0.5 * 4 ** -0.5
     assert peak == pytest.approx(512 ** -0.5 * 4 * 4 ** -1.5)
+
+
+def test_generic_dfa_fragment_puts_feedback_after_every_relu(tmp_path):
+    import yaml
+
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    fragment = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "callbacks" / "dfa.yaml"))
+    module, data, _ = build("dfa")
+    dfa = FeedbackAlignmentStrategy(**fragment["init_args"], verbose=False)
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    assert [p.name for p in dfa.engine.points] == ["blocks.0.1", "blocks.1.1"]

@@ -65,6 +65,11 @@ class DFALightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the recipe (logs/<recipe>/version_N) unless the recipe names it."""
         config = self.config.get(self.subcommand, self.config)
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+        if len(rules) > 1:
+            raise ConfigError(f"{len(rules)} FeedbackAlignmentStrategy entries in trainer.callbacks: a run has one "
+                              "learning rule (bp, dfa or shallow); remove the extra one")
         logger = config.get("trainer", {}).get("logger")
         paths = config.get("config") or []
         if paths and isinstance(logger, dict) is False and getattr(logger, "init_args", None) is not None:
