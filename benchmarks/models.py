@@ -74,6 +74,8 @@ SIZES = {
 def _dfa_variants(points: list[str], **engine) -> list[Variant]:
     return [Variant("bp", "bp"),
             Variant("dfa", "dfa", dict(feedback_points=points, **engine), default=True),
+            Variant("dfa fused", "dfa", dict(feedback_points=points, projection="fused", **engine),
+                    note="all B_i e from one matmul"),
             Variant("dfa per-point", "dfa", dict(feedback_points=points, projection="per_point", **engine),
                     note="B_i e computed when autograd reaches point i"),
             Variant("shallow", "shallow", dict(feedback_points=points, **engine))]
@@ -158,8 +160,8 @@ def lm_case(s: dict, amp: str) -> Case:
                 dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT), default=True),
         Variant("dfa micro, e after vocab, lowrank r64", "dfa",
                 dict(feedback_points=micro, **after, **LM_AFTER_VOCAB_DEFAULT), default=True),
-        Variant("dfa macro, e after vocab, lowrank r64, per-point", "dfa",
-                dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT, projection="per_point")),
+        Variant("dfa macro, e after vocab, lowrank r64, fused", "dfa",
+                dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT, projection="fused")),
         Variant("dfa micro, e after vocab, lowrank r64, per-point", "dfa",
                 dict(feedback_points=micro, **after, **LM_AFTER_VOCAB_DEFAULT, projection="per_point")),
         Variant("dfa macro, e after vocab, dense", "dfa", dict(feedback_points=macro, **after),

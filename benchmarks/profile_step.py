@@ -68,7 +68,8 @@ def profile_variant(runner: Runner) -> dict:
     nodes: Counter = Counter()
     node_matmuls: Counter = Counter()
     projection: list[str] = []
-    inject_nodes = 0
+    per_point: list[str] = []
+    inject_nodes = receive_nodes = 0
     backward_flops = 0
     for e in prof.events():
         if not e.name.startswith(NODE):
@@ -79,11 +80,15 @@ def profile_variant(runner: Runner) -> dict:
         if node == "_InjectFeedbackBackward":
             inject_nodes += 1
             projection += mms
+        elif node == "_ReceiveFeedbackBackward":
+            receive_nodes += 1
+            per_point += mms
         elif node in LINEAR_NODES:
             nodes[node] += 1
             node_matmuls[node] += len(mms)
     linear_nodes = sum(nodes.values())
-    return dict(inject_nodes=inject_nodes, projection_matmuls=projection, linear_backward_nodes=linear_nodes,
+    return dict(inject_nodes=inject_nodes, projection_matmuls=projection, receive_nodes=receive_nodes,
+                per_point_matmuls=per_point, linear_backward_nodes=linear_nodes,
                 input_grad_matmuls=sum(node_matmuls.values()) - linear_nodes,
                 expected_input_grad_matmuls=sum(linears_needing_input_grad),
                 linear_calls=len(linears_needing_input_grad), backward_matmul_flops=backward_flops)
@@ -108,19 +113,25 @@ def run(preset: str, only: list[str] | None = None) -> dict:
         bp = Runner(case, case.variants[0], base, device, batch)
         bp_prof = profile_variant(bp)
         for variant in case.variants:
-            if not variant.default:
-                continue
+            if not (variant.default or (variant.method == "dfa" and "projection" in variant.engine)):
+                continue  # the default (auto) variants, and the explicitly fused / per-point ones
             dfa = Runner(case, variant, base, device, batch)
             prof = profile_variant(dfa)
-            kind = dfa.engine.operator_kind
-            expected_proj = 2 if kind == "lowrank" else 1
-            prof.update(case=case.name, variant=variant.name, operator=kind, points=len(dfa.engine.points),
-                        bp_input_grad_matmuls=bp_prof["input_grad_matmuls"],
+            kind, mode = dfa.engine.operator_kind, dfa.engine.mode
+            prof.update(case=case.name, variant=variant.name, label=dfa.label, operator=kind, points=len(dfa.engine.points),
+                        projection_mode=mode, bp_input_grad_matmuls=bp_prof["input_grad_matmuls"],
                         bp_backward_matmul_flops=bp_prof["backward_matmul_flops"])
-            prof["ok_one_projection"] = prof["inject_nodes"] == 1 and len(prof["projection_matmuls"]) == expected_proj
+            if mode == "fused":  # one operator call: e @ B (lowrank: (e U) V)
+                prof["ok_one_projection"] = (prof["inject_nodes"] == 1 and prof["receive_nodes"] == 0
+                                             and len(prof["projection_matmuls"]) == (2 if kind == "lowrank" else 1))
+            else:  # e prepared once at the output (lowrank: e U), then one slice matmul per point call
+                prof["ok_one_projection"] = (prof["inject_nodes"] == 1
+                                             and len(prof["projection_matmuls"]) == (1 if kind == "lowrank" else 0)
+                                             and len(prof["per_point_matmuls"]) == prof["receive_nodes"] > 0)
             prof["ok_no_discarded_gradients"] = prof["input_grad_matmuls"] == prof["expected_input_grad_matmuls"]
             report["models"].append(prof)
-            print(f"{case.name:<10} {variant.name:<40} projection {prof['projection_matmuls']} "
+            print(f"{case.name:<10} {dfa.label:<40} projection {prof['projection_matmuls']} "
+                  f"per point {len(prof['per_point_matmuls'])} "
                   f"input-grad matmuls DFA {prof['input_grad_matmuls']} (expected "
                   f"{prof['expected_input_grad_matmuls']}) vs BP {prof['bp_input_grad_matmuls']}", file=sys.stderr)
     return report
@@ -130,16 +141,20 @@ def markdown(report: dict) -> str:
     lines = [f"# One DFA step under torch.profiler, preset `{report['preset']}`", "",
              f"Command: `python -m benchmarks.profile_step --preset {report['preset']}`; "
              f"{report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
-             "Per default DFA variant: matmuls inside `_InjectFeedbackBackward` (the projection; lowrank is (eU)V, "
-             "two thin matmuls in one operator call), input-gradient matmuls of linear layers in the backward "
-             "(DFA measured / expected from the layers whose input requires grad / BP), backward matmul GFLOPs.", "",
-             "| model | variant | points | inject nodes | projection ops | input-grad matmuls DFA (expected) | "
-             "input-grad matmuls BP | bwd GFLOP DFA / BP | one projection | nothing discarded |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Per default DFA variant (`projection: auto`): matmuls inside `_InjectFeedbackBackward` (fused: the whole "
+             "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U) and "
+             "inside the `_ReceiveFeedbackBackward` nodes (per point: one slice matmul each, when autograd reaches the "
+             "point), input-gradient matmuls of linear layers in the backward (DFA measured / expected from the layers "
+             "whose input requires grad / BP), backward matmul GFLOPs.", "",
+             "| model | variant | points | inject nodes | projection ops at the output | per-point matmuls | "
+             "input-grad matmuls DFA (expected) | input-grad matmuls BP | bwd GFLOP DFA / BP | one projection | "
+             "nothing discarded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         lines.append(
-            f"| {m['case']} | {m['variant']} | {m['points']} | {m['inject_nodes']} | "
-            f"{', '.join(m['projection_matmuls'])} | {m['input_grad_matmuls']} ({m['expected_input_grad_matmuls']}) | "
+            f"| {m['case']} | {m.get('label', m['variant'])} | {m['points']} | {m['inject_nodes']} | "
+            f"{', '.join(m['projection_matmuls']) or '-'} | {len(m.get('per_point_matmuls', []))} | "
+            f"{m['input_grad_matmuls']} ({m['expected_input_grad_matmuls']}) | "
             f"{m['bp_input_grad_matmuls']} | {m['backward_matmul_flops'] / 1e9:.3f} / "
             f"{m['bp_backward_matmul_flops'] / 1e9:.3f} | {'yes' if m['ok_one_projection'] else '**NO**'} | "
             f"{'yes' if m['ok_no_discarded_gradients'] else '**NO**'} |")

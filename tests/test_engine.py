@@ -115,6 +115,51 @@ def test_projection_is_a_single_matmul_per_step():
     assert names.count("aten::matmul") == 1
 
 
+def test_auto_projection_goes_per_point_when_fused_signals_would_grow_the_step_memory():
+    # a deep narrow MLP on a big batch: the fused B_i e (N x sum widths) rival the saved activations
+    model = MLP(64, 4, hidden=[64] * 4)
+    engine = FeedbackEngine(model, ["blocks.*"])
+    x, y = torch.randn(2048, 64), torch.randint(0, 4, (2048,))
+    c = engine.calibrate(lambda: F.cross_entropy(model(x), y))
+    assert c["fused_signal_bytes"] == 2048 * 256 * 4 and c["fused_fraction"] > 0.1
+    assert engine.mode == "per_point" and "auto -> per_point" in engine.report()
+    engine.reset()
+    with torch.profiler.profile() as prof:
+        F.cross_entropy(model(x), y).backward()
+    assert sum(e.name == "_ReceiveFeedbackBackward" for e in prof.events()) == 4  # B_i e computed at each point
+
+
+def test_auto_projection_stays_fused_when_the_signals_are_small():
+    # a wide input layer and a 16-wide hidden point (a GCN-like shape): the fused signals cost next to nothing
+    model = MLP(1000, 4, hidden=[16])
+    engine = FeedbackEngine(model, ["blocks.*"])
+    x, y = torch.randn(64, 1000), torch.randint(0, 4, (64,))
+    c = engine.calibrate(lambda: F.cross_entropy(model(x), y))
+    assert c["fused_fraction"] < 0.1 and engine.mode == "fused" and "auto -> fused" in engine.report()
+    explicit = FeedbackEngine(MLP(64, 4, hidden=[64] * 4), ["blocks.*"], projection="fused")
+    xb = torch.randn(2048, 64)
+    explicit.calibrate(lambda: explicit.model(xb).sum())
+    assert explicit.mode == "fused"  # an explicit choice is measured but never overridden
+
+
+def test_auto_per_point_gives_the_same_gradients_as_fused():
+    torch.manual_seed(0)
+    x, y = torch.randn(2048, 64), torch.randint(0, 4, (2048,))
+    results = []
+    for projection in ("auto", "fused"):
+        torch.manual_seed(1)
+        model = MLP(64, 4, hidden=[64] * 4)
+        engine = FeedbackEngine(model, ["blocks.*"], projection=projection, seed=3)
+        engine.calibrate(lambda: F.cross_entropy(model(x), y))
+        engine.reset()
+        F.cross_entropy(model(x), y).backward()
+        results.append((engine.mode, grads(model)))
+    (mode_a, auto), (mode_f, fused) = results
+    assert (mode_a, mode_f) == ("per_point", "fused")
+    for name in fused:
+        torch.testing.assert_close(auto[name], fused[name], atol=1e-12, rtol=1e-10)
+
+
 def test_shared_slices_reproduce_tinydfa_layout():
     model = MLP(5, 3, hidden=[8, 6])
     engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", seed=5)

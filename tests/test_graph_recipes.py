@@ -71,9 +71,9 @@ def _one_line_error(capsys) -> str:
 @pytest.mark.parametrize("method", ["bp", "dfa", "shallow"])
 @pytest.mark.parametrize("model", ["gcn", "cheb", "gat", "spline", "dna"])
 def test_each_model_trains_on_cora_above_chance_under_each_method(model, method, planetoid, tmp_path):
-    if model == "spline" and not SPLINE_OK:
-        pytest.skip(SPLINE_WHY)
     extra = ["--trainer.max_epochs", str(EPOCHS[model])] + (SMALL_DNA if model == "dna" else [])
+    if model == "spline" and not SPLINE_OK:  # no compiled kernels here: the plain-PyTorch SplineConv
+        extra += ["--model.model.init_args.kernels", "torch"]
     cli = _fit(f"{model}_{method}.yaml", planetoid, tmp_path, *extra)
     acc = cli.test_results["test/acc"]
     y, mask = cli.datamodule.data.y, cli.datamodule.data.test_mask
@@ -89,6 +89,7 @@ def test_dna_dfa_recipe_feeds_back_after_the_input_linear_and_every_dnaconv():
     strategy = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"][0]
     names = [n for n, _ in cli.model.model.named_modules()]
     assert strategy.config["feedback_points"] == ["lin1_act", "acts.*"]
+    assert strategy.config["shared_slices"] is True  # the paper's layout: every 128-wide point gets the same B e
     assert [n for n in names if n == "lin1_act" or n.startswith("acts.")] == ["lin1_act"] + [
         f"acts.{i}" for i in range(5)]
     assert cli.datamodule.split == "dna_kfold" and cli.datamodule.transform == "none"
@@ -158,7 +159,7 @@ def test_spline_recipe_without_kernels_names_the_package_to_install(method, plan
             "--trainer.default_root_dir", str(tmp_path), *_data_args(planetoid)]
     assert main(args) == 2
     line = _one_line_error(capsys)
-    assert "spline" in line and "pip install pyg-lib" in line
+    assert "spline" in line and "pip install pyg-lib" in line and "kernels: torch" in line
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
@@ -213,6 +214,17 @@ def test_sweep_marks_pubmed_not_measured_with_the_reason_and_reports_gae(sweep):
     runs = out / "runs"
     gae = json.loads((runs / "Cora" / "gae_dfa" / "seed0" / "result.json").read_text())
     assert {"test/auroc", "test/ap"} <= set(gae["metrics"]) and gae["deepest"] == "encoder.hidden"
+
+
+def test_sweep_trains_spline_with_plain_pytorch_kernels_and_lists_the_override(planetoid, tmp_path):
+    argv = ["--models", "spline", "--methods", "dfa", "--seeds", "0", "--spline-kernels", "torch",
+            "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md"), "--", "--trainer.max_epochs", "2",
+            *_data_args(planetoid)]
+    assert gr.main(argv) == 0
+    text = (tmp_path / "t.md").read_text()
+    spline = next(r for r in _table_rows(text) if r[0] == "spline")
+    assert "(n=1)" in spline[2] and spline[4] == "81.0 / 77.7 / 39.6"
+    assert "- Cora spline dfa: `--model.model.init_args.kernels torch`" in text  # data paths / epochs not listed
 
 
 def test_sweep_resumes_from_result_files_without_training_again(sweep):

@@ -138,7 +138,8 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
         cached = json.loads(out.read_text())
         if "error" not in cached:  # failed runs (missing file, missing kernels) are tried again: they are cheap
             return cached
-    result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed}
+    result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed,
+                              "overrides": list(extra)}
     if save_hidden is None:
         save_hidden = seed == 0 and model not in LINK_MODELS
     probe = "dfa_lightning.graphs_reproduce.FinalAlignment"
@@ -180,12 +181,13 @@ def collect(results: list[dict]) -> dict:
     table: dict = {}
     for r in results:
         cell = table.setdefault(r["dataset"], {}).setdefault(r["model"], {}).setdefault(
-            r["method"], {"values": {}, "seeds": [], "align": [], "error": None})
+            r["method"], {"values": {}, "seeds": [], "align": [], "error": None, "overrides": set()})
         if "error" in r:
             if cell["error"] is None or cell["error"].startswith("not run"):  # a real reason beats "not run"
                 cell["error"] = r["error"]
             continue
         cell["seeds"].append(r["seed"])
+        cell["overrides"].add(" ".join(_model_overrides(r.get("overrides", []))))
         for k, v in r["metrics"].items():
             cell["values"].setdefault(k, []).append(v)
         deepest = r.get("deepest")
@@ -193,6 +195,17 @@ def collect(results: list[dict]) -> dict:
             cell["align"].append(r["alignment"][f"align/signal_cos/{deepest}"])
             cell["align_point"] = deepest
     return table
+
+
+def _model_overrides(extra: list[str]) -> list[str]:
+    """The overrides of a run that change the model or the learning rule (data paths and epochs are not listed)."""
+    keep, out = False, []
+    for arg in extra:
+        if arg.startswith("--"):
+            keep = arg.startswith(("--model.", "--trainer.callbacks"))
+        if keep:
+            out.append(arg)
+    return out
 
 
 def _short(error: str | None) -> str:
@@ -295,6 +308,12 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                   "with the same dropout masks in both passes); mean ± std over seeds. The paper's std (in "
                   "parentheses) is over nodes.", "",
                   "| dataset | model | point | measured | paper |", "|---|---|---|---|---|", *align_rows, ""]
+    overridden = sorted({(dataset, model, method, o) for dataset, models in table.items()
+                         for model, methods in models.items() for method, cell in methods.items()
+                         for o in cell.get("overrides", ()) if o})
+    if overridden:
+        lines += ["Runs made with command-line overrides of their recipe:", "",
+                  *(f"- {d} {m} {meth}: `{o}`" for d, m, meth, o in overridden), ""]
     reasons = sorted({cell["error"] for models in table.values() for methods in models.values()
                       for cell in methods.values() if cell["error"] and not cell["seeds"]})
     if reasons:
@@ -323,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=str(REPO / "recipes"), help="folder holding <model>_<method>.yaml")
     parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from result.json files")
+    parser.add_argument("--spline-kernels", choices=["pyg", "torch"], default="pyg",
+                        help="SplineConv of the spline runs: PyG's compiled kernels (pyg-lib) or the plain-PyTorch "
+                             "layer (no install; slower) (default: pyg)")
     parser.add_argument("--dfa-tolerance", type=float, default=2.5,
                         help="points a DFA mean may lie below the paper's DFA number (default: 2.5, the issue's)")
     parser.add_argument("--shallow-margin", type=float, default=20.0,
@@ -346,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                                        {"model": model, "method": method, "dataset": dataset, "seed": seed,
                                         "error": "not run (no result.json)"})
                         continue
-                    r = run_one(model, method, dataset, seed, opts.root, extra, opts.recipes, opts.rerun)
+                    own = ["--model.model.init_args.kernels", "torch"] if (
+                        model == "spline" and opts.spline_kernels == "torch") else []
+                    r = run_one(model, method, dataset, seed, opts.root, [*own, *extra], opts.recipes, opts.rerun)
                     results.append(r)
                     what = r.get("error") or ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
                     print(f"GRAPHS {dataset} {model}_{method} seed={seed} ({r['seconds']} s): {what}", flush=True)

@@ -38,8 +38,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
         error: ``exact``, ``sign`` or ``ternary`` error sent through B (default: ``"exact"``).
         projection: ``fused``: all ``B_i e`` from one operator call when the backward reaches the output;
             ``per_point``: ``e`` is prepared once and each ``B_i e`` is computed when the backward reaches point i,
-            so only one feedback signal is alive at a time (same FLOPs, peak memory ≈ BP's)
-            (default: ``"fused"``).
+            so only one feedback signal is alive at a time (same FLOPs, peak memory ≈ BP's); ``auto``: measured on
+            the probe batch at setup, fused unless its signals would add more than 10% to the step's memory
+            (default: ``"auto"``).
         verbose: print the placement report at setup (default: ``True``).
     """
 
@@ -57,7 +58,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         rank: int = 64,
         nnz: int = 16,
         error: str = "exact",
-        projection: str = "fused",
+        projection: str = "auto",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -106,7 +107,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 model.eval()
-                pl_module.task.step(model, batch, "train")
+                with trainer.precision_plugin.forward_context():  # autocast as in training: activations' true size
+                    engine.calibrate(lambda: pl_module.task.step(model, batch, "train"))
                 engine.record_segments()
         finally:
             engine.capture = None

@@ -235,8 +235,18 @@ class PlanetoidDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Copy / download the files and let PyG process them (runs on one process per node)."""
-        self._sync_raw_files()
-        self._planetoid()
+        self._prepared_dataset()
+
+    def _prepared_dataset(self):
+        """Sync the raw files and load (processing once) under a file lock on the work folder: independent runs
+        sharing one cache (a seed sweep, two recipes at once) must not read a ``processed/`` file another is writing."""
+        from filelock import FileLock
+
+        lock_dir = self.work_root / self.name
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_dir / ".lock")):
+            self._sync_raw_files()
+            return self._planetoid()
 
     def _planetoid(self):
         from torch_geometric.datasets import Planetoid
@@ -253,8 +263,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
             return
         import torch_geometric.transforms as T
 
-        self._sync_raw_files()
-        dataset = self._planetoid()
+        dataset = self._prepared_dataset()
         data = dataset[0]
         if self.transform == "normalize_features":
             data = T.NormalizeFeatures()(data)

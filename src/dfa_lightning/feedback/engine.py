@@ -21,7 +21,7 @@ Shapes:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +32,8 @@ from dfa_lightning.feedback import matrices, operators
 from dfa_lightning.feedback.points import resolve_output, resolve_points
 
 METHODS = ("bp", "dfa", "shallow")
-PROJECTIONS = ("fused", "per_point")
+PROJECTIONS = ("auto", "fused", "per_point")
+AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
 
 
 def flatten_batch(t: torch.Tensor, batch_dims: Sequence[int]) -> torch.Tensor:
@@ -144,7 +145,9 @@ class FeedbackEngine:
             signals alive at once: ``N x K`` extra memory at the backward's start); ``per_point``: the error is
             prepared once (``e``, or ``e U`` for lowrank) and each ``B_i e`` is computed when autograd reaches point
             i, right before its segment, so one signal is alive at a time (peak memory as BP; one matmul per
-            point, same FLOPs) (default: ``"fused"``).
+            point, same FLOPs); ``auto``: fused unless :meth:`calibrate` finds that the fused signals would add
+            more than 10% to the step's memory (activations saved for backward + parameters + gradients), then
+            per_point (default: ``"auto"``).
     """
 
     def __init__(
@@ -162,7 +165,7 @@ class FeedbackEngine:
         rank: int = 64,
         nnz: int = 16,
         error: str = "exact",
-        projection: str = "fused",
+        projection: str = "auto",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -177,6 +180,9 @@ class FeedbackEngine:
         if projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         self.projection = projection
+        self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
+        self._auto_mode: str | None = None
+        self._rows: int | None = None
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
         self.batch_dims = tuple(int(d) for d in batch_dims)
@@ -219,7 +225,7 @@ class FeedbackEngine:
                 return None
             if self.method == "dfa":
                 self._pending.index.append(index)
-                if self.projection == "per_point":
+                if self.mode == "per_point":
                     if self._pending.stash is None:
                         self._pending.stash = _Stash()
                     out = _ReceiveFeedback.apply(self, self._pending.stash, index, out)
@@ -234,8 +240,10 @@ class FeedbackEngine:
                 f"output module {self.output_name or type(module).__name__!r} returns {type(out).__name__}, "
                 "not a Tensor; set `output:` to a submodule whose output is the tensor the error is taken at"
             )
+        flat_shape = flatten_batch(out.detach(), self.batch_dims).shape
+        self._rows = flat_shape[0]
         if self.d_out is None:
-            self.d_out = flatten_batch(out.detach(), self.batch_dims).shape[1]
+            self.d_out = flat_shape[1]
         if self.capture is not None:
             self.capture["__output__"] = out
         if not self._pending.tensors:
@@ -255,6 +263,50 @@ class FeedbackEngine:
                 f"fewer dims than batch_dims {list(self.batch_dims)}"
             )
         self.points[index].width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+
+    # ------------------------------------------------------------------ fused or per point
+    @property
+    def mode(self) -> str:
+        """The projection in effect: ``fused`` or ``per_point`` (``auto`` is fused until :meth:`calibrate` decides)."""
+        if self.projection == "auto":
+            return self._auto_mode or "fused"
+        return self.projection
+
+    def calibrate(self, forward: Callable[[], object]) -> dict[str, float | int | str]:
+        """Run ``forward`` (one training forward with grad, e.g. on a probe batch) and measure what the fused
+        projection would cost in memory against what the step holds anyway; with ``projection="auto"``, choose.
+
+        Fused keeps every ``B_i e`` alive from the start of the backward (``N x K`` fp32 on top of the saved
+        activations, the BP peak); per point keeps one at a time. Measured: the distinct storages autograd saves
+        for backward (activations; parameters counted separately) and the parameters (x2 with their gradients).
+        """
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # sparse / exotic layouts: count the tensor itself
+                key, size = id(t), t.numel() * t.element_size()
+            if key not in params:
+                saved[key] = size
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            forward()
+        param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        rows = self._rows or 0
+        columns = sum(p.width or 0 for p in self.points)
+        fused_bytes = rows * columns * 4  # the projection is fp32 (fp64 models: wider, but then so is all else)
+        step_bytes = sum(saved.values()) + 2 * param_bytes
+        fraction = fused_bytes / max(step_bytes, 1)
+        choice = "fused" if fraction <= AUTO_FUSED_BUDGET else "per_point"
+        if self.projection == "auto" and self.method == "dfa":
+            self._auto_mode = choice
+        self.calibration = dict(saved_activation_bytes=sum(saved.values()), parameter_bytes=param_bytes,
+                                fused_signal_bytes=fused_bytes, fused_fraction=fraction, choice=choice)
+        return self.calibration
 
     # ------------------------------------------------------------------ matrices
     @property
@@ -365,7 +417,7 @@ class FeedbackEngine:
             f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
             f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
             f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}, "
-            f"projection={self.projection}",
+            f"projection={self._projection_text()}",
         ]
         for p in self.points:
             seg = self.segments.get(p.name, [])
@@ -381,6 +433,16 @@ class FeedbackEngine:
         if unused:
             lines.append(f"  not reached by the forward: {', '.join(unused)}")
         return "\n".join(lines)
+
+    def _projection_text(self) -> str:
+        if self.projection != "auto":
+            return self.projection
+        c = self.calibration
+        if c is None:
+            return "auto -> fused (not calibrated)"
+        return (f"auto -> {self.mode} (fused signals {c['fused_signal_bytes'] / 2**20:.1f} MiB = "
+                f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads; "
+                f"fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
 
     def record_segments(self) -> None:
         """From a captured DFA forward, list the parameters each point's segment (and the output's) reaches.

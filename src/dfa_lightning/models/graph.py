@@ -18,7 +18,9 @@ dna       dropout 0.5, conv 0.8; lr 0.005, wd 5e-4     dropout 0.0, conv 0.0; lr
 gae       Adam lr 0.01                                 lr 0.01 (0.02 on CiteSeer)
 ========  ===========================================  =============================================
 
-(The paper's DNA output DFA wraps ``log_softmax``; here the error is taken at the logits like every other model.)
+The paper's DNA output DFA wraps ``log_softmax`` (e = -onehot / N, independent of the prediction); here the error is
+taken at the logits like every other model, and ``DNA(log_softmax=True)`` with the task's ``loss: nll`` reproduces the
+paper's quirk.
 """
 from __future__ import annotations
 
@@ -134,8 +136,18 @@ def _pyg_wheel_hint(package: str) -> str:
     return f"pip install {package} -f https://data.pyg.org/whl/torch-{version}+{cuda}.html"
 
 
-def _make_spline_conv(*args, **kwargs):
-    """A SplineConv, or a ConfigError naming the compiled package to install."""
+SPLINE_KERNELS = ("pyg", "torch")
+
+
+def _make_spline_conv(*args, kernels: str = "pyg", **kwargs):
+    """A SplineConv: PyG's (compiled kernels; a ConfigError naming the package to install when they are missing)
+    or, with ``kernels="torch"``, :class:`~dfa_lightning.models.spline_torch.TorchSplineConv`."""
+    if kernels not in SPLINE_KERNELS:
+        raise ConfigError(f"model 'spline': kernels must be one of {SPLINE_KERNELS}, got {kernels!r}")
+    if kernels == "torch":
+        from dfa_lightning.models.spline_torch import TorchSplineConv
+
+        return TorchSplineConv(*args, **kwargs)
     from torch_geometric.nn import SplineConv
 
     try:
@@ -145,7 +157,8 @@ def _make_spline_conv(*args, **kwargs):
         package = "pyg-lib" if "pyg" in str(err).lower() else "torch-spline-conv"
         raise ConfigError(
             f"model 'spline' needs SplineConv's compiled kernels, which are not installed here ({err}). "
-            f"Install them with `{_pyg_wheel_hint(package)}` (the wheel must match your torch and CUDA versions)"
+            f"Install them with `{_pyg_wheel_hint(package)}` (the wheel must match your torch and CUDA versions), "
+            "or set `kernels: torch` in the model's init_args for the plain-PyTorch SplineConv (same layer, slower)"
         ) from None
 
 
@@ -161,9 +174,11 @@ def spline_available() -> tuple[bool, str]:
 class Spline(_GraphModel):
     """dropout → SplineConv(F→hidden, dim, kernel_size) → ELU → dropout → SplineConv(hidden→C).
 
-    Needs ``edge_attr`` pseudo-coordinates in [0, 1] (data ``transform: target_indegree``) and SplineConv's compiled
-    kernels (``pyg-lib`` for PyG >= 2.7, ``torch-spline-conv`` before); without them the constructor raises
-    :class:`ConfigError`. Feedback point: ``hidden`` (the ELU, before the hidden dropout).
+    Needs ``edge_attr`` pseudo-coordinates in [0, 1] (data ``transform: target_indegree``). With ``kernels: pyg`` it
+    uses PyG's SplineConv and its compiled kernels (``pyg-lib`` for PyG >= 2.7, ``torch-spline-conv`` before);
+    without them the constructor raises :class:`ConfigError` naming the wheel. ``kernels: torch`` uses
+    :class:`~dfa_lightning.models.spline_torch.TorchSplineConv`, the same layer in plain PyTorch (same parameter
+    names, slower). Feedback point: ``hidden`` (the ELU, before the hidden dropout).
 
     Args:
         in_channels, out_channels: F and C.
@@ -171,16 +186,17 @@ class Spline(_GraphModel):
         dropout: input and hidden dropout (default: 0.5, BP and DFA alike).
         dim: pseudo-coordinate dimension (default: 1).
         kernel_size: B-spline kernel size (default: 2).
+        kernels: ``pyg`` (compiled) or ``torch`` (plain PyTorch) SplineConv (default: ``"pyg"``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, dropout: float = 0.5,
-                 dim: int = 1, kernel_size: int = 2) -> None:
+                 dim: int = 1, kernel_size: int = 2, kernels: str = "pyg") -> None:
         super().__init__()
         self.drop_in = nn.Dropout(dropout)
-        self.conv1 = _make_spline_conv(in_channels, hidden, dim=dim, kernel_size=kernel_size)
+        self.conv1 = _make_spline_conv(in_channels, hidden, dim=dim, kernel_size=kernel_size, kernels=kernels)
         self.hidden = nn.ELU()
         self.drop_hidden = nn.Dropout(dropout)
-        self.conv2 = _make_spline_conv(hidden, out_channels, dim=dim, kernel_size=kernel_size)
+        self.conv2 = _make_spline_conv(hidden, out_channels, dim=dim, kernel_size=kernel_size, kernels=kernels)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
         if edge_attr is None:
@@ -235,10 +251,14 @@ class DNA(_GraphModel):
         dropout: dropout after lin1 and before lin2 (default: 0.5; the paper's DFA run uses 0).
         conv_dropout: DNAConv attention dropout (default: 0.8; DFA: 0).
         cached: cache the GCN normalisation in DNAConv (default: True).
+        log_softmax: end with a ``log_probs`` LogSoftmax module, as the paper's DNA, so that the output error of DFA
+            is taken *after* it (pair with the task's ``loss: nll``): e = -onehot/N, the paper's prediction-independent
+            DNA signal (default: False: logits).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 128, num_layers: int = 5, heads: int = 8,
-                 groups: int = 16, dropout: float = 0.5, conv_dropout: float = 0.8, cached: bool = True) -> None:
+                 groups: int = 16, dropout: float = 0.5, conv_dropout: float = 0.8, cached: bool = True,
+                 log_softmax: bool = False) -> None:
         super().__init__()
         if hidden % heads or hidden % groups:
             raise ConfigError(f"model 'dna': hidden={hidden} must be divisible by heads={heads} and groups={groups}")
@@ -250,6 +270,7 @@ class DNA(_GraphModel):
         self.acts = nn.ModuleList(nn.ReLU() for _ in range(num_layers))
         self.drop2 = nn.Dropout(dropout)
         self.lin2 = nn.Linear(hidden, out_channels)
+        self.log_probs = nn.LogSoftmax(dim=-1) if log_softmax else nn.Identity()
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
         x = self.drop1(self.lin1_act(x))
@@ -257,7 +278,7 @@ class DNA(_GraphModel):
         for conv, act in zip(self.convs, self.acts):
             x = act(conv(x_all, edge_index))
             x_all = torch.cat([x_all, x.unsqueeze(1)], dim=1)
-        return self.lin2(self.drop2(x))
+        return self.log_probs(self.lin2(self.drop2(x)))
 
 
 class GCNEncoder(_GraphModel):

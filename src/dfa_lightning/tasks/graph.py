@@ -51,20 +51,30 @@ class NodeClassification(Task):
     """Cross-entropy on the nodes of ``batch.<stage>_mask`` of a full graph; metric ``acc``.
 
     The model is called as ``model(x, edge_index)``, or ``model(x, edge_index, edge_attr)`` when the graph has edge
-    attributes (Spline's pseudo-coordinates), and must return logits ``[N, C]``.
+    attributes (Spline's pseudo-coordinates), and must return logits ``[N, C]`` (or log-probabilities with
+    ``loss: nll``).
 
     Args:
         num_classes: number of classes, for torchmetrics' ``MulticlassAccuracy`` (micro); None: an accuracy that
             does not need it (same value) (default: None).
+        loss: ``cross_entropy`` on logits, or ``nll`` on log-probabilities (a model ending in log_softmax). The loss
+            values are the same; what differs is the gradient at the model output, i.e. the DFA error e:
+            softmax - onehot for logits, -onehot for log-probabilities (the paper's DNA quirk)
+            (default: ``"cross_entropy"``).
     """
 
     monitor = "val/acc"
     monitor_mode = "max"
+    losses = ("cross_entropy", "nll")
 
-    def __init__(self, num_classes: int | None = None) -> None:
+    def __init__(self, num_classes: int | None = None, loss: str = "cross_entropy") -> None:
         if num_classes is not None and int(num_classes) < 2:
             raise ConfigError(f"NodeClassification: num_classes must be >= 2, got {num_classes}")
+        if loss not in self.losses:
+            raise ConfigError(f"NodeClassification: loss must be one of {self.losses}, got {loss!r}")
         self.num_classes = None if num_classes is None else int(num_classes)
+        self.loss = loss
+        self._checked_log_probs = False
         super().__init__()
 
     def make_metrics(self) -> dict[str, nn.Module]:
@@ -90,8 +100,23 @@ class NodeClassification(Task):
         else:
             logits = model(batch.x, batch.edge_index, edge_attr)
         target = batch.y[mask]
-        loss = F.cross_entropy(logits[mask], target)
+        if self.loss == "nll":
+            self._check_log_probs(logits)
+            loss = F.nll_loss(logits[mask], target)
+        else:
+            loss = F.cross_entropy(logits[mask], target)
         return StepOutput(loss=loss, output=logits, target=target, batch_size=int(target.numel()))
+
+    def _check_log_probs(self, out: Tensor) -> None:
+        """``nll`` on logits would train on a wrong loss without any error: refuse it once, at the first step."""
+        if self._checked_log_probs:
+            return
+        lse = torch.logsumexp(out.detach().float(), dim=-1)
+        if not torch.allclose(lse, torch.zeros_like(lse), atol=1e-3):
+            raise ConfigError("NodeClassification: `loss: nll` needs log-probabilities, but the model's rows do not "
+                              "sum to probability 1 (end the model with log_softmax, e.g. `log_softmax: true` for "
+                              "DNA, or use `loss: cross_entropy`)")
+        self._checked_log_probs = True
 
     def metric_inputs(self, out: StepOutput, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         return out.output.detach()[self.mask(batch, stage)], out.target
