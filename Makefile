@@ -44,10 +44,12 @@ reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks
 GRAPH_DATASETS ?= Cora
 GRAPH_MODELS ?= gcn cheb spline gat dna gae
 GRAPHS_OUT ?= benchmarks/results/graphs_cora.md
+# pyg: PyG's SplineConv with pyg-lib's compiled kernels; torch: the plain-PyTorch SplineConv (no install, slower)
+SPLINE_KERNELS ?= pyg
 
 reproduce-graphs: ## paper graph tables (3, 4, A.2, A.4): GRAPH_MODELS x BP/DFA/shallow on GRAPH_DATASETS over SEEDS, + hidden-layer PCA
 	$(PYTHON) -m dfa_lightning.graphs_reproduce --datasets $(GRAPH_DATASETS) --models $(GRAPH_MODELS) --seeds $(SEEDS) \
-		--root $(LOGDIR)/graphs --out $(GRAPHS_OUT) $(ARGS)
+		--spline-kernels $(SPLINE_KERNELS) --root $(LOGDIR)/graphs --out $(GRAPHS_OUT) $(ARGS)
 	$(PYTHON) -m dfa_lightning.embedding --hidden $(LOGDIR)/graphs/Cora/gcn_bp/seed0/hidden.pt \
 		$(LOGDIR)/graphs/Cora/gcn_dfa/seed0/hidden.pt $(LOGDIR)/graphs/Cora/gcn_shallow/seed0/hidden.pt \
 		--png benchmarks/results/cora_gcn_hidden_pca.png --logdir $(LOGDIR)/embedding

@@ -294,6 +294,54 @@ def test_detached_points_cut_every_layer_below(name, cora, dirs):
         assert reached == pname.startswith(top[name] + "."), pname
 
 
+def test_a_run_waits_while_another_prepares_the_same_cache(dirs, tmp_path):
+    """Two runs sharing a cache (a seed sweep in two lanes) must not read a processed/ file being written."""
+    import threading
+
+    from filelock import FileLock
+
+    root, _ = dirs
+    dm = PlanetoidDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), name="Cora")
+    (tmp_path / "cache" / "Cora").mkdir(parents=True)
+    done = threading.Event()
+    with FileLock(str(tmp_path / "cache" / "Cora" / ".lock")):  # another process is preparing
+        worker = threading.Thread(target=lambda: (dm.setup("fit"), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # blocked on the lock, not reading half-written files
+    worker.join(60)
+    assert done.is_set() and dm.data.num_nodes == 2708
+
+
+def _small_dna(log_softmax: bool) -> DNA:
+    torch.manual_seed(0)
+    return DNA(1433, 7, hidden=16, num_layers=1, heads=2, groups=2, dropout=0.0, conv_dropout=0.0,
+               log_softmax=log_softmax)
+
+
+def test_nll_on_log_probabilities_makes_the_output_error_minus_onehot(cora_raw):
+    """The paper's DNA quirk: its output DFA wraps log_softmax, so e = dL/d(log p) = -onehot / N_train, whatever the
+    prediction; with logits and cross-entropy e = softmax - onehot."""
+    data = cora_raw.data
+    mask, y = data.train_mask, data.y
+    onehot = torch.nn.functional.one_hot(y[mask], 7).float()
+    for log_softmax, loss in ((True, "nll"), (False, "cross_entropy")):
+        out = NodeClassification(7, loss=loss).step(_small_dna(log_softmax), data, "train")
+        (e,) = torch.autograd.grad(out.loss, out.output)
+        if log_softmax:
+            expected = -onehot / int(mask.sum())
+        else:
+            expected = (out.output[mask].softmax(-1) - onehot) / int(mask.sum())
+        torch.testing.assert_close(e[mask], expected.detach())
+        assert not e[~mask].any()  # unlabelled nodes send no error
+
+
+def test_nll_loss_refuses_a_model_that_returns_logits(cora_raw):
+    with pytest.raises(ConfigError, match="log-probabilities"):
+        NodeClassification(7, loss="nll").step(_small_dna(False), cora_raw.data, "train")
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        NodeClassification(7, loss="mse")
+
+
 def test_gcn_cache_dropped_on_device_move(cora):
     model = GCN(1433, 7)
     model(cora.data.x, cora.data.edge_index)
