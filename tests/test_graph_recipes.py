@@ -31,7 +31,7 @@ CORA_CLASSES = 7
 
 #: Few epochs per model (CPU seconds matter: Cheb is ~4x slower per epoch than GCN). DNA is shrunk (width 32, two
 #: DNAConvs, 4 heads / 4 groups): the same code path as the recipe, ~10x cheaper per epoch.
-EPOCHS = {"gcn": 30, "cheb": 12, "gat": 15, "spline": 20, "dna": 15}
+EPOCHS = {"gcn": 30, "cheb": 12, "gat": 15, "spline": 20, "dna": 25}
 SMALL_DNA = ["--model.model.init_args.hidden", "32", "--model.model.init_args.num_layers", "2",
              "--model.model.init_args.heads", "4", "--model.model.init_args.groups", "4"]
 
