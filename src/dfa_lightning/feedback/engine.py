@@ -181,8 +181,7 @@ class FeedbackEngine:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         self.projection = projection
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
-        self._auto_mode: str | None = None
-        self._rows: int | None = None
+        self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
         self.batch_dims = tuple(int(d) for d in batch_dims)
@@ -240,10 +239,8 @@ class FeedbackEngine:
                 f"output module {self.output_name or type(module).__name__!r} returns {type(out).__name__}, "
                 "not a Tensor; set `output:` to a submodule whose output is the tensor the error is taken at"
             )
-        flat_shape = flatten_batch(out.detach(), self.batch_dims).shape
-        self._rows = flat_shape[0]
-        if self.d_out is None:
-            self.d_out = flat_shape[1]
+        if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
+            self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
         if self.capture is not None:
             self.capture["__output__"] = out
         if not self._pending.tensors:
@@ -269,7 +266,7 @@ class FeedbackEngine:
     def mode(self) -> str:
         """The projection in effect: ``fused`` or ``per_point`` (``auto`` is fused until :meth:`calibrate` decides)."""
         if self.projection == "auto":
-            return self._auto_mode or "fused"
+            return self.calibration["choice"] if self.calibration else "fused"
         return self.projection
 
     def calibrate(self, forward: Callable[[], object]) -> dict[str, float | int | str]:
@@ -293,6 +290,7 @@ class FeedbackEngine:
                 saved[key] = size
             return t
 
+        self._rows = None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
             forward()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
@@ -302,8 +300,6 @@ class FeedbackEngine:
         step_bytes = sum(saved.values()) + 2 * param_bytes
         fraction = fused_bytes / max(step_bytes, 1)
         choice = "fused" if fraction <= AUTO_FUSED_BUDGET else "per_point"
-        if self.projection == "auto" and self.method == "dfa":
-            self._auto_mode = choice
         self.calibration = dict(saved_activation_bytes=sum(saved.values()), parameter_bytes=param_bytes,
                                 fused_signal_bytes=fused_bytes, fused_fraction=fraction, choice=choice)
         return self.calibration
