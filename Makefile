@@ -7,7 +7,7 @@ ARGS ?=
 SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 
-.PHONY: help install train test test-slow tensorboard bench bench-gpu reproduce-cora reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu reproduce-cora reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ test: ## the fast suite (CPU, < 15 min): everything but the `slow` marker
 
 test-slow: ## the slow real-data tests too
 	$(PYTHON) -m pytest -q $(ARGS)
+
+test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP with loss scaling); they skip without a GPU
+	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
+
+gpu-check: ## everything a GPU session should run, in one command: test-gpu, then bench-gpu
+	$(MAKE) test-gpu PYTHON=$(PYTHON) && $(MAKE) bench-gpu PYTHON=$(PYTHON)
 
 tensorboard: ## watch every run under logs/
 	$(PYTHON) -m tensorboard.main --logdir $(LOGDIR)

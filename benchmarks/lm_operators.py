@@ -9,7 +9,8 @@ compares the final validation perplexity (and wall time per step) of
 * ``dfa_before``: DFA macro, error before the vocabulary (``output: hidden_out``), dense B (the paper's choice);
 * ``after_dense`` / ``after_lowrank`` / ``after_sparse``: DFA macro with the error after the vocabulary (``output:
   null``, e has V = 33,278 dims) through a dense, low-rank (rank 64) or sparse (16 non-zeros per column) B;
-* ``after_dense_sign``: as ``after_dense`` with the sign of the error sent through B.
+* ``after_dense_sign`` / ``after_dense_ternary``: as ``after_dense`` with the sign (or the ternarised value) of
+  the error sent through B, as an optical co-processor would receive it.
 
 Run (from the repository root; about 2-3 min per variant on one shared CPU core):
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -44,6 +46,7 @@ VARIANTS: dict[str, dict] = {
     "after_lowrank": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64),
     "after_sparse": dict(method="dfa", feedback_points=MACRO, output=None, operator="sparse", nnz=16),
     "after_dense_sign": dict(method="dfa", feedback_points=MACRO, output=None, error="sign"),
+    "after_dense_ternary": dict(method="dfa", feedback_points=MACRO, output=None, error="ternary"),
 }
 
 
@@ -60,7 +63,8 @@ class StepTimer(pl.Callback):
 
 def run_variant(name: str, args) -> dict:
     pl.seed_everything(args.seed, verbose=False)
-    dm = WikiTextDataModule(streams=args.streams, seq_len=args.seq_len, cache_dir=args.cache_dir)
+    dm = WikiTextDataModule(streams=args.streams, seq_len=args.seq_len, cache_dir=args.cache_dir,
+                            tokenizer=args.tokenizer, vocab_size=args.vocab_size)
     dm.setup("fit")
     model = TransformerLM(dm.vocab_size, d_model=args.d_model, n_heads=args.heads, d_ff=4 * args.d_model,
                           n_layers=args.layers, dropout=args.dropout, max_len=args.seq_len)
@@ -76,10 +80,10 @@ def run_variant(name: str, args) -> dict:
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - start
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
-    steady = timer.times[5:] or timer.times
+    steady = sorted(timer.times[5:] or timer.times)  # the median: robust to a paused or preempted step
     result = {"variant": name, "config": {k: v for k, v in VARIANTS[name].items()},
               "val_ppl": round(val["val/ppl"], 2), "val_loss": round(val["val/loss"], 4),
-              "steps": len(timer.times), "s_per_step": round(sum(steady) / len(steady), 4), "fit_s": round(fit_s, 1)}
+              "steps": len(timer.times), "s_per_step": round(steady[len(steady) // 2], 4), "fit_s": round(fit_s, 1)}
     print(json.dumps(result), flush=True)
     return result
 
@@ -88,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--tokenizer", default="word", choices=["word", "bpe"])
+    parser.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary (ignored by word)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--d-model", type=int, default=128)
@@ -104,9 +110,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "variants", "cache_dir")}
     setup["val_tokens"] = args.val_batches * args.streams * args.seq_len
+    dm = WikiTextDataModule(cache_dir=args.cache_dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size)
+    dm.load()
+    setup["vocab"], setup["train_tokens"] = dm.vocab_size, int(dm.ids["train"].numel())
+    load = [round(x, 2) for x in os.getloadavg()]
     command = "DFA_DATA_DIR=../shared/data python " + " ".join(["benchmarks/lm_operators.py", *sys.argv[1:]])
     payload = {"benchmark": "lm_operators", "command": command, "setup": setup, "torch": torch.__version__,
-               "machine": f"{platform.machine()} CPU, {args.threads} thread(s), shared with other jobs",
+               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} thread(s); "
+                          f"load average at start {load}",
                "results": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +131,7 @@ def main() -> None:
 
 def render_md(payload: dict, rows: list[str]) -> str:
     s = payload["setup"]
+    tokens = "word level" if s["tokenizer"] == "word" else "BPE (`tokenizers`, trained on the train split)"
     return "\n".join([
         "# Transformer LM on WikiText-2: BP vs DFA feedback operators (small CPU proxy)",
         "",
@@ -127,24 +139,29 @@ def render_md(payload: dict, rows: list[str]) -> str:
         "on WikiText-103 with 32k BPE, 8192-token batches, for 20 epochs (BP 29.8, DFA macro 52.0, micro 93.3, "
         "shallow 428). "
         f"Here: {s['layers']} blocks x d_model {s['d_model']} ({s['heads']} heads, FFN {4 * s['d_model']}), post-LN, "
-        f"dropout {s['dropout']}, WikiText-2 word level (V = 33,278), {s['streams']} streams x {s['seq_len']} tokens, "
-        f"{s['steps']} steps (~{s['steps'] * s['streams'] * s['seq_len'] / 2.09e6:.2f} epoch), Adam lr {s['lr']} "
+        f"dropout {s['dropout']}, WikiText-2 {tokens} (V = {s['vocab']:,}), {s['streams']} streams x {s['seq_len']} "
+        f"tokens, {s['steps']} steps (~{s['steps'] * s['streams'] * s['seq_len'] / s['train_tokens']:.2f} epoch), "
+        f"Adam lr {s['lr']} "
         f"beta2 0.999, grad clip 0.5, seed {s['seed']}; validation perplexity on the first {s['val_tokens']:,} "
         "validation tokens (each stream's first chunks) after the last step. One seed: differences of a few "
-        "percent are noise. Time per step is wall time on a shared, loaded CPU core: compare variants only roughly.",
+        "percent are noise. Time per step is wall time on one CPU core (machine below): compare variants only "
+        "roughly.",
+        "",
+        f"Machine: {payload['machine']}; torch {payload['torch']}.",
         "",
         f"Command: `{payload['command']}` (script: `benchmarks/lm_operators.py`; `--cache-dir` only moves the "
         "token-id cache).",
         "",
-        "| variant | val ppl | val loss | s / step |",
+        "| variant | val ppl | val loss | s / step (median) |",
         "|---|---:|---:|---:|",
         *rows,
         "",
         "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale): "
         "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
         "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` "
-        "error after the vocabulary (`output: null`, e over 33,278 words) through a dense B, a low-rank B (rank 64), "
-        "a sparse B (16 non-zeros per column), or the dense B fed the sign of e.",
+        f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B, a low-rank B "
+        "(rank 64), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "
+        "value (`ternary`) of e.",
         "",
     ])
 

@@ -58,7 +58,7 @@ SIZES = {
                  deepfm=dict(fields=5, per_field=10, embed=4, mlp=(16, 16), batch=8),
                  nerf=dict(layers=3, hidden=16, skip=1, batch=32),
                  lm=dict(vocab=50, d=16, heads=2, d_ff=32, layers=2, batch=2, seq=8), amp=("fp32",)),
-    "cpu": dict(mlp=dict(layers=4, width=1024, batch=256),
+    "cpu": dict(mlp=dict(layers=8, width=1024, batch=256),  # the GPU preset's depth; width / 4, batch / 16
                 gcn=dict(nodes=2708, feats=1433, edges=10556, hidden=16, classes=7),  # Cora's sizes
                 deepfm=dict(fields=39, per_field=1000, embed=10, mlp=(400, 400, 400), batch=2048),
                 nerf=dict(layers=8, hidden=256, skip=4, batch=2048),
@@ -183,15 +183,19 @@ def lm_case(s: dict, amp: str) -> Case:
 BUILDERS = {"mlp": mlp_case, "gcn": gcn_case, "deepfm": deepfm_case, "nerf": nerf_case, "lm": lm_case}
 
 
-def cases(preset: str, only: list[str] | None = None) -> list[Case]:
-    """Every case of a preset: each model in each precision of the preset (the MLP first, the LM last)."""
+def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = None) -> list[Case]:
+    """Every case of a preset: each model in each precision of the preset (the MLP first, the LM last).
+
+    ``amps`` replaces the preset's precisions, e.g. ``["bf16"]`` to run the GPU preset's autocast path on a CPU.
+    """
     sizes = SIZES[preset]
+    precisions = tuple(amps or sizes["amp"])
     out = []
-    for amp in sizes["amp"]:
+    for amp in precisions:
         for key, builder in BUILDERS.items():
             if only and key not in only:
                 continue
-            if amp != sizes["amp"][0] and key != "mlp":
+            if amp != precisions[0] and key != "mlp":
                 continue  # the second precision (fp32 on GPU) is run for the MLP target only
             out.append(builder(sizes[key], amp))
     return out

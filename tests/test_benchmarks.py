@@ -31,6 +31,17 @@ def test_harness_writes_well_formed_json_and_markdown(tmp_path):
     assert "| bp |" in md and "Targets" in md
 
 
+def test_bf16_autocast_path_of_the_gpu_preset_runs_on_cpu(tmp_path):
+    """The GPU preset's bf16 cases (autocast forward, fp32 projection, calibration under autocast) on CPU sizes."""
+    assert run.main(["--preset", "tiny", "--models", "mlp", "lm", "--amp", "bf16", "fp32", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert [r["case"] for r in report["results"]] == ["mlp_bf16", "lm_bf16", "mlp_fp32"]
+    assert "failures" not in report
+    for res in report["results"]:
+        for r in res["rows"]:
+            assert r["projection_calls"] == (1 if r["method"] == "dfa" else 0) and r["median_ms"] > 0
+
+
 def test_dfa_step_profile_has_one_projection_and_no_input_gradient_above_a_cut():
     report = profile_step.run("tiny", ["mlp", "lm"])
     by_case = {(m["case"], m["variant"]): m for m in report["models"]}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfa_lightning.errors import ConfigError
-from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 from dfa_lightning.feedback.points import glob_match
 from dfa_lightning.models.mlp import MLP
 
@@ -116,12 +116,12 @@ def test_projection_is_a_single_matmul_per_step():
 
 
 def test_auto_projection_goes_per_point_when_fused_signals_would_grow_the_step_memory():
-    # a deep narrow MLP on a big batch: the fused B_i e (N x sum widths) rival the saved activations
+    # a deep narrow MLP on a big batch: the fused B_i e (N x sum widths, fp64 here) rival the saved activations
     model = MLP(64, 4, hidden=[64] * 4)
     engine = FeedbackEngine(model, ["blocks.*"])
     x, y = torch.randn(2048, 64), torch.randint(0, 4, (2048,))
     c = engine.calibrate(lambda: F.cross_entropy(model(x), y))
-    assert c["fused_signal_bytes"] == 2048 * 256 * 4 and c["fused_fraction"] > 0.1
+    assert c["fused_signal_bytes"] == 2048 * 256 * 8 and c["fused_fraction"] > 0.1
     assert engine.mode == "per_point" and "auto -> per_point" in engine.report()
     engine.reset()
     with torch.profiler.profile() as prof:
@@ -140,6 +140,35 @@ def test_auto_projection_stays_fused_when_the_signals_are_small():
     xb = torch.randn(2048, 64)
     explicit.calibrate(lambda: explicit.model(xb).sum())
     assert explicit.mode == "fused"  # an explicit choice is measured but never overridden
+
+
+def test_optimizer_state_counts_lazy_adam_as_two_tensors_per_parameter_and_sgd_by_its_momentum():
+    model = MLP(8, 2, hidden=[4])
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    adam = torch.optim.Adam(model.parameters())
+    assert optimizer_state_bytes([adam]) == 2 * param_bytes  # before the first step: no state exists yet
+    model(torch.randn(3, 8)).sum().backward()
+    adam.step()
+    assert optimizer_state_bytes([adam]) == 2 * param_bytes  # the real state now (the scalar `step` aside)
+    assert optimizer_state_bytes([torch.optim.Adam(model.parameters(), amsgrad=True)]) == 3 * param_bytes
+    assert optimizer_state_bytes([torch.optim.SGD(model.parameters(), lr=0.1)]) == 0
+    assert optimizer_state_bytes([torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)]) == param_bytes
+
+
+def test_auto_projection_counts_the_optimizer_state_in_the_step_memory():
+    # 10.4% of activations + params + grads: per point; Adam's two moments make it 5.6% of the step: fused
+    model = MLP(256, 4, hidden=[256, 256])
+    engine = FeedbackEngine(model, ["blocks.*"])
+    x, y = torch.randn(64, 256), torch.randint(0, 4, (64,))
+    assert engine.calibrate(lambda: F.cross_entropy(model(x), y))["choice"] == "per_point"
+    adam = optimizer_state_bytes([torch.optim.Adam(model.parameters())])
+    c = engine.count_optimizer_state(adam)
+    assert c["optimizer_state_bytes"] == adam > 0 and c["fused_fraction"] < 0.1 and engine.mode == "fused"
+    assert "optimizer state" in engine.report()
+    sgd = FeedbackEngine(MLP(256, 4, hidden=[256, 256]), ["blocks.*"])
+    sgd.calibrate(lambda: F.cross_entropy(sgd.model(x), y), optimizer_state_bytes([torch.optim.SGD(
+        sgd.model.parameters(), lr=0.1)]))
+    assert sgd.mode == "per_point"  # plain SGD holds no state: the same step stays per point
 
 
 def test_auto_per_point_gives_the_same_gradients_as_fused():

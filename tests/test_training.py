@@ -158,6 +158,15 @@ def test_16_mixed_runs_with_loss_scaling_and_matches_fp32(tmp_path):
         torch.testing.assert_close(p, params(ref)[name], atol=2e-2, rtol=5e-2)
 
 
+def test_auto_projection_is_settled_at_fit_start_with_the_optimizers_state_counted(tmp_path):
+    module, data, dfa = build("dfa", optimizer=adam)
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    c = dfa.engine.calibration
+    param_bytes = sum(p.numel() * p.element_size() for p in module.model.parameters())
+    assert c["optimizer_state_bytes"] == 2 * param_bytes  # Adam's two moments, counted before they existed
+    assert dfa.engine.mode == c["choice"] and "optimizer state" in dfa.engine.report()
+
+
 def test_different_feedback_on_two_ranks_is_refused():
     from types import SimpleNamespace
 
@@ -170,7 +179,7 @@ def test_different_feedback_on_two_ranks_is_refused():
     dfa.setup(t, module, "fit")
     fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"),
                                                     all_gather=lambda x: torch.stack([x, x + 1])),
-                           world_size=2)
+                           world_size=2, optimizers=[])
     with pytest.raises(RuntimeError, match="feedback matrices differ across ranks"):
         dfa.on_fit_start(fake, module)
 

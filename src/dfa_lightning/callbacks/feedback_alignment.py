@@ -2,8 +2,9 @@
 
 BP and DFA recipes differ only by this callback (``method: bp`` makes it inert). It builds a
 :class:`~dfa_lightning.feedback.engine.FeedbackEngine` in ``setup()``, i.e. before any strategy (DDP) wraps the
-model, runs one probe forward to learn the widths, draws ``B`` from its own seeded generator, prints the report,
-stores ``B`` in the checkpoint and checks that every rank holds the same ``B``.
+model, runs one probe forward to learn the widths, draws ``B`` from its own seeded generator; at ``on_fit_start``
+(optimizers built) it settles ``projection: auto`` and prints the report; it stores ``B`` in the checkpoint and
+checks that every rank holds the same ``B``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from dfa_lightning.errors import ConfigError
-from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -39,8 +40,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         projection: ``fused``: all ``B_i e`` from one operator call when the backward reaches the output;
             ``per_point``: ``e`` is prepared once and each ``B_i e`` is computed when the backward reaches point i,
             so only one feedback signal is alive at a time (same FLOPs, peak memory ≈ BP's); ``auto``: measured on
-            the probe batch at setup, fused unless its signals would add more than 10% to the step's memory
-            (default: ``"auto"``).
+            the probe batch at setup, fused unless its signals would add more than 10% to the step's memory,
+            optimizer state included (default: ``"auto"``).
         verbose: print the placement report at setup (default: ``True``).
     """
 
@@ -93,8 +94,6 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self._probe(trainer, pl_module)
         if self._loaded is not None:
             self.engine.load_feedback_state(self._loaded)
-        if self.verbose:
-            rank_zero_info(self.engine.report())
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
@@ -117,7 +116,13 @@ class FeedbackAlignmentStrategy(pl.Callback):
         engine.ensure_matrix()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is not None and self.engine.matrix is not None and trainer.world_size > 1:
+        if self.engine is None or self.method == "bp":
+            return
+        if self.engine.calibration is not None:  # the optimizers exist now: count their state in the auto choice
+            self.engine.count_optimizer_state(optimizer_state_bytes(trainer.optimizers))
+        if self.verbose:
+            rank_zero_info(self.engine.report())
+        if self.engine.matrix is not None and trainer.world_size > 1:
             self._assert_same_matrix_on_every_rank(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

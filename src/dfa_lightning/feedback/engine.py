@@ -34,6 +34,9 @@ from dfa_lightning.feedback.points import resolve_output, resolve_points
 METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
 AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
+# tensors of optimizer state per parameter, for optimizers whose (lazy) state does not exist yet
+OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1,
+                    "RMSprop": 1, "SGD": 0, "ASGD": 2, "Rprop": 2, "LBFGS": 0}
 
 
 def flatten_batch(t: torch.Tensor, batch_dims: Sequence[int]) -> torch.Tensor:
@@ -146,8 +149,8 @@ class FeedbackEngine:
             prepared once (``e``, or ``e U`` for lowrank) and each ``B_i e`` is computed when autograd reaches point
             i, right before its segment, so one signal is alive at a time (peak memory as BP; one matmul per
             point, same FLOPs); ``auto``: fused unless :meth:`calibrate` finds that the fused signals would add
-            more than 10% to the step's memory (activations saved for backward + parameters + gradients), then
-            per_point (default: ``"auto"``).
+            more than 10% to the step's memory (activations saved for backward + parameters + gradients + optimizer
+            state), then per_point (default: ``"auto"``).
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class FeedbackEngine:
         self.projection = projection
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
+        self._projection_itemsize = 4  # bytes per projected value: fp32, or the output's dtype if wider
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
         self.batch_dims = tuple(int(d) for d in batch_dims)
@@ -241,6 +245,7 @@ class FeedbackEngine:
             )
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
+            self._projection_itemsize = torch.promote_types(out.dtype, torch.float32).itemsize
         if self.capture is not None:
             self.capture["__output__"] = out
         if not self._pending.tensors:
@@ -269,13 +274,14 @@ class FeedbackEngine:
             return self.calibration["choice"] if self.calibration else "fused"
         return self.projection
 
-    def calibrate(self, forward: Callable[[], object]) -> dict[str, float | int | str]:
+    def calibrate(self, forward: Callable[[], object], optimizer_state_bytes: int = 0) -> dict[str, float | int | str]:
         """Run ``forward`` (one training forward with grad, e.g. on a probe batch) and measure what the fused
         projection would cost in memory against what the step holds anyway; with ``projection="auto"``, choose.
 
         Fused keeps every ``B_i e`` alive from the start of the backward (``N x K`` fp32 on top of the saved
         activations, the BP peak); per point keeps one at a time. Measured: the distinct storages autograd saves
-        for backward (activations; parameters counted separately) and the parameters (x2 with their gradients).
+        for backward (activations; parameters counted separately) and the parameters (x2 with their gradients);
+        the optimizer's state is added when known (see :meth:`count_optimizer_state`).
         """
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         saved: dict[int, int] = {}
@@ -296,13 +302,26 @@ class FeedbackEngine:
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
-        fused_bytes = rows * columns * 4  # the projection is fp32 (fp64 models: wider, but then so is all else)
-        step_bytes = sum(saved.values()) + 2 * param_bytes
-        fraction = fused_bytes / max(step_bytes, 1)
-        choice = "fused" if fraction <= AUTO_FUSED_BUDGET else "per_point"
+        fused_bytes = rows * columns * self._projection_itemsize  # the projection runs in fp32 (or wider)
         self.calibration = dict(saved_activation_bytes=sum(saved.values()), parameter_bytes=param_bytes,
-                                fused_signal_bytes=fused_bytes, fused_fraction=fraction, choice=choice)
-        return self.calibration
+                                fused_signal_bytes=fused_bytes)
+        return self.count_optimizer_state(optimizer_state_bytes)
+
+    def count_optimizer_state(self, state_bytes: int) -> dict[str, float | int | str]:
+        """(Re)make the ``auto`` choice with the optimizer's state counted in the step's memory.
+
+        The probe forward runs before the optimizer exists (Lightning's ``setup``), so the callback calls this
+        again at ``on_fit_start`` with :func:`optimizer_state_bytes`. Switching between steps is safe: fused and
+        per point give the same gradients.
+        """
+        if self.calibration is None:
+            raise RuntimeError("count_optimizer_state() needs calibrate() first")
+        c = self.calibration
+        step_bytes = c["saved_activation_bytes"] + 2 * c["parameter_bytes"] + int(state_bytes)
+        c["optimizer_state_bytes"] = int(state_bytes)
+        c["fused_fraction"] = c["fused_signal_bytes"] / max(step_bytes, 1)
+        c["choice"] = "fused" if c["fused_fraction"] <= AUTO_FUSED_BUDGET else "per_point"
+        return c
 
     # ------------------------------------------------------------------ matrices
     @property
@@ -437,8 +456,8 @@ class FeedbackEngine:
         if c is None:
             return "auto -> fused (not calibrated)"
         return (f"auto -> {self.mode} (fused signals {c['fused_signal_bytes'] / 2**20:.1f} MiB = "
-                f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads; "
-                f"fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
+                f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads + optimizer "
+                f"state ({c['optimizer_state_bytes'] / 2**20:.1f} MiB); fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
 
     def record_segments(self) -> None:
         """From a captured DFA forward, list the parameters each point's segment (and the output's) reaches.
@@ -448,6 +467,33 @@ class FeedbackEngine:
         """
         ids = {id(p): n for n, p in self.model.named_parameters()}
         self.segments = {name: _reachable_parameters(t, ids) for name, t in (self.capture or {}).items()}
+
+
+def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
+    """Bytes of optimizer state a training step holds: what exists, else the usual count for the optimizer's class.
+
+    Torch optimizers create their state at the first ``step()``; before it, e.g. Adam is counted as two tensors
+    per trainable parameter (three with ``amsgrad``), SGD as one with momentum, none without. Unknown optimizers
+    count as none (the conservative side: the fused projection then looks relatively dearer).
+    """
+    total = 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            n = OPTIMIZER_STATES.get(type(opt).__name__, 0)
+            if group.get("amsgrad"):
+                n += 1
+            if type(opt).__name__ in ("SGD", "RMSprop") and group.get("momentum", 0):
+                n += 1
+            if group.get("centered"):
+                n += 1
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state:
+                    total += sum(v.numel() * v.element_size() for v in state.values()
+                                 if isinstance(v, torch.Tensor) and v.dim() > 0)
+                elif p.requires_grad:
+                    total += n * p.numel() * p.element_size()
+    return total
 
 
 def _reachable_parameters(tensor: torch.Tensor, ids: dict[int, str]) -> list[str]:
