@@ -455,9 +455,9 @@ class FeedbackEngine:
         c = self.calibration
         if c is None:
             return "auto -> fused (not calibrated)"
-        return (f"auto -> {self.mode} (fused signals {c['fused_signal_bytes'] / 2**20:.1f} MiB = "
+        return (f"auto -> {self.mode} (fused signals {_size(c['fused_signal_bytes'])} = "
                 f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads + optimizer "
-                f"state ({c['optimizer_state_bytes'] / 2**20:.1f} MiB); fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
+                f"state ({_size(c['optimizer_state_bytes'])}); fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
 
     def record_segments(self) -> None:
         """From a captured DFA forward, list the parameters each point's segment (and the output's) reaches.
@@ -467,6 +467,10 @@ class FeedbackEngine:
         """
         ids = {id(p): n for n, p in self.model.named_parameters()}
         self.segments = {name: _reachable_parameters(t, ids) for name, t in (self.capture or {}).items()}
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
