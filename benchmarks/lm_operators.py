@@ -1,22 +1,28 @@
-"""Small-scale CPU proxy: BP vs DFA feedback operators for a Transformer LM on WikiText-2 (word level).
+"""Small-scale CPU proxy: BP vs DFA feedback operators for a Transformer LM on WikiText-2.
 
 Not the paper's setting (6x512, 8192-token batches, 20 epochs on WikiText-103): a 2-block post-LN TransformerLM
-trained for a few hundred steps, the same steps, data order, initialisation and optimizer for every variant. It
+trained for a few thousand steps, the same steps, data order, initialisation and optimizer for every variant. It
 compares the final validation perplexity (and wall time per step) of
 
 * ``bp``: backprop;
 * ``shallow``: the macro points cut, no feedback (only the decoder trains): the floor DFA must beat;
 * ``dfa_before``: DFA macro, error before the vocabulary (``output: hidden_out``), dense B (the paper's choice);
 * ``after_dense`` / ``after_lowrank`` / ``after_sparse``: DFA macro with the error after the vocabulary (``output:
-  null``, e has V = 33,278 dims) through a dense, low-rank (rank 64) or sparse (16 non-zeros per column) B;
+  null``, e has V dims: 8,000 BPE tokens or 33,278 words) through a dense, low-rank (rank 64) or sparse (16
+  non-zeros per column) B;
+* ``after_dense_shared``: one dense ``V x d_model`` matrix whose ``B e`` every block receives (TinyDFA's layout:
+  the projection costs what BP's gradient through the decoder costs);
+* ``after_lowrank_shared``: the shared layout through a rank-64 ``B = UV`` (every block receives ``(e U) V``);
 * ``after_dense_sign`` / ``after_dense_ternary``: as ``after_dense`` with the sign (or the ternarised value) of
   the error sent through B, as an optical co-processor would receive it.
 
-Run (from the repository root; about 2-3 min per variant on one shared CPU core):
+Run (from the repository root; about 6 min per variant on one CPU core, 55 min in all):
 
-    DFA_DATA_DIR=../shared/data python benchmarks/lm_operators.py --out benchmarks/results/lm_operators
+    DFA_DATA_DIR=../shared/data python benchmarks/lm_operators.py --tokenizer bpe --streams 16 --seq-len 64 \
+        --steps 2000 --out benchmarks/results/lm_operators
 
-writes ``lm_operators.json`` and ``lm_operators.md``.
+(the defaults, word level and 250 steps of 8 x 32 tokens, are the earlier, shorter proxy kept in
+``lm_operators_word_250steps.md``) writes ``lm_operators.json`` and ``lm_operators.md``.
 """
 from __future__ import annotations
 
@@ -43,7 +49,11 @@ VARIANTS: dict[str, dict] = {
     "shallow": dict(method="shallow", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
     "dfa_before": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
     "after_dense": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["after_vocab"]),
+    "after_dense_shared": dict(method="dfa", feedback_points=MACRO, output=None, shared_slices=True,
+                               scale="max_width"),
     "after_lowrank": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64),
+    "after_lowrank_shared": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64,
+                                 shared_slices=True, scale="max_width"),
     "after_sparse": dict(method="dfa", feedback_points=MACRO, output=None, operator="sparse", nnz=16),
     "after_dense_sign": dict(method="dfa", feedback_points=MACRO, output=None, error="sign"),
     "after_dense_ternary": dict(method="dfa", feedback_points=MACRO, output=None, error="ternary"),
@@ -156,11 +166,12 @@ def render_md(payload: dict, rows: list[str]) -> str:
         "|---|---:|---:|---:|",
         *rows,
         "",
-        "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale): "
+        "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale; "
+        "the `shared` ones scale by 1/sqrt(max width), as TinyDFA): "
         "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
         "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` "
-        f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B, a low-rank B "
-        "(rank 64), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "
+        f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B (`shared`: one "
+        "matrix whose B e every block receives, as TinyDFA), a low-rank B (rank 64; `shared` as above), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "
         "value (`ternary`) of e.",
         "",
     ])

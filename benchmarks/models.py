@@ -135,8 +135,10 @@ def nerf_case(s: dict, amp: str) -> Case:
                 _dfa_variants(NERF_POINTS["paper"]), amp=amp)
 
 
-#: The default feedback operator when the LM's error is taken after the vocabulary (see README, performance).
-LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64)
+#: The default feedback operator when the LM's error is taken after the vocabulary (see README, performance): a
+#: rank-64 B = UV in TinyDFA's shared layout (every block receives the same (e U) V). Cheaper than BP's gradient
+#: through the decoder; on the WikiText-2 proxy as accurate as independent dense B_i (benchmarks/results/lm_operators.md).
+LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width")
 
 
 def lm_case(s: dict, amp: str) -> Case:
@@ -156,14 +158,16 @@ def lm_case(s: dict, amp: str) -> Case:
         Variant("bp", "bp"),
         Variant("dfa macro, e before vocab", "dfa", dict(feedback_points=macro, **before), default=True),
         Variant("dfa micro, e before vocab", "dfa", dict(feedback_points=micro, **before)),
-        Variant("dfa macro, e after vocab, lowrank r64", "dfa",
+        Variant("dfa macro, e after vocab, lowrank r64 shared", "dfa",
                 dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT), default=True),
-        Variant("dfa micro, e after vocab, lowrank r64", "dfa",
+        Variant("dfa micro, e after vocab, lowrank r64 shared", "dfa",
                 dict(feedback_points=micro, **after, **LM_AFTER_VOCAB_DEFAULT), default=True),
-        Variant("dfa macro, e after vocab, lowrank r64, fused", "dfa",
+        Variant("dfa macro, e after vocab, lowrank r64 shared, fused", "dfa",
                 dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT, projection="fused")),
-        Variant("dfa micro, e after vocab, lowrank r64, per-point", "dfa",
+        Variant("dfa micro, e after vocab, lowrank r64 shared, per-point", "dfa",
                 dict(feedback_points=micro, **after, **LM_AFTER_VOCAB_DEFAULT, projection="per_point")),
+        Variant("dfa macro, e after vocab, lowrank r64", "dfa",
+                dict(feedback_points=macro, operator="lowrank", rank=64, **after), note="independent B_i"),
         Variant("dfa macro, e after vocab, dense", "dfa", dict(feedback_points=macro, **after),
                 note="independent B_i"),
         Variant("dfa macro, e after vocab, dense shared", "dfa",
@@ -174,6 +178,14 @@ def lm_case(s: dict, amp: str) -> Case:
         Variant("dfa micro, e after vocab, dense", "dfa", dict(feedback_points=micro, **after)),
         Variant("shallow macro", "shallow", dict(feedback_points=macro, **before)),
     ]
+    if amp != "fp32":  # under AMP: the wide after-vocabulary projection in the error's dtype (tensor cores)
+        variants[-1:-1] = [
+            Variant("dfa macro, e after vocab, lowrank r64 shared, bf16 projection", "dfa",
+                    dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT, projection_dtype="gradient")),
+            Variant("dfa macro, e after vocab, dense shared, bf16 projection", "dfa",
+                    dict(feedback_points=macro, shared_slices=True, scale="max_width", **after,
+                         projection_dtype="gradient"), note="TinyDFA layout"),
+        ]
     return Case(f"lm_{amp}", f"TransformerLM {s['layers']}x{s['d']} (d_ff {s['d_ff']}, {s['heads']} heads), "
                 f"vocab {v}, batch {b}x{t} tokens, {amp}",
                 lambda: TransformerLM(v, d_model=s["d"], n_heads=s["heads"], d_ff=s["d_ff"], n_layers=s["layers"],

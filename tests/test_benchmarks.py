@@ -27,6 +27,10 @@ def test_harness_writes_well_formed_json_and_markdown(tmp_path):
         assert f"## {res['case']}" in md
     dfa_mlp = next(r for r in report["results"][0]["rows"] if r["variant"] == "dfa")
     assert dfa_mlp["flop_ratio"] < 1.0  # DFA skips the input gradients: fewer FLOPs than BP
+    lm = {r["variant"]: r for r in report["results"][2]["rows"]}
+    # the sparse operator is priced at its non-zeros (the FLOP counter alone would price it as the dense one)
+    sparse, dense = lm["dfa macro, e after vocab, sparse nnz16"], lm["dfa macro, e after vocab, dense"]
+    assert sparse["flops"] < dense["flops"]
     assert report["targets"] and all({"case", "what", "ok"} <= set(c) for c in report["targets"])
     assert "| bp |" in md and "Targets" in md
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback import operators
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 from dfa_lightning.feedback.points import glob_match
 from dfa_lightning.models.mlp import MLP
@@ -199,6 +200,48 @@ def test_shared_slices_reproduce_tinydfa_layout():
     raw = torch.Generator().manual_seed(5)
     expected = (torch.rand((3, 8), generator=raw, dtype=torch.float32) * 2 - 1) / 8 ** 0.5
     torch.testing.assert_close(engine.matrix, expected)
+
+
+@pytest.mark.parametrize("operator", ["lowrank", "sparse"])
+def test_shared_slices_give_equal_width_points_the_same_signal_with_cheap_operators(operator):
+    # TinyDFA's layout (one B e for all blocks of one width) through a low-rank or sparse B: columns 0:d of one operator
+    model = MLP(5, 3, hidden=[8, 8, 6])
+    engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", operator=operator, rank=2,
+                            nnz=2, seed=5)
+    engine.capture = {}
+    out = model(torch.randn(4, 5))
+    engine.ensure_matrix()
+    assert engine.operator.kind == operator and engine._layout.total == 8
+    e = torch.randn(4, 3)
+    grads = engine.project(e, (0, 1, 2), [torch.Size([4, 8])] * 2 + [torch.Size([4, 6])], [torch.float64] * 3)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[2], grads[0][:, :6])
+    torch.testing.assert_close(grads[0], e @ engine.matrix.to(e.dtype))  # the scale 1/sqrt(8) is folded in once
+    raw = operators.draw_operator(operator, 3, engine._layout, "uniform", 5, True, 2, 2).dense()
+    torch.testing.assert_close(engine.matrix, raw / 8 ** 0.5)
+    assert out.shape == (4, 3)
+
+
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_projection_dtype_gradient_projects_in_bf16_under_autocast_close_to_fp32(projection):
+    torch.set_default_dtype(torch.float32)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    results = {}
+    for projection_dtype in ("float32", "gradient"):
+        torch.manual_seed(0)
+        model = MLP(16, 4, hidden=[32, 32])
+        engine = FeedbackEngine(model, ["blocks.*"], projection=projection, projection_dtype=projection_dtype, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        results[projection_dtype] = grads(model)
+        expected = torch.bfloat16 if projection_dtype == "gradient" else torch.float32
+        assert [dtype for _, dtype in engine.operator._cache] == [expected]  # the device copy B is projected in
+        assert engine.operator.dense().dtype == torch.float32  # the checkpointed B stays fp32
+    for name, g in results["float32"].items():
+        torch.testing.assert_close(results["gradient"][name], g, rtol=5e-2, atol=5e-3)
+    with pytest.raises(ConfigError, match="projection_dtype must be one of"):
+        FeedbackEngine(MLP(16, 4, hidden=[8]), ["blocks.*"], projection_dtype="half")
 
 
 @pytest.mark.parametrize("init", ["uniform", "gaussian", "sign"])

@@ -209,3 +209,29 @@ def test_tiny_transformer_learns_wikitext2_by_bp_and_dfa(method, wt2_root, tmp_p
     assert not torch.equal(block, model.blocks[0].ffn.fc.weight)  # the first block learned (BP or feedback)
     if method == "dfa":
         assert strategy.engine is not None and strategy.engine.matrix is not None
+
+
+def test_after_vocab_recipe_feedback_trains_every_block_with_one_shared_low_rank_signal(wt2_root, tmp_path):
+    """The feedback settings of recipes/lm_dfa_macro_after_vocab.yaml on a tiny LM: e over the whole vocabulary,
+    B = UV (rank 64) in the shared layout, so every block receives the same (e U) V; perplexity drops."""
+    recipe = yaml.safe_load((REPO / "recipes" / "lm_dfa_macro_after_vocab.yaml").read_text())
+    settings = next(c["init_args"] for c in recipe["trainer"]["callbacks"]
+                    if isinstance(c, dict) and c["class_path"].endswith("FeedbackAlignmentStrategy"))
+    assert settings["operator"] == "lowrank" and settings["shared_slices"] and settings["output"] is None
+    pl.seed_everything(0, verbose=False)
+    dm = WikiTextDataModule(root=str(wt2_root), cache_dir=str(wt2_root.parent / "cache"), streams=8, seq_len=16,
+                            download=False)
+    model = TransformerLM(WT2_VOCAB, d_model=64, n_heads=2, d_ff=128, n_layers=2, dropout=0.0, max_len=16)
+    module = TaskModule(model, LanguageModeling(), optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    strategy = FeedbackAlignmentStrategy(**settings, seed=1, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=30, limit_val_batches=4,
+                         num_sanity_val_steps=0, gradient_clip_val=0.5, default_root_dir=tmp_path,
+                         callbacks=[strategy])
+    before = _val_ppl(trainer, module, dm)
+    trainer.fit(module, datamodule=dm)
+    after = _val_ppl(trainer, module, dm)
+    engine = strategy.engine
+    assert engine.operator.kind == "lowrank" and engine.d_out == WT2_VOCAB
+    assert engine._layout.slices == ((0, 64), (0, 64)) and engine._layout.total == 64  # one signal for both blocks
+    assert math.isfinite(after) and after < 0.5 * before, (before, after)

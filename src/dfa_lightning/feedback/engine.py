@@ -9,8 +9,9 @@ How it is done, with forward hooks only (the model's code is never edited):
 * each feedback point's output ``h_i`` is recorded and replaced by ``h_i.detach()`` for the layers above, so
   autograd computes no gradient with respect to it from above (nothing that DFA would throw away);
 * the output ``ŷ`` is routed through :class:`_InjectFeedback`, an identity whose inputs are ``ŷ`` and every
-  recorded ``h_i``. Its backward receives ``e``, computes all projections with one matmul ``e @ M`` (fp32) and
-  returns them as the gradients of the ``h_i``; autograd then continues into each block in the same pass.
+  recorded ``h_i``. Its backward receives ``e``, computes all projections with one matmul ``e @ M`` (fp32 by
+  default) and returns them as the gradients of the ``h_i``; autograd then continues into each block in the same
+  pass.
 
 Hence DDP buckets, AMP loss scaling, gradient accumulation and clipping see ordinary gradients.
 
@@ -33,6 +34,7 @@ from dfa_lightning.feedback.points import resolve_output, resolve_points
 
 METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
+PROJECTION_DTYPES = ("float32", "gradient")
 AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
 # tensors of optimizer state per parameter, for optimizers whose (lazy) state does not exist yet
 OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1,
@@ -151,6 +153,8 @@ class FeedbackEngine:
             point, same FLOPs); ``auto``: fused unless :meth:`calibrate` finds that the fused signals would add
             more than 10% to the step's memory (activations saved for backward + parameters + gradients + optimizer
             state), then per_point (default: ``"auto"``).
+        projection_dtype: ``float32``: the projection runs in fp32 whatever the training precision (fp64 stays
+            fp64); ``gradient``: in the dtype of the error (bf16/fp16 under AMP) (default: ``"float32"``).
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class FeedbackEngine:
         nnz: int = 16,
         error: str = "exact",
         projection: str = "auto",
+        projection_dtype: str = "float32",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -182,10 +187,12 @@ class FeedbackEngine:
             raise ConfigError(f"error must be one of {operators.ERRORS}, got {error!r}")
         if projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-        self.projection = projection
+        if projection_dtype not in PROJECTION_DTYPES:
+            raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
+        self.projection, self.projection_dtype = projection, projection_dtype
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
-        self._projection_itemsize = 4  # bytes per projected value: fp32, or the output's dtype if wider
+        self._projection_itemsize = 4  # bytes per projected value (see compute_dtype)
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
         self.batch_dims = tuple(int(d) for d in batch_dims)
@@ -245,7 +252,7 @@ class FeedbackEngine:
             )
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
-            self._projection_itemsize = torch.promote_types(out.dtype, torch.float32).itemsize
+            self._projection_itemsize = self.compute_dtype(out.dtype).itemsize
         if self.capture is not None:
             self.capture["__output__"] = out
         if not self._pending.tensors:
@@ -302,7 +309,7 @@ class FeedbackEngine:
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
-        fused_bytes = rows * columns * self._projection_itemsize  # the projection runs in fp32 (or wider)
+        fused_bytes = rows * columns * self._projection_itemsize
         self.calibration = dict(saved_activation_bytes=sum(saved.values()), parameter_bytes=param_bytes,
                                 fused_signal_bytes=fused_bytes)
         return self.count_optimizer_state(optimizer_state_bytes)
@@ -343,8 +350,8 @@ class FeedbackEngine:
         lay = self._make_layout()
         self.operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
                                                 self.shared_slices, self.rank, self.nnz)
-        if self.shared_slices and self._post_scales is None:
-            self.operator = operators.FeedbackOperator({"matrix": self.operator.dense() * lay.scales[0]})
+        if self.shared_slices and self._post_scales is None:  # one factor for the shared columns: fold it in
+            self.operator = self.operator.scaled(lay.scales[0])
         return self.matrix
 
     def _make_layout(self) -> matrices.FeedbackLayout:
@@ -375,8 +382,8 @@ class FeedbackEngine:
 
     # ------------------------------------------------------------------ the projection
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
-        """All ``B_i e`` from one projection (fp32 or wider), reshaped and cast to each point's shape and dtype."""
-        dtype = torch.promote_types(grad_output.dtype, torch.float32)  # fp32 under AMP, fp64 stays fp64
+        """All ``B_i e`` from one projection (see :meth:`compute_dtype`), reshaped and cast to each point's shape and dtype."""
+        dtype = self.compute_dtype(grad_output.dtype)
         e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
         projected = self.operator.project(e)  # [N, K], the single projection of the step
         grads = []
@@ -389,9 +396,18 @@ class FeedbackEngine:
             grads.append(unflatten_batch(g, shape, self.batch_dims).to(dtype))
         return grads
 
+    def compute_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
+        """The projection's dtype: fp32 (fp64 stays fp64) by default; ``projection_dtype="gradient"``: the error's own
+        dtype, i.e. bf16/fp16 under AMP, where tensor cores run the matmul with fp32 accumulation at several times
+        the fp32 rate (worth it when e is wide: the error after a large vocabulary)."""
+        if self.projection_dtype == "gradient":
+            return grad_dtype
+        return torch.promote_types(grad_dtype, torch.float32)
+
     def prepare_error(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """``projection="per_point"``: the flattened, transformed error (fp32 or wider), prepared by the operator."""
-        dtype = torch.promote_types(grad_output.dtype, torch.float32)
+        """``projection="per_point"``: the flattened, transformed error (:meth:`compute_dtype`), prepared by the
+        operator."""
+        dtype = self.compute_dtype(grad_output.dtype)
         e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
         return self.operator.prepare(e)
 
@@ -432,7 +448,8 @@ class FeedbackEngine:
             f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
             f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
             f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}, "
-            f"projection={self._projection_text()}",
+            f"projection={self._projection_text()}"
+            + ("" if self.projection_dtype == "float32" else f", projection_dtype={self.projection_dtype}"),
         ]
         for p in self.points:
             seg = self.segments.get(p.name, [])

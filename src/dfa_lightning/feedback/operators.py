@@ -61,6 +61,12 @@ class FeedbackOperator:
         """The equivalent ``[d_out, K]`` matrix (for tests, alignment and reports)."""
         return self.tensors["matrix"]
 
+    def scaled(self, factor: float) -> "FeedbackOperator":
+        """The same operator times ``factor`` (a shared-column layout's one scale, folded in once)."""
+        return type(self)({k: v * factor if k == self._scaled_key else v for k, v in self.tensors.items()})
+
+    _scaled_key = "matrix"  # the tensor that carries the operator's magnitude
+
     def flops(self, n: int) -> int:
         d_out, k = self.dense().shape
         return 2 * n * d_out * k
@@ -68,6 +74,7 @@ class FeedbackOperator:
 
 class LowRankFeedback(FeedbackOperator):
     kind = "lowrank"
+    _scaled_key = "v"
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         t = self.on(e.device, e.dtype)
@@ -89,6 +96,7 @@ class LowRankFeedback(FeedbackOperator):
 
 class SparseFeedback(FeedbackOperator):
     kind = "sparse"
+    _scaled_key = "values"
 
     def on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         key = (device, dtype)
@@ -124,7 +132,7 @@ class SparseFeedback(FeedbackOperator):
     def dense(self) -> torch.Tensor:
         rows, vals = self.tensors["rows"], self.tensors["values"]
         k = rows.shape[0]
-        out = torch.zeros(int(self.tensors["d_out"]), k)
+        out = torch.zeros(int(self.tensors["d_out"]), k, dtype=vals.dtype)
         out[rows, torch.arange(k).unsqueeze(1).expand_as(rows)] = vals
         return out
 
@@ -142,10 +150,12 @@ def draw_operator(kind: str, d_out: int, lay: matrices.FeedbackLayout, init: str
         raise ConfigError(f"operator must be one of {OPERATORS}, got {kind!r}")
     if kind == "dense":
         return FeedbackOperator({"matrix": matrices.feedback_matrix(d_out, lay, init, seed, shared_slices)})
-    if shared_slices:
-        raise ConfigError(f"shared_slices applies to the dense operator only, not {kind!r}")
     generator = torch.Generator().manual_seed(seed)
-    col_scale = torch.cat([torch.full((stop - start,), s) for (start, stop), s in zip(lay.slices, lay.scales)])
+    if shared_slices:  # columns shared by several points: their factors are applied by the engine (see `scaled`)
+        col_scale = torch.ones(lay.total, dtype=torch.float32)
+    else:
+        col_scale = torch.cat([torch.full((stop - start,), s, dtype=torch.float32)
+                               for (start, stop), s in zip(lay.slices, lay.scales)])
     if kind == "lowrank":
         if not 0 < rank:
             raise ConfigError(f"lowrank operator needs rank > 0, got {rank}")
