@@ -222,6 +222,27 @@ def test_shared_slices_give_equal_width_points_the_same_signal_with_cheap_operat
     assert out.shape == (4, 3)
 
 
+@pytest.mark.parametrize("operator", ["dense", "lowrank"])
+def test_per_point_with_shared_slices_computes_the_shared_product_once_and_matches_fused(operator):
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    results, calls = {}, {}
+    for projection in ("fused", "per_point"):
+        torch.manual_seed(0)
+        model = MLP(5, 3, hidden=[8, 8, 6])
+        engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", operator=operator,
+                                rank=2, projection=projection, seed=5)
+        model(x)
+        engine.reset()
+        engine.ensure_matrix()
+        original, count = engine.operator.project_slice, []
+        engine.operator.project_slice = lambda p, a, b: count.append((a, b)) or original(p, a, b)
+        F.cross_entropy(model(x), y).backward()
+        results[projection], calls[projection] = grads(model), count
+    assert calls == {"fused": [], "per_point": [(0, 8)]}  # one product for the three points, sliced 0:8, 0:8, 0:6
+    for name, g in results["fused"].items():
+        torch.testing.assert_close(results["per_point"][name], g, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("projection", ["fused", "per_point"])
 def test_projection_dtype_gradient_projects_in_bf16_under_autocast_close_to_fp32(projection):
     torch.set_default_dtype(torch.float32)

@@ -82,11 +82,12 @@ class _Pending:
 class _Stash:
     """``projection="per_point"``: the prepared error of one backward, freed after the last point has used it."""
 
-    __slots__ = ("prepared", "remaining")
+    __slots__ = ("prepared", "remaining", "shared")
 
     def __init__(self) -> None:
         self.prepared: torch.Tensor | None = None
         self.remaining = 0
+        self.shared: torch.Tensor | None = None  # shared_slices: the one B e every point slices, computed once
 
 
 class _InjectFeedback(torch.autograd.Function):
@@ -125,10 +126,10 @@ class _ReceiveFeedback(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _signal: torch.Tensor):
         stash = ctx.stash
-        grad = ctx.engine.project_point(stash.prepared, ctx.index, ctx.shape, ctx.dtype)
+        grad = ctx.engine.project_point(stash, ctx.index, ctx.shape, ctx.dtype)
         stash.remaining -= 1
         if stash.remaining <= 0:
-            stash.prepared = None
+            stash.prepared = stash.shared = None
         return None, None, None, grad
 
 
@@ -411,10 +412,18 @@ class FeedbackEngine:
         e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
         return self.operator.prepare(e)
 
-    def project_point(self, prepared: torch.Tensor, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point."""
+    def project_point(self, stash: _Stash, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point.
+
+        With ``shared_slices`` every point reads the first columns of the same product: it is computed once, at the
+        first point reached (one signal's memory), and sliced for the others, as the fused projection would."""
         start, stop = self._layout.slices[i]
-        g = self.operator.project_slice(prepared, start, stop)
+        if self.shared_slices:
+            if stash.shared is None:
+                stash.shared = self.operator.project_slice(stash.prepared, 0, self._layout.total)
+            g = stash.shared[:, start:stop]
+        else:
+            g = self.operator.project_slice(stash.prepared, start, stop)
         if self._post_scales is not None:
             g = g * self._post_scales[i]
         self._check_rows(i, shape, g.shape[0])
