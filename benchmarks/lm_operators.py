@@ -170,8 +170,9 @@ def render_md(payload: dict, rows: list[str]) -> str:
         "the `shared` ones scale by 1/sqrt(max width), as TinyDFA): "
         "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
         "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` "
-        f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B (`shared`: one "
-        "matrix whose B e every block receives, as TinyDFA), a low-rank B (rank 64; `shared` as above), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "
+        f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B "
+        "(`shared`: one matrix whose B e every block receives, as TinyDFA), a low-rank B (rank 64; `shared` as "
+        "above), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "
         "value (`ternary`) of e.",
         "",
     ])

@@ -137,7 +137,8 @@ def nerf_case(s: dict, amp: str) -> Case:
 
 #: The default feedback operator when the LM's error is taken after the vocabulary (see README, performance): a
 #: rank-64 B = UV in TinyDFA's shared layout (every block receives the same (e U) V). Cheaper than BP's gradient
-#: through the decoder; on the WikiText-2 proxy as accurate as independent dense B_i (benchmarks/results/lm_operators.md).
+#: through the decoder; on the WikiText-2 proxy as accurate as independent dense B_i
+#: (benchmarks/results/lm_operators.md).
 LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width")
 
 

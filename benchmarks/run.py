@@ -7,10 +7,10 @@ torch version; the GPU's name).
 What is measured, per case (a model at one size, see :mod:`benchmarks.models`) and per variant (bp, dfa, ...):
 
 * **step time**: one full training step, ``zero_grad(set_to_none=True)``, forward (under bf16 autocast for the
-  ``bf16`` cases), loss, backward, ``Adam.step()`` (fused, see :func:`make_adam`); CUDA-synchronised before and after. After ``--warmup`` steps,
-  the variants of a case are timed in interleaved rounds (round r: ``--steps`` steps of bp, then of dfa, ...), so
-  that a load change on a shared machine hits every variant alike; the median of all timed steps is reported with
-  the inter-quartile range.
+  ``bf16`` cases), loss, backward, ``Adam.step()`` (fused, see :func:`make_adam`); CUDA-synchronised before and
+  after. After ``--warmup`` steps, the variants of a case are timed in interleaved rounds (round r: ``--steps``
+  steps of bp, then of dfa, ...), so that a load change on a shared machine hits every variant alike; the median of
+  all timed steps is reported with the inter-quartile range.
 * **peak memory**: persistent bytes (parameters, buffers, optimizer state, the batch, the feedback operator's cached
   device copy; distinct storages counted once) plus the peak, over one step, of the memory allocated during that
   step. CUDA: ``max_memory_allocated() - memory_allocated()`` before the step. CPU (torch has no allocator

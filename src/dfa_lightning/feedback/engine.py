@@ -383,7 +383,7 @@ class FeedbackEngine:
 
     # ------------------------------------------------------------------ the projection
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
-        """All ``B_i e`` from one projection (see :meth:`compute_dtype`), reshaped and cast to each point's shape and dtype."""
+        """All ``B_i e`` from one projection (in :meth:`compute_dtype`), shaped and cast like each point."""
         dtype = self.compute_dtype(grad_output.dtype)
         e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
         projected = self.operator.project(e)  # [N, K], the single projection of the step

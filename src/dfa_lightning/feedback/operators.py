@@ -32,6 +32,7 @@ class FeedbackOperator:
     """Holds CPU fp32 tensors (the checkpointed truth) and caches copies per device and dtype."""
 
     kind = "dense"
+    _scaled_key = "matrix"  # the tensor that carries the operator's magnitude (see `scaled`)
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -64,8 +65,6 @@ class FeedbackOperator:
     def scaled(self, factor: float) -> "FeedbackOperator":
         """The same operator times ``factor`` (a shared-column layout's one scale, folded in once)."""
         return type(self)({k: v * factor if k == self._scaled_key else v for k, v in self.tensors.items()})
-
-    _scaled_key = "matrix"  # the tensor that carries the operator's magnitude
 
     def flops(self, n: int) -> int:
         d_out, k = self.dense().shape
