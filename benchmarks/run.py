@@ -195,6 +195,7 @@ class Runner:
             with FlopCounterMode(display=False) as probe:
                 op.project(e)
             total += op.flops(self.last_rows) - probe.get_total_flops()
+            self.projections = calls  # the probe went through the counting wrapper: not a step's call
         self.optimizer.zero_grad(set_to_none=True)
         return total, calls
 
@@ -203,8 +204,8 @@ def make_adam(params, lr: float) -> torch.optim.Optimizer:
     """Adam, fused (one kernel over all parameters) where torch supports it, else multi-tensor (``foreach``).
 
     The optimizer costs the same for every variant; the default single-tensor Adam on CPU allocates fresh
-    temporaries for each parameter (``sqrt``, ``div``: 10-20 ms per step for an 8 x 1024 MLP, page faults included)
-    and so dilutes every ratio towards 1. Fused (or foreach) Adam is what a tuned training run would use.
+    temporaries for each parameter (``sqrt``, ``div``; page faults included: 10-15 ms of a 75-90 ms BP step for a
+    4 x 1024 MLP, measured in paired runs) and so dilutes every ratio towards 1. Fused (or foreach) Adam is what a tuned training run would use.
     """
     params = list(params)
     try:
