@@ -7,6 +7,11 @@ compares the final validation perplexity (and wall time per step) of
 * ``bp``: backprop;
 * ``shallow``: the macro points cut, no feedback (only the decoder trains): the floor DFA must beat;
 * ``dfa_before``: DFA macro, error before the vocabulary (``output: hidden_out``), dense B (the paper's choice);
+* ``before_shared``: as ``dfa_before`` in TinyDFA's layout, one ``d_model x d_model`` matrix whose ``B e`` every
+  block receives (the paper's code: blocks of one width get the same signal), one ``N x d x d`` product per step;
+* ``micro_before`` / ``micro_before_shared``: micro points (after the attention sub-layer, the FFN activation and the
+  block), error before the vocabulary, independent B_i or TinyDFA's layout (one ``d x d_ff`` matrix, each point
+  takes its first columns);
 * ``after_dense`` / ``after_lowrank`` / ``after_sparse``: DFA macro with the error after the vocabulary (``output:
   null``, e has V dims: 8,000 BPE tokens or 33,278 words) through a dense, low-rank (rank 64) or sparse (16
   non-zeros per column) B;
@@ -43,11 +48,16 @@ from dfa_lightning.models.transformer import ERROR_AT, FEEDBACK_POINTS, Transfor
 from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks.language_modeling import LanguageModeling
 
-MACRO = FEEDBACK_POINTS["macro"]
+MACRO, MICRO = FEEDBACK_POINTS["macro"], FEEDBACK_POINTS["micro"]
 VARIANTS: dict[str, dict] = {
     "bp": dict(method="bp"),
     "shallow": dict(method="shallow", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
     "dfa_before": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["before_vocab"]),
+    "before_shared": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["before_vocab"], shared_slices=True,
+                          scale="max_width"),
+    "micro_before": dict(method="dfa", feedback_points=MICRO, output=ERROR_AT["before_vocab"]),
+    "micro_before_shared": dict(method="dfa", feedback_points=MICRO, output=ERROR_AT["before_vocab"],
+                                shared_slices=True, scale="max_width"),
     "after_dense": dict(method="dfa", feedback_points=MACRO, output=ERROR_AT["after_vocab"]),
     "after_dense_shared": dict(method="dfa", feedback_points=MACRO, output=None, shared_slices=True,
                                scale="max_width"),
@@ -166,10 +176,13 @@ def render_md(payload: dict, rows: list[str]) -> str:
         "|---|---:|---:|---:|",
         *rows,
         "",
-        "Variants (all DFA variants: macro points `blocks.*.out`, `batch_dims: [0, 1]`, uniform B, per-layer scale; "
-        "the `shared` ones scale by 1/sqrt(max width), as TinyDFA): "
+        "Variants (all DFA variants: macro points `blocks.*.out` unless `micro`, `batch_dims: [0, 1]`, uniform B, "
+        "per-layer scale; the `shared` ones scale by 1/sqrt(max width), as TinyDFA): "
         "`bp` backprop; `shallow` macro cuts without feedback (only the decoder trains); `dfa_before` error before the "
-        "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default); `after_*` "
+        "vocabulary (`output: hidden_out`, dense B d_model x d_model per block, the paper's default), `before_shared` "
+        "the same in TinyDFA's layout (one B whose B e every block receives); `micro_before` / "
+        "`micro_before_shared`: micro points (after the attention sub-layer, the FFN activation, the block), error "
+        "before the vocabulary, independent B_i / one d_model x d_ff B whose first columns each point takes; `after_*` "
         f"error after the vocabulary (`output: null`, e over the {s['vocab']:,} tokens) through a dense B "
         "(`shared`: one matrix whose B e every block receives, as TinyDFA), a low-rank B (rank 64; `shared` as "
         "above), a sparse B (16 non-zeros per column), or the dense B fed the sign (`sign`) or the ternarised "

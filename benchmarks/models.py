@@ -140,6 +140,9 @@ def nerf_case(s: dict, amp: str) -> Case:
 #: through the decoder; on the WikiText-2 proxy as accurate as independent dense B_i
 #: (benchmarks/results/lm_operators.md).
 LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width")
+#: The error before the vocabulary: one dense d x d_max B in TinyDFA's shared layout (recipes/lm_dfa_macro.yaml,
+#: lm_dfa_micro.yaml), more accurate than independent B_i on the proxy and one product per step, not one per block.
+LM_BEFORE_VOCAB_DEFAULT = dict(shared_slices=True, scale="max_width")
 
 
 def lm_case(s: dict, amp: str) -> Case:
@@ -157,8 +160,12 @@ def lm_case(s: dict, amp: str) -> Case:
     before, after = dict(output=ERROR_AT["before_vocab"], **tok), dict(output=ERROR_AT["after_vocab"], **tok)
     variants = [
         Variant("bp", "bp"),
-        Variant("dfa macro, e before vocab", "dfa", dict(feedback_points=macro, **before), default=True),
-        Variant("dfa micro, e before vocab", "dfa", dict(feedback_points=micro, **before)),
+        Variant("dfa macro, e before vocab, shared", "dfa",
+                dict(feedback_points=macro, **before, **LM_BEFORE_VOCAB_DEFAULT), default=True),
+        Variant("dfa micro, e before vocab, shared", "dfa",
+                dict(feedback_points=micro, **before, **LM_BEFORE_VOCAB_DEFAULT), default=True),
+        Variant("dfa macro, e before vocab", "dfa", dict(feedback_points=macro, **before), note="independent B_i"),
+        Variant("dfa micro, e before vocab", "dfa", dict(feedback_points=micro, **before), note="independent B_i"),
         Variant("dfa macro, e after vocab, lowrank r64 shared", "dfa",
                 dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT), default=True),
         Variant("dfa micro, e after vocab, lowrank r64 shared", "dfa",

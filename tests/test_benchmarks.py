@@ -69,15 +69,41 @@ def test_every_preset_builds_its_cases():
             assert c.variants[0].method == "bp" and any(v.default for v in c.variants)
 
 
-def _row(name, ms, q1, q3, default=False, method="dfa"):
-    return dict(variant=name, label=name, method=method, default=default, median_ms=ms, q1_ms=q1, q3_ms=q3,
-                time_ratio=ms / 10.0, mem_ratio=1.0, projection_calls=1 if method == "dfa" else 0)
+def _row(name, ms, ci=(0.0, 0.0), default=False, method="dfa"):
+    return dict(variant=name, label=name, method=method, default=default, median_ms=ms, time_ratio=ms / 10.0,
+                time_ratio_ci95=list(ci), flop_ratio=1.0, mem_ratio=1.0,
+                projection_calls=1 if method == "dfa" else 0)
 
 
-def test_time_target_is_a_tie_only_when_the_iqrs_overlap_and_never_counted_as_met():
-    bp = _row("bp", 10.0, 9.8, 10.2, method="bp")
-    results = [dict(case="a", mlp_target=False, rows=[bp, _row("dfa", 9.5, 9.3, 9.7, default=True)]),
-               dict(case="b", mlp_target=False, rows=[bp, _row("dfa", 10.1, 10.0, 10.3, default=True)]),
-               dict(case="c", mlp_target=False, rows=[bp, _row("dfa", 11.0, 10.8, 11.2, default=True)])]
+def test_time_target_is_a_tie_only_when_the_ratio_interval_reaches_the_limit_and_never_counted_as_met():
+    bp = _row("bp", 10.0, method="bp")
+    results = [dict(case="a", mlp_target=False, rows=[bp, _row("dfa", 9.5, (0.93, 0.97), default=True)]),
+               dict(case="b", mlp_target=False, rows=[bp, _row("dfa", 10.1, (0.99, 1.03), default=True)]),
+               dict(case="c", mlp_target=False, rows=[bp, _row("dfa", 11.0, (1.05, 1.15), default=True)]),
+               dict(case="d", mlp_target=True, rows=[bp, _row("dfa", 8.2, (0.81, 0.83), default=True)])]
     time = {c["case"]: c["ok"] for c in run.check_targets(results) if c["what"].startswith("time")}
-    assert time == {"a": True, "b": "tie", "c": False}
+    assert time == {"a": True, "b": "tie", "c": False, "d": False}
+
+
+def test_ratio_interval_brackets_the_ratio_and_separates_a_real_difference_from_noise():
+    import random
+    rng = random.Random(1)
+
+    def rounds(mean, drift=0.0):  # 10 rounds of 20 steps; `drift`: a load change that moves whole rounds
+        return [[mean * (1 + drift * r) + rng.gauss(0, 0.5) for _ in range(20)] for r in range(10)]
+
+    bp = rounds(10)
+    lo, hi = run.ratio_ci(rounds(10), bp)
+    assert lo < 1.0 < hi and hi - lo < 0.05
+    steady = hi - lo
+    lo, hi = run.ratio_ci(rounds(9), bp)
+    assert 0.85 < lo < 0.9 < hi < 0.95
+    # the same cost, but this variant's rounds drift with the load (0 to +18 %): the interval must widen
+    lo, hi = run.ratio_ci(rounds(10, drift=0.02), bp)
+    assert hi - lo > 2 * steady, (hi - lo, steady)
+
+
+def test_fast_models_get_more_steps_per_round_until_the_time_budget():
+    assert run.steps_per_round(0.010, rounds=10, steps=2, min_seconds=2.0) == 20  # 10 ms: 200 steps in all
+    assert run.steps_per_round(0.150, rounds=10, steps=2, min_seconds=2.0) == 2   # 150 ms: 20 steps are 3 s
+    assert run.steps_per_round(0.010, rounds=10, steps=2, min_seconds=0.0) == 2

@@ -211,13 +211,30 @@ def test_tiny_transformer_learns_wikitext2_by_bp_and_dfa(method, wt2_root, tmp_p
         assert strategy.engine is not None and strategy.engine.matrix is not None
 
 
-def test_after_vocab_recipe_feedback_trains_every_block_with_one_shared_low_rank_signal(wt2_root, tmp_path):
-    """The feedback settings of recipes/lm_dfa_macro_after_vocab.yaml on a tiny LM: e over the whole vocabulary,
-    B = UV (rank 64) in the shared layout, so every block receives the same (e U) V; perplexity drops."""
-    recipe = yaml.safe_load((REPO / "recipes" / "lm_dfa_macro_after_vocab.yaml").read_text())
-    settings = next(c["init_args"] for c in recipe["trainer"]["callbacks"]
-                    if isinstance(c, dict) and c["class_path"].endswith("FeedbackAlignmentStrategy"))
-    assert settings["operator"] == "lowrank" and settings["shared_slices"] and settings["output"] is None
+def _strategy_settings(recipe: str) -> dict:
+    config = yaml.safe_load((REPO / "recipes" / recipe).read_text())
+    return next(c["init_args"] for c in config["trainer"]["callbacks"]
+                if isinstance(c, dict) and c["class_path"].endswith("FeedbackAlignmentStrategy"))
+
+
+@pytest.mark.parametrize("recipe, d_out, slices", [
+    # error before the vocabulary: one dense 64 x 64 B; both blocks receive the same B e (TinyDFA's layout)
+    ("lm_dfa_macro.yaml", 64, ((0, 64), (0, 64))),
+    # micro: one 64 x 128 B; the 64-wide points take its first 64 columns, the FFN activation all 128
+    ("lm_dfa_micro.yaml", 64, ((0, 64), (0, 128), (0, 64)) * 2),
+    # after the vocabulary: B = UV (rank 64), every block receives the same (e U) V
+    ("lm_dfa_macro_after_vocab.yaml", WT2_VOCAB, ((0, 64), (0, 64))),
+])
+def test_lm_recipe_feedback_settings_train_every_block_from_one_shared_signal(recipe, d_out, slices, wt2_root,
+                                                                               tmp_path):
+    """Each LM DFA recipe's own feedback settings on a tiny 2 x 64 LM (d_ff 128): the layout is TinyDFA's (one
+    product, column-prefix slices), and 30 steps on WikiText-2 halve the validation perplexity."""
+    settings = _strategy_settings(recipe)
+    assert settings["shared_slices"] is True and settings["scale"] == "max_width"
+    if recipe.endswith("after_vocab.yaml"):
+        assert settings["operator"] == "lowrank" and settings["output"] is None
+    else:
+        assert settings["output"] == ERROR_AT["before_vocab"]
     pl.seed_everything(0, verbose=False)
     dm = WikiTextDataModule(root=str(wt2_root), cache_dir=str(wt2_root.parent / "cache"), streams=8, seq_len=16,
                             download=False)
@@ -229,9 +246,12 @@ def test_after_vocab_recipe_feedback_trains_every_block_with_one_shared_low_rank
                          num_sanity_val_steps=0, gradient_clip_val=0.5, default_root_dir=tmp_path,
                          callbacks=[strategy])
     before = _val_ppl(trainer, module, dm)
+    blocks = [b.attn.qkv.weight.detach().clone() for b in model.blocks]
     trainer.fit(module, datamodule=dm)
     after = _val_ppl(trainer, module, dm)
     engine = strategy.engine
-    assert engine.operator.kind == "lowrank" and engine.d_out == WT2_VOCAB
-    assert engine._layout.slices == ((0, 64), (0, 64)) and engine._layout.total == 64  # one signal for both blocks
+    assert engine.d_out == d_out and engine._layout.slices == slices
+    assert engine._layout.total == max(stop for _, stop in slices)  # one product, as wide as the widest point
     assert math.isfinite(after) and after < 0.5 * before, (before, after)
+    for b, w in zip(model.blocks, blocks):
+        assert not torch.equal(w, b.attn.qkv.weight)  # every block's attention learned
