@@ -323,6 +323,35 @@ def test_token_level_batch_dims_and_mixed_dtypes():
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
 
 
+class _FeaturesFirst(nn.Module):
+    """A layer on [features, samples] activations (column-major data, as some recsys and graph code keeps it)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.T).T
+
+
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_a_non_leading_batch_dim_sends_each_sample_its_own_projection(projection):
+    """Features-first activations [d, N] with ``batch_dims=[1]`` and d == N (a square point, where a missing
+    transpose back would go unnoticed by shapes): sample n's point receives e_n @ B, laid out as [d, N] again."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(_FeaturesFirst(4, 6), nn.ReLU(), _FeaturesFirst(6, 5))
+    engine = FeedbackEngine(model, ["1"], batch_dims=[1], projection=projection, seed=3)
+    x, w = torch.randn(4, 6), torch.randn(5, 6)  # 6 samples
+    (model(x) * w).sum().backward()  # e = dL/d(out) = w, [5, 6]
+    m = engine.matrix
+    assert m.shape == (5, 6)
+    signal = (w.T @ m).T  # [N, 6] per sample, back to [6, N]
+    h = torch.relu(model[0](x))
+    expected = torch.autograd.grad(h, model[0].lin.weight, signal)[0]
+    torch.testing.assert_close(model[0].lin.weight.grad, expected)
+
+
 def test_evaluation_without_grad_leaves_outputs_untouched():
     model = MLP(4, 2, hidden=[3])
     FeedbackEngine(model, ["blocks.*"])

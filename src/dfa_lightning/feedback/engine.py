@@ -44,6 +44,8 @@ OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, 
 def flatten_batch(t: torch.Tensor, batch_dims: Sequence[int]) -> torch.Tensor:
     """``[..]`` -> ``[N, d]``: batch dims moved to the front and merged, the rest merged into features."""
     nb = len(batch_dims)
+    if nb == 1 and t.dim() == 2 and batch_dims[0] == 0:  # already [N, d]: the common case, once per step
+        return t
     if tuple(batch_dims) != tuple(range(nb)):
         t = t.movedim(tuple(batch_dims), tuple(range(nb)))
     return t.reshape(math.prod(t.shape[:nb]), -1)
@@ -53,7 +55,7 @@ def unflatten_batch(flat: torch.Tensor, shape: torch.Size, batch_dims: Sequence[
     """Inverse of :func:`flatten_batch` for a tensor that had ``shape``."""
     nb = len(batch_dims)
     if tuple(batch_dims) == tuple(range(nb)):
-        return flat.reshape(shape)
+        return flat if flat.shape == shape else flat.reshape(shape)
     moved = [shape[d] for d in batch_dims] + [s for i, s in enumerate(shape) if i not in batch_dims]
     return flat.reshape(moved).movedim(tuple(range(nb)), tuple(batch_dims))
 
@@ -385,7 +387,8 @@ class FeedbackEngine:
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
         """All ``B_i e`` from one projection (in :meth:`compute_dtype`), shaped and cast like each point."""
         dtype = self.compute_dtype(grad_output.dtype)
-        e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
+        e = flatten_batch(grad_output, self.batch_dims)
+        e = operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
         projected = self.operator.project(e)  # [N, K], the single projection of the step
         grads = []
         for i, shape, dtype in zip(index, shapes, dtypes):
@@ -394,7 +397,8 @@ class FeedbackEngine:
             if self._post_scales is not None:
                 g = g * self._post_scales[i]
             self._check_rows(i, shape, g.shape[0])
-            grads.append(unflatten_batch(g, shape, self.batch_dims).to(dtype))
+            g = unflatten_batch(g, shape, self.batch_dims)
+            grads.append(g if g.dtype == dtype else g.to(dtype))
         return grads
 
     def compute_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
@@ -409,7 +413,8 @@ class FeedbackEngine:
         """``projection="per_point"``: the flattened, transformed error (:meth:`compute_dtype`), prepared by the
         operator."""
         dtype = self.compute_dtype(grad_output.dtype)
-        e = operators.transform_error(flatten_batch(grad_output, self.batch_dims).to(dtype), self.error)
+        e = flatten_batch(grad_output, self.batch_dims)
+        e = operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
         return self.operator.prepare(e)
 
     def project_point(self, stash: _Stash, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -427,7 +432,8 @@ class FeedbackEngine:
         if self._post_scales is not None:
             g = g * self._post_scales[i]
         self._check_rows(i, shape, g.shape[0])
-        return unflatten_batch(g, shape, self.batch_dims).to(dtype)
+        g = unflatten_batch(g, shape, self.batch_dims)
+        return g if g.dtype == dtype else g.to(dtype)
 
     def _check_rows(self, i: int, shape: torch.Size, rows: int) -> None:
         n_point = math.prod(shape[d] for d in self.batch_dims)
