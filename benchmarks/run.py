@@ -245,8 +245,9 @@ def ratio_ci(rounds: list[list[float]], bp_rounds: list[list[float]], level: flo
 
 
 def steps_per_round(bp_step_s: float, rounds: int, steps: int, min_seconds: float) -> int:
-    """At least ``steps``, and enough that each variant is timed for ``min_seconds`` at BP's step time: a 10 ms
-    step gets 200 timed steps where a 150 ms one gets 20, so a small model's ratio is not 20 noisy samples."""
+    """At least ``steps``, and enough that each variant is timed for ``min_seconds`` at BP's step time (CPU preset,
+    4 s in 10 rounds: a 10 ms step gets 400 timed steps, a 150 ms one 30), so that a fast model's ratio does not
+    rest on 20 noisy samples."""
     if min_seconds <= 0 or bp_step_s <= 0:
         return steps
     return max(steps, math.ceil(min_seconds / (rounds * bp_step_s)))
