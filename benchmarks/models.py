@@ -141,7 +141,7 @@ def nerf_case(s: dict, amp: str) -> Case:
 #: (benchmarks/results/lm_operators.md).
 LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width")
 #: The error before the vocabulary: one dense d x d_max B in TinyDFA's shared layout (recipes/lm_dfa_macro.yaml,
-#: lm_dfa_micro.yaml), more accurate than independent B_i on the proxy and one product per step, not one per block.
+#: lm_dfa_micro.yaml), more accurate than independent B_i on the proxy; its product is d_max wide, not L x that.
 LM_BEFORE_VOCAB_DEFAULT = dict(shared_slices=True, scale="max_width")
 
 
