@@ -18,6 +18,8 @@ compares the final validation perplexity (and wall time per step) of
 * ``after_dense_shared``: one dense ``V x d_model`` matrix whose ``B e`` every block receives (TinyDFA's layout:
   the projection costs what BP's gradient through the decoder costs);
 * ``after_lowrank_shared``: the shared layout through a rank-64 ``B = UV`` (every block receives ``(e U) V``);
+* ``after_lowrank_shared_bf16proj``: as ``after_lowrank_shared`` with ``projection_dtype: gradient`` (the
+  projection in the error's dtype: bf16 under ``--precision bf16-mixed``; the same as fp32 otherwise);
 * ``after_dense_sign`` / ``after_dense_ternary``: as ``after_dense`` with the sign (or the ternarised value) of
   the error sent through B, as an optical co-processor would receive it.
 
@@ -64,6 +66,8 @@ VARIANTS: dict[str, dict] = {
     "after_lowrank": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64),
     "after_lowrank_shared": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank", rank=64,
                                  shared_slices=True, scale="max_width"),
+    "after_lowrank_shared_bf16proj": dict(method="dfa", feedback_points=MACRO, output=None, operator="lowrank",
+                                          rank=64, shared_slices=True, scale="max_width", projection_dtype="gradient"),
     "after_sparse": dict(method="dfa", feedback_points=MACRO, output=None, operator="sparse", nnz=16),
     "after_dense_sign": dict(method="dfa", feedback_points=MACRO, output=None, error="sign"),
     "after_dense_ternary": dict(method="dfa", feedback_points=MACRO, output=None, error="ternary"),
@@ -95,7 +99,7 @@ def run_variant(name: str, args) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, max_steps=args.steps,
                          limit_val_batches=args.val_batches, num_sanity_val_steps=0, gradient_clip_val=0.5,
-                         callbacks=[strategy, timer], deterministic=True)
+                         callbacks=[strategy, timer], deterministic=True, precision=args.precision)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - start
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed (autocast)")
     parser.add_argument("--out", default="benchmarks/results/lm_operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

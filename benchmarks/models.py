@@ -139,7 +139,8 @@ def nerf_case(s: dict, amp: str) -> Case:
 #: rank-64 B = UV in TinyDFA's shared layout (every block receives the same (e U) V). Cheaper than BP's gradient
 #: through the decoder; on the WikiText-2 proxy as accurate as independent dense B_i
 #: (benchmarks/results/lm_operators.md).
-LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width")
+LM_AFTER_VOCAB_DEFAULT = dict(operator="lowrank", rank=64, shared_slices=True, scale="max_width",
+                              projection_dtype="gradient")  # bf16 under AMP (no perplexity cost on the proxy)
 #: The error before the vocabulary: one dense d x d_max B in TinyDFA's shared layout (recipes/lm_dfa_macro.yaml,
 #: lm_dfa_micro.yaml), more accurate than independent B_i on the proxy; its product is d_max wide, not L x that.
 LM_BEFORE_VOCAB_DEFAULT = dict(shared_slices=True, scale="max_width")
@@ -186,10 +187,10 @@ def lm_case(s: dict, amp: str) -> Case:
         Variant("dfa micro, e after vocab, dense", "dfa", dict(feedback_points=micro, **after)),
         Variant("shallow macro", "shallow", dict(feedback_points=macro, **before)),
     ]
-    if amp != "fp32":  # under AMP: the wide after-vocabulary projection in the error's dtype (tensor cores)
+    if amp != "fp32":  # under AMP the default projects in bf16: the fp32 projection beside it, and the dense shared B
         variants[-1:-1] = [
-            Variant("dfa macro, e after vocab, lowrank r64 shared, bf16 projection", "dfa",
-                    dict(feedback_points=macro, **after, **LM_AFTER_VOCAB_DEFAULT, projection_dtype="gradient")),
+            Variant("dfa macro, e after vocab, lowrank r64 shared, fp32 projection", "dfa",
+                    dict(feedback_points=macro, **after, **{**LM_AFTER_VOCAB_DEFAULT, "projection_dtype": "float32"})),
             Variant("dfa macro, e after vocab, dense shared, bf16 projection", "dfa",
                     dict(feedback_points=macro, shared_slices=True, scale="max_width", **after,
                          projection_dtype="gradient"), note="TinyDFA layout"),

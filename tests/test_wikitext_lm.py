@@ -233,6 +233,7 @@ def test_lm_recipe_feedback_settings_train_every_block_from_one_shared_signal(re
     assert settings["shared_slices"] is True and settings["scale"] == "max_width"
     if recipe.endswith("after_vocab.yaml"):
         assert settings["operator"] == "lowrank" and settings["output"] is None
+        assert settings["projection_dtype"] == "gradient"  # bf16 under AMP: no perplexity cost on the proxy
     else:
         assert settings["output"] == ERROR_AT["before_vocab"]
     pl.seed_everything(0, verbose=False)
@@ -255,3 +256,28 @@ def test_lm_recipe_feedback_settings_train_every_block_from_one_shared_signal(re
     assert math.isfinite(after) and after < 0.5 * before, (before, after)
     for b, w in zip(model.blocks, blocks):
         assert not torch.equal(w, b.attn.qkv.weight)  # every block's attention learned
+
+
+def test_lm_operator_proxy_script_runs_each_variant_and_records_its_setup(wt2_root, tmp_path, monkeypatch):
+    """`benchmarks/lm_operators.py` (the proxy behind the README's operator table) end to end on real WikiText-2 at
+    a toy size, under bf16 autocast: every asked variant trains, validates and lands in the JSON and markdown."""
+    import json
+    import sys
+
+    from benchmarks import lm_operators
+
+    monkeypatch.setenv("DFA_DATA_DIR", str(wt2_root))
+    out = tmp_path / "proxy"
+    monkeypatch.setattr(sys, "argv", [
+        "lm_operators.py", "--variants", "bp", "before_shared", "after_lowrank_shared_bf16proj", "--steps", "3",
+        "--d-model", "16", "--heads", "2", "--layers", "1", "--streams", "2", "--seq-len", "8", "--val-batches", "2",
+        "--precision", "bf16-mixed", "--cache-dir", str(wt2_root.parent / "cache"), "--out", str(out)])
+    lm_operators.main()
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["setup"]["precision"] == "bf16-mixed" and payload["setup"]["vocab"] == WT2_VOCAB
+    results = {r["variant"]: r for r in payload["results"]}
+    assert list(results) == ["bp", "before_shared", "after_lowrank_shared_bf16proj"]
+    for r in results.values():
+        assert r["steps"] == 3 and math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1
+    assert results["after_lowrank_shared_bf16proj"]["config"]["projection_dtype"] == "gradient"
+    assert "| before_shared |" in out.with_suffix(".md").read_text()
