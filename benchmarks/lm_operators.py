@@ -23,7 +23,7 @@ compares the final validation perplexity (and wall time per step) of
 * ``after_dense_sign`` / ``after_dense_ternary``: as ``after_dense`` with the sign (or the ternarised value) of
   the error sent through B, as an optical co-processor would receive it.
 
-Run (from the repository root; about 6 min per variant on one CPU core, 55 min in all):
+Run (from the repository root; about 5 min per variant on one CPU core, 70 min for the 14):
 
     DFA_DATA_DIR=../shared/data python benchmarks/lm_operators.py --tokenizer bpe --streams 16 --seq-len 64 \
         --steps 2000 --out benchmarks/results/lm_operators
