@@ -386,20 +386,9 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ the projection
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
         """All ``B_i e`` from one projection (in :meth:`compute_dtype`), shaped and cast like each point."""
-        dtype = self.compute_dtype(grad_output.dtype)
-        e = flatten_batch(grad_output, self.batch_dims)
-        e = operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
-        projected = self.operator.project(e)  # [N, K], the single projection of the step
-        grads = []
-        for i, shape, dtype in zip(index, shapes, dtypes):
-            start, stop = self._layout.slices[i]
-            g = projected[:, start:stop]
-            if self._post_scales is not None:
-                g = g * self._post_scales[i]
-            self._check_rows(i, shape, g.shape[0])
-            g = unflatten_batch(g, shape, self.batch_dims)
-            grads.append(g if g.dtype == dtype else g.to(dtype))
-        return grads
+        projected = self.operator.project(self._error(grad_output))  # [N, K], the single projection of the step
+        return [self._signal(i, projected[:, slice(*self._layout.slices[i])], shape, point_dtype)
+                for i, shape, point_dtype in zip(index, shapes, dtypes)]
 
     def compute_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
         """The projection's dtype: fp32 (fp64 stays fp64) by default; ``projection_dtype="gradient"``: the error's own
@@ -412,10 +401,7 @@ class FeedbackEngine:
     def prepare_error(self, grad_output: torch.Tensor) -> torch.Tensor:
         """``projection="per_point"``: the flattened, transformed error (:meth:`compute_dtype`), prepared by the
         operator."""
-        dtype = self.compute_dtype(grad_output.dtype)
-        e = flatten_batch(grad_output, self.batch_dims)
-        e = operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
-        return self.operator.prepare(e)
+        return self.operator.prepare(self._error(grad_output))
 
     def project_point(self, stash: _Stash, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point.
@@ -429,6 +415,16 @@ class FeedbackEngine:
             g = stash.shared[:, start:stop]
         else:
             g = self.operator.project_slice(stash.prepared, start, stop)
+        return self._signal(i, g, shape, dtype)
+
+    def _error(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """``e`` as the operator takes it: ``[N, d_out]`` in :meth:`compute_dtype`, transformed (sign, ternary)."""
+        dtype = self.compute_dtype(grad_output.dtype)
+        e = flatten_batch(grad_output, self.batch_dims)
+        return operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
+
+    def _signal(self, i: int, g: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Point ``i``'s columns ``g`` ([N, d_i]) as its gradient: its own scale (shared columns), shape and dtype."""
         if self._post_scales is not None:
             g = g * self._post_scales[i]
         self._check_rows(i, shape, g.shape[0])
