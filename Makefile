@@ -6,8 +6,9 @@ RECIPE ?= recipes/gcn_dfa.yaml
 ARGS ?=
 SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
+OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu reproduce-cora reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile reproduce-cora reproduce-lm reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -30,8 +31,8 @@ test-slow: ## the slow real-data tests too
 test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP with loss scaling); they skip without a GPU
 	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
 
-gpu-check: ## everything a GPU session should run, in one command: test-gpu, then bench-gpu
-	$(MAKE) test-gpu PYTHON=$(PYTHON) && $(MAKE) bench-gpu PYTHON=$(PYTHON)
+gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-gpu, GPU profile, Cora on the GPU (into OUT)
+	OUT=$(OUT) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 tensorboard: ## watch every run under logs/
 	$(PYTHON) -m tensorboard.main --logdir $(LOGDIR)
@@ -42,10 +43,21 @@ bench: ## CPU benchmarks (step time, memory) into benchmarks/results/
 bench-gpu: ## GPU benchmarks into benchmarks/results/ (one H100/H200, < 6 min)
 	$(PYTHON) -m benchmarks.run --preset gpu $(ARGS)
 
+profile: ## one DFA step per model under torch.profiler: one projection, no discarded gradients (ARGS="--preset gpu")
+	$(PYTHON) -m benchmarks.profile_step $(ARGS)
+
 reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks/results/cora_gcn.md
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml recipes/gcn_shallow.yaml \
 		--seeds $(SEEDS) --metric test/acc --out benchmarks/results/cora_gcn.md --root $(LOGDIR)/sweeps \
 		--reference '{"gcn_bp": 0.801, "gcn_dfa": 0.799, "gcn_shallow": 0.370}'
+
+LM_RECIPES ?= recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_dfa_micro.yaml recipes/lm_dfa_macro_after_vocab.yaml recipes/lm_shallow.yaml
+LM_SEEDS ?= 0
+LM_OUT ?= benchmarks/results/lm_wikitext2.md
+
+reproduce-lm: ## LM recipes on WikiText-2 (paper Table 5's methods) over LM_SEEDS: test perplexity into LM_OUT; ARGS go to every run
+	$(PYTHON) -m dfa_lightning.sweep --recipes $(LM_RECIPES) --seeds $(LM_SEEDS) --metric test/ppl --out $(LM_OUT) \
+		--root $(LOGDIR)/sweeps -- $(ARGS)
 
 GRAPH_DATASETS ?= Cora
 GRAPH_MODELS ?= gcn cheb spline gat dna gae

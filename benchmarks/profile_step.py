@@ -103,8 +103,11 @@ def _walk(event):
             stack.extend(e.cpu_children)
 
 
-def run(preset: str, only: list[str] | None = None) -> dict:
-    device = torch.device("cpu")  # the op structure is the same on CUDA; the CPU profile is cheap to read
+def run(preset: str, only: list[str] | None = None, device: str = "cpu") -> dict:
+    """Profile every case of ``preset`` on ``device``. The op structure is the same on CUDA (the profiler's CPU
+    events are the dispatched aten ops, whichever device runs them); a GPU profile also checks what
+    ``projection: auto`` chooses there."""
+    device = torch.device(device)
     report = dict(preset=preset, machine=machine(device), models=[])
     for case in cases(preset, only):
         torch.manual_seed(0)
@@ -142,7 +145,7 @@ def run(preset: str, only: list[str] | None = None) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# One DFA step under torch.profiler, preset `{report['preset']}`", "",
              f"Command: `python -m benchmarks.profile_step --preset {report['preset']}`; "
-             f"{report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
+             f"{report['machine']['gpu'] or report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
              "Per default DFA variant (`projection: auto`): matmuls inside `_InjectFeedbackBackward` (fused: the whole "
              "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U) and "
              "inside the `_ReceiveFeedbackBackward` nodes (per point: one slice matmul each, when autograd reaches the "
@@ -168,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu")
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     args = parser.parse_args(argv)
-    report = run(args.preset, args.models)
+    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("profiling on cuda needs CUDA (torch.cuda.is_available() is False)")
+    report = run(args.preset, args.models, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile_{args.preset}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -258,11 +258,21 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
     torch.manual_seed(0)
     base = case.build()
     batch = case.batch(device, torch.Generator().manual_seed(0))
-    runners = [Runner(case, v, base, device, batch) for v in case.variants]
+    runners, failed = [], []
+    for v in case.variants:  # a variant that fails to build or to step is reported; the others are still timed
+        try:
+            r = Runner(case, v, base, device, batch)
+            for _ in range(warmup):
+                r.step()
+            runners.append(r)
+        except Exception as exc:  # noqa: BLE001
+            if v.method == "bp":
+                raise  # every ratio is taken against BP
+            log(f"  {v.name}: FAILED: {type(exc).__name__}: {exc}")
+            failed.append(dict(variant=v.name, default=v.default, error=f"{type(exc).__name__}: {exc}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     del base
-    for r in runners:
-        for _ in range(warmup):
-            r.step()
     sync(device)
     t0 = time.perf_counter()
     runners[0].step()  # one more BP step, timed: it sizes the rounds
@@ -301,7 +311,7 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(case=case.name, description=case.description, amp=case.amp, mlp_target=case.mlp_target,
-                timed_steps=rounds * steps, rows=rows)
+                timed_steps=rounds * steps, rows=rows, failed_variants=failed)
 
 
 def check_targets(results: list[dict]) -> list[dict]:
@@ -314,6 +324,9 @@ def check_targets(results: list[dict]) -> list[dict]:
     """
     checks = []
     for res in results:
+        for f in res.get("failed_variants", []):
+            if f["default"]:
+                checks.append(dict(case=res["case"], variant=f["variant"], what="runs", value=f["error"], ok=False))
         for row in res["rows"]:
             if not row["default"]:
                 continue
@@ -363,9 +376,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {r['median_ms']:.2f} [{r['q1_ms']:.2f}–{r['q3_ms']:.2f}] | "
                          f"{ratio} | {r['flop_ratio']:.2f} | {r['peak_mem_bytes'] / 2**20:.1f} | "
                          f"{r['mem_ratio']:.2f} | {r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
+        for f in res.get("failed_variants", []):
+            lines.append(f"| {f['variant']} | FAILED: `{f['error']}` | | | | | |")
         lines.append("")
     for f in report.get("failures", []):
         lines += [f"## {f['case']}: FAILED", "", f"`{f['error']}`", ""]
+    if report.get("pending"):
+        lines += ["## Not run (the run was cut short before these cases)", "",
+                  ", ".join(f"`{name}`" for name in report["pending"]), ""]
     lines += ["## Targets (issue #5, on the default DFA variants: `projection: auto`)", "", "| case | variant | target | value | ok |",
               "|---|---|---|---|---|"]
     for c in report["targets"]:
@@ -409,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                   date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(device),
                   load_before=load_average(), timing=timing, results=[])
     t0 = time.perf_counter()
-    for case in cases(args.preset, args.models, args.amp):
+    out = Path(args.out)
+    todo = cases(args.preset, args.models, args.amp)
+    for i, case in enumerate(todo):
         log(f"{case.name}: {case.description}")
         try:
             report["results"].append(run_case(case, device, **timing, log=log))
@@ -418,15 +438,24 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("failures", []).append(dict(case=case.name, error=f"{type(exc).__name__}: {exc}"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        # written after every case: a run cut short (a device lease's time limit) keeps the cases it finished
+        write_report(report, out, t0, pending=[c.name for c in todo[i + 1:]])
+    log(f"wrote {out / f'bench_{args.preset}.md'} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+def write_report(report: dict, out: Path, t0: float, pending: list[str]) -> None:
+    """``bench_<preset>.json`` and ``.md`` with the cases run so far; ``pending`` names the ones still to run."""
     report["wall_s"] = time.perf_counter() - t0
     report["load_after"] = load_average()
     report["targets"] = check_targets(report["results"])
-    out = Path(args.out)
+    if pending:
+        report["pending"] = pending
+    else:
+        report.pop("pending", None)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{args.preset}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / f"bench_{args.preset}.md").write_text(markdown(report))
-    log(f"wrote {out / f'bench_{args.preset}.md'} ({report['wall_s']:.0f} s)")
-    return 0
+    (out / f"bench_{report['preset']}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"bench_{report['preset']}.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

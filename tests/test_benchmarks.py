@@ -35,6 +35,42 @@ def test_harness_writes_well_formed_json_and_markdown(tmp_path):
     assert "| bp |" in md and "Targets" in md
 
 
+def test_a_run_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """A device lease can end mid-run: the report on disk holds every finished case and names the pending ones."""
+    real, calls = run.run_case, []
+
+    def run_case(case, *args, **kwargs):
+        calls.append(case.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill at the time limit looks like from inside: not an Exception
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(run, "run_case", run_case)
+    try:
+        run.main(["--preset", "tiny", "--models", "mlp", "gcn", "lm", "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pass
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert [r["case"] for r in report["results"]] == ["mlp_fp32"]
+    assert report["pending"] == ["gcn_fp32", "lm_fp32"]
+    assert "`gcn_fp32`, `lm_fp32`" in (tmp_path / "bench_tiny.md").read_text()
+
+
+def test_a_failing_variant_is_reported_and_the_others_are_still_timed():
+    from benchmarks.models import Variant
+
+    case = cases("tiny", ["mlp"])[0]
+    case.variants.append(Variant("dfa broken", "dfa", dict(feedback_points=["no_such_layer.*"]), default=True))
+    res = run.run_case(case, torch.device("cpu"), warmup=1, rounds=2, steps=1, min_seconds=0, log=lambda m: None)
+    assert [r["variant"] for r in res["rows"]] == [v.name for v in case.variants[:-1]]
+    assert res["failed_variants"][0]["variant"] == "dfa broken" and "no_such_layer" in res["failed_variants"][0]["error"]
+    runs = [c for c in run.check_targets([res]) if c["what"] == "runs"]
+    assert len(runs) == 1 and runs[0]["ok"] is False
+    assert "FAILED" in run.markdown(dict(preset="tiny", command="", date="", machine=run.machine(torch.device("cpu")),
+                                         load_before=None, load_after=None, wall_s=0.0, results=[res],
+                                         timing=run.PRESETS["tiny"], targets=run.check_targets([res])))
+
+
 def test_bf16_autocast_path_of_the_gpu_preset_runs_on_cpu(tmp_path):
     """The GPU preset's bf16 cases (autocast forward, fp32 projection, calibration under autocast) on CPU sizes."""
     assert run.main(["--preset", "tiny", "--models", "mlp", "lm", "--amp", "bf16", "fp32", "--out", str(tmp_path)]) == 0

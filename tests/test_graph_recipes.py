@@ -270,3 +270,24 @@ def test_knn_accuracy_separates_clustered_from_shuffled_labels():
     x = torch.randn(200, 8) * 0.1 + torch.nn.functional.one_hot(y, 8).float() * 3
     assert knn_accuracy(x, y) == 1.0 and knn_accuracy(pca_2d(x), y) > 0.9
     assert knn_accuracy(x, y[torch.randperm(200)]) < 0.5
+
+
+def test_seed_sweep_tabulates_each_recipe_and_records_what_each_run_cost(planetoid, tmp_path):
+    """``dfa_lightning.sweep`` (``make reproduce-cora``, ``make reproduce-lm``): one row per recipe, its seeds' values,
+    the paper's number beside them, and the wall time of every run in the JSON."""
+    from dfa_lightning import sweep as seed_sweep
+
+    out = tmp_path / "cora.md"
+    argv = ["--recipes", str(REPO / "recipes/gcn_bp.yaml"), str(REPO / "recipes/gcn_dfa.yaml"), "--seeds", "0", "1",
+            "--metric", "test/acc", "--out", str(out), "--root", str(tmp_path / "runs"),
+            "--reference", '{"gcn_dfa": 0.799}', "--", "--trainer.max_epochs", "2", *_data_args(planetoid)]
+    assert seed_sweep.main(argv) == 0
+    rows = _table_rows(out.read_text())
+    assert rows[0] == ["recipe", "seed 0", "seed 1", "mean ± std", "paper"]
+    assert [r[0] for r in rows[2:]] == ["gcn_bp", "gcn_dfa"] and rows[3][4] == "0.799" and rows[2][4] == ""
+    summary = json.loads(out.with_suffix(".json").read_text())
+    for stem in ("gcn_bp", "gcn_dfa"):
+        assert all(0 < summary["results"][stem][str(s)] <= 1 for s in (0, 1))
+        assert all(summary["wall_s"][stem][str(s)] > 0 for s in (0, 1))
+    assert summary["extra_args"][:2] == ["--trainer.max_epochs", "2"]
+    assert "Wall time per run" in out.read_text()

@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from dfa_lightning.cli import run
@@ -54,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     metrics = opts.metrics or [opts.metric]
     tables: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
+    wall: dict[str, dict[int, float]] = {}  # seconds per run (fit + test): what a run costs on this machine
     for recipe in opts.recipes:
         stem = Path(recipe).stem
         for seed in opts.seeds:
+            t0 = time.perf_counter()
             results = run_seed(recipe, seed, extra, opts.root)
+            wall.setdefault(stem, {})[seed] = time.perf_counter() - t0
             for metric in metrics:
                 tables[metric].setdefault(stem, {})[seed] = results[metric]
             print(f"SWEEP {stem} seed={seed} " + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
@@ -75,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {stem} | {cells} | {summarize(list(per_seed.values()))} | {ref} |")
         sections.append(lines if len(metrics) == 1 else [f"### `{metric}`", "", *lines])
     lines = [line for i, sec in enumerate(sections) for line in ([""] if i else []) + sec]
+    lines += ["", "Wall time per run (fit, then test), seconds: "
+              + "; ".join(f"{stem} {', '.join(f'{t:.0f}' for t in per_seed.values())}" for stem, per_seed in wall.items())]
     heading = f"Metric: `{metrics[0]}`" if len(metrics) == 1 else f"Metrics: {', '.join(f'`{m}`' for m in metrics)}"
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"{heading}. Command: `python -m dfa_lightning.sweep {' '.join(sys.argv[1:])}`\n\n"
                    + "\n".join(lines) + "\n")
-    summary = {"metric": metrics[0], "results": tables[metrics[0]], "metrics": tables}
+    summary = {"metric": metrics[0], "results": tables[metrics[0]], "metrics": tables, "wall_s": wall,
+               "extra_args": extra}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines))
     return 0
