@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command (`make gpu-check`): the CUDA tests, the GPU benchmark (issue #5),
-# the profile of one DFA step per model on the GPU, and the GCN recipes on Cora through Lightning on the GPU.
+# the profile of one DFA step per model on the GPU (one projection, nothing discarded), the kernel time of BP and
+# DFA steps (where the time goes), and the GCN recipes on Cora through Lightning on the GPU.
 #
-# Results go to $OUT (default benchmarks/results): bench_gpu.{json,md}, profile_gpu.{json,md}, cora_gcn_gpu.{md,json}
-# and the whole log, gpu_check.log. Every stage has its own time limit and a failing stage does not stop the next
+# Results go to $OUT (default benchmarks/results): bench_gpu.{json,md}, profile_gpu.{json,md}, kernels_gpu.{json,md},
+# cora_gcn_gpu.{md,json} and the whole log, gpu_check.log (8 files: what a device lease brings back). Every stage has its own time limit and a failing stage does not stop the next
 # (a short device lease must still bring back what did run); the exit status is 0 only when every stage passed.
 # The Cora stage needs the Planetoid files under $DFA_DATA_DIR/planetoid/Cora/raw and is skipped without them.
 set -u -o pipefail
@@ -31,6 +32,10 @@ torch.cuda.get_device_name(), pytorch_lightning.__version__, torch_geometric.__v
 stage tests "${TESTS_S:-150}" "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprovider tests
 stage bench "${BENCH_S:-330}" "$PYTHON" -m benchmarks.run --preset gpu --out "$OUT"
 stage profile "${PROFILE_S:-120}" "$PYTHON" -m benchmarks.profile_step --preset gpu --out "$OUT"
+stage kernels "${KERNELS_S:-90}" "$PYTHON" -m benchmarks.profile_kernels --preset gpu --amp bf16 --out "$OUT" --variants \
+    bp dfa "dfa fused" "dfa per-point" "dfa fused, bf16 projection" "dfa per-point, bf16 projection" \
+    "dfa macro, e before vocab, shared" "dfa micro, e before vocab, shared" \
+    "dfa macro, e after vocab, lowrank r64 shared" "dfa micro, e after vocab, lowrank r64 shared"
 if [ -d "${DFA_DATA_DIR:-/nonexistent}/planetoid/Cora/raw" ]; then
     stage cora "${CORA_S:-150}" "$PYTHON" -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml \
         recipes/gcn_shallow.yaml --seeds 0 --metric test/acc --out "$OUT/cora_gcn_gpu.md" --root "${TMPDIR:-/tmp}/gpu_runs" \

@@ -71,14 +71,19 @@ SIZES = {
 }
 
 
-def _dfa_variants(points: list[str], **engine) -> list[Variant]:
-    return [Variant("bp", "bp"),
-            Variant("dfa", "dfa", dict(feedback_points=points, **engine), default=True),
-            Variant("dfa fused", "dfa", dict(feedback_points=points, projection="fused", **engine),
-                    note="all B_i e from one matmul"),
-            Variant("dfa per-point", "dfa", dict(feedback_points=points, projection="per_point", **engine),
-                    note="B_i e computed when autograd reaches point i"),
-            Variant("shallow", "shallow", dict(feedback_points=points, **engine))]
+def _dfa_variants(points: list[str], amp: str = "fp32", **engine) -> list[Variant]:
+    variants = [Variant("bp", "bp"),
+                Variant("dfa", "dfa", dict(feedback_points=points, **engine), default=True),
+                Variant("dfa fused", "dfa", dict(feedback_points=points, projection="fused", **engine),
+                        note="all B_i e from one matmul"),
+                Variant("dfa per-point", "dfa", dict(feedback_points=points, projection="per_point", **engine),
+                        note="B_i e computed when autograd reaches point i")]
+    if amp != "fp32":  # under AMP: the projection in the signal's own dtype (no fp32 copy of every B_i e to cast)
+        variants += [Variant("dfa fused, bf16 projection", "dfa",
+                             dict(feedback_points=points, projection="fused", projection_dtype="gradient", **engine)),
+                     Variant("dfa per-point, bf16 projection", "dfa",
+                             dict(feedback_points=points, projection="per_point", projection_dtype="gradient", **engine))]
+    return variants + [Variant("shallow", "shallow", dict(feedback_points=points, **engine))]
 
 
 def mlp_case(s: dict, amp: str) -> Case:
@@ -89,7 +94,7 @@ def mlp_case(s: dict, amp: str) -> Case:
 
     return Case(f"mlp_{amp}", f"MLP {s['layers']}x{w}, batch {n}, feedback on every layer (blocks.*), {amp}",
                 lambda: MLP(w, 10, hidden=[w] * s["layers"]), batch, F.cross_entropy,
-                _dfa_variants(["blocks.*"]), amp=amp, mlp_target=True)
+                _dfa_variants(["blocks.*"], amp), amp=amp, mlp_target=True)
 
 
 def gcn_case(s: dict, amp: str) -> Case:
@@ -105,7 +110,7 @@ def gcn_case(s: dict, amp: str) -> Case:
     return Case(f"gcn_{amp}", f"GCN {s['feats']}->{s['hidden']}->{s['classes']}, {nodes} nodes, {s['edges']} edges "
                 f"(full batch, point `hidden`), {amp}",
                 lambda: GCN(s["feats"], s["classes"], hidden=s["hidden"], dropout=0.1), batch,
-                lambda out, y: F.cross_entropy(out, y, ignore_index=-100), _dfa_variants(["hidden"]), amp=amp)
+                lambda out, y: F.cross_entropy(out, y, ignore_index=-100), _dfa_variants(["hidden"], amp), amp=amp)
 
 
 def deepfm_case(s: dict, amp: str) -> Case:
@@ -118,7 +123,7 @@ def deepfm_case(s: dict, amp: str) -> Case:
     return Case(f"deepfm_{amp}", f"DeepFM {fields} fields x {per} ids, embed {s['embed']}, MLP {list(s['mlp'])}, "
                 f"batch {s['batch']} (points mlp.*), {amp}",
                 lambda: DeepFM([per] * fields, embed_dim=s["embed"], mlp_dims=s["mlp"]), batch,
-                F.binary_cross_entropy_with_logits, _dfa_variants(["mlp.*"]), amp=amp)
+                F.binary_cross_entropy_with_logits, _dfa_variants(["mlp.*"], amp), amp=amp)
 
 
 def nerf_case(s: dict, amp: str) -> Case:
@@ -132,7 +137,7 @@ def nerf_case(s: dict, amp: str) -> Case:
     return Case(f"nerf_{amp}", f"NeRF MLP {s['layers']}x{s['hidden']} (skip {s['skip']}), {n} samples, "
                 f"points {NERF_POINTS['paper']}, {amp}",
                 lambda: NeRFMLP(num_layers=s["layers"], hidden=s["hidden"], skip=s["skip"]), batch, F.mse_loss,
-                _dfa_variants(NERF_POINTS["paper"]), amp=amp)
+                _dfa_variants(NERF_POINTS["paper"], amp), amp=amp)
 
 
 #: The default feedback operator when the LM's error is taken after the vocabulary (see README, performance): a

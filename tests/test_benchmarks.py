@@ -145,3 +145,17 @@ def test_fast_models_get_more_steps_per_round_until_the_time_budget():
     assert run.steps_per_round(0.010, rounds=10, steps=2, min_seconds=2.0) == 20  # 10 ms: 200 steps in all
     assert run.steps_per_round(0.150, rounds=10, steps=2, min_seconds=2.0) == 2   # 150 ms: 20 steps are 3 s
     assert run.steps_per_round(0.010, rounds=10, steps=2, min_seconds=0.0) == 2
+
+
+def test_kernel_profile_reports_every_variant_and_counts_no_annotation_as_a_kernel(tmp_path):
+    """``benchmarks.profile_kernels`` on CPU: no device kernels, so only wall time; the report lists every variant
+    asked for and a failing one by its error."""
+    from benchmarks import profile_kernels
+
+    assert profile_kernels.main(["--preset", "tiny", "--models", "nerf", "--amp", "bf16", "--variants", "bp",
+                                 "dfa fused", "dfa per-point, bf16 projection", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernels_tiny.json").read_text())
+    rows = report["cases"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["bp", "dfa fused", "dfa per-point, bf16 projection"]
+    assert all(r["wall_ms"] > 0 and r["kernel_ms"] == 0 and r["top"] == [] for r in rows)
+    assert "| dfa fused |" in (tmp_path / "kernels_tiny.md").read_text()

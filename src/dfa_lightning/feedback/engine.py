@@ -110,8 +110,10 @@ class _InjectFeedback(torch.autograd.Function):
         else:  # per point: prepare e once; each _ReceiveFeedback computes its slice when autograd reaches it
             ctx.stash.prepared = ctx.engine.prepare_error(grad_output)
             ctx.stash.remaining = len(ctx.index)
-            grads = [grad_output.new_zeros((), dtype=dtype).expand(shape)  # no memory: a signal to proceed
-                     for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
+            # placeholders that let autograd proceed to each point (no memory): one zero scalar per dtype, expanded,
+            # so a GPU step launches one fill, not one per point
+            zero = {dtype: grad_output.new_zeros((), dtype=dtype) for dtype in set(ctx.dtypes)}
+            grads = [zero[dtype].expand(shape) for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
         return (None, None, None, grad_output, *grads)
 
 
