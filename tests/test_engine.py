@@ -103,6 +103,36 @@ def test_nothing_above_a_feedback_point_sends_gradient_below_it(method):
             torch.testing.assert_close(g, e @ engine.matrix.double()[:, start:stop], atol=1e-12, rtol=1e-10)
 
 
+class _TwiceThroughOneBlock(nn.Module):
+    """A weight-shared block called twice in one forward (a recurrent step, a tied layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.block(x)))
+
+
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_a_point_called_twice_gets_its_feedback_at_each_call(projection):
+    torch.manual_seed(4)
+    model = _TwiceThroughOneBlock()
+    engine = FeedbackEngine(model, ["block"], seed=2, projection=projection)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 3)) / 6
+    signal = e @ engine.matrix.to(torch.float64)  # one point: the same B e for both calls
+    W, b = model.block[0].weight, model.block[0].bias
+    h1 = torch.tanh(x @ W.T + b).detach()
+    h2 = torch.tanh(h1 @ W.T + b).detach()
+    local = [signal * (1 - h1 ** 2), signal * (1 - h2 ** 2)]  # through each call's tanh, nothing further down
+    torch.testing.assert_close(W.grad, local[0].T @ x + local[1].T @ h1)
+    torch.testing.assert_close(b.grad, local[0].sum(0) + local[1].sum(0))
+
+
 def test_projection_is_a_single_matmul_per_step():
     model = MLP(5, 3, hidden=[8, 8, 8])
     FeedbackEngine(model, ["blocks.*"])
