@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile reproduce-cora reproduce-lm reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile kernels reproduce-cora reproduce-lm reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-gpu: ## GPU benchmarks into benchmarks/results/ (one H100/H200, < 6 min)
 
 profile: ## one DFA step per model under torch.profiler: one projection, no discarded gradients (ARGS="--preset gpu")
 	$(PYTHON) -m benchmarks.profile_step $(ARGS)
+
+kernels: ## kernel time per training step of BP and DFA on the GPU: where each step's time goes (ARGS="--models mlp nerf")
+	$(PYTHON) -m benchmarks.profile_kernels --preset gpu $(ARGS)
 
 reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks/results/cora_gcn.md
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml recipes/gcn_shallow.yaml \
