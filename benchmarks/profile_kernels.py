@@ -53,8 +53,16 @@ def kernel_profile(runner: Runner, steps: int = 5, warmup: int = 3) -> dict:
     kernel_ms = sum(ms for ms, _ in per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:TOP]
     return dict(wall_ms=1e3 * wall, kernel_ms=kernel_ms, busy=kernel_ms / (1e3 * wall) if wall else 0.0,
-                kernels_per_step=sum(n for _, n in per_kernel.values()),
+                kernels_per_step=sum(n for _, n in per_kernel.values()), dfa_host_ms=dfa_host_ms(events, steps),
                 top=[dict(kernel=k[:120], ms=ms, calls=n) for k, (ms, n) in top])
+
+
+def dfa_host_ms(events, steps: int) -> float:
+    """Host time per step inside the engine's autograd Functions: their forward calls (``_InjectFeedback``,
+    ``_ReceiveFeedback``) and their backward nodes, with everything those launch (the projection included)."""
+    names = ("_InjectFeedback", "_ReceiveFeedback", "autograd::engine::evaluate_function: _InjectFeedbackBackward",
+             "autograd::engine::evaluate_function: _ReceiveFeedbackBackward")
+    return sum(e.cpu_time_total for e in events if e.key in names) / 1e3 / steps
 
 
 def _looks_like_range(name: str) -> bool:
@@ -81,7 +89,8 @@ def run(preset: str, only: list[str] | None, variants: list[str] | None, device:
                 row = dict(variant=v.name, error=f"{type(exc).__name__}: {exc}")
             rows.append(row)
             print(f"{case.name:<12} {row['variant']:<48} " + (
-                f"wall {row['wall_ms']:8.2f} ms  kernels {row['kernel_ms']:8.2f} ms  busy {100 * row['busy']:5.1f} %"
+                f"wall {row['wall_ms']:8.2f} ms  kernels {row['kernel_ms']:8.2f} ms  busy {100 * row['busy']:5.1f} %  "
+                f"DFA host {row['dfa_host_ms']:6.3f} ms"
                 if "error" not in row else f"FAILED {row['error']}"), file=sys.stderr, flush=True)
             if device_t.type == "cuda":
                 del runner
@@ -95,19 +104,26 @@ def markdown(report: dict) -> str:
     lines = [f"# Kernel time per training step, preset `{report['preset']}`", "",
              f"Machine: {m['gpu'] or m['cpu']}; torch {m['torch']}. Per variant: wall ms per step (mean of 5 profiled "
              "steps after 3 warm-up steps; the profiler adds host overhead), summed kernel ms per step, busy = kernel / "
-             "wall, kernel launches per step, then the largest kernels (ms per step, calls per step).", ""]
+             "wall, kernel launches per step, host ms per step inside the DFA engine's autograd Functions (forward "
+             "calls and backward nodes, with what they launch), then the largest kernels (ms per step, calls per step).",
+             ""]
     for case in report["cases"]:
         lines += [f"## {case['case']}: {case['description']}", "",
-                  "| variant | wall ms | kernel ms | busy | launches | largest kernels (ms, calls) |", "|---|---|---|---|---|---|"]
+                  "| variant | wall ms | kernel ms | busy | launches | DFA host ms | largest kernels (ms, calls) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in case["rows"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | FAILED: `{r['error']}` | | | | |")
+                lines.append(f"| {r['variant']} | FAILED: `{r['error']}` | | | | | |")
                 continue
             top = "<br>".join(f"{k['ms']:.3f} ({k['calls']:g}) `{k['kernel'][:70]}`" for k in r["top"][:6])
             lines.append(f"| {r['variant']} | {r['wall_ms']:.2f} | {r['kernel_ms']:.2f} | {100 * r['busy']:.0f} % | "
-                         f"{r['kernels_per_step']:.0f} | {top} |")
+                         f"{r['kernels_per_step']:.0f} | {_ms(r.get('dfa_host_ms'))} | {top} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

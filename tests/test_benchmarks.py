@@ -158,4 +158,6 @@ def test_kernel_profile_reports_every_variant_and_counts_no_annotation_as_a_kern
     rows = report["cases"][0]["rows"]
     assert [r["variant"] for r in rows] == ["bp", "dfa fused", "dfa per-point, bf16 projection"]
     assert all(r["wall_ms"] > 0 and r["kernel_ms"] == 0 and r["top"] == [] for r in rows)
+    # the host time inside the engine's Functions: none for BP; per point costs more than fused (a Function per point)
+    assert rows[0]["dfa_host_ms"] == 0 < rows[1]["dfa_host_ms"] < rows[2]["dfa_host_ms"]
     assert "| dfa fused |" in (tmp_path / "kernels_tiny.md").read_text()
