@@ -45,7 +45,7 @@ def kernel_profile(runner: Runner, steps: int = 5, warmup: int = 3) -> dict:
     # kernels they launched: counting them would count those kernels twice
     ranges = {e.key for e in events if getattr(e, "is_user_annotation", False)}
     for evt in events:
-        if evt.key in ranges or getattr(evt, "is_user_annotation", False) or _looks_like_range(evt.key):
+        if evt.key in ranges or _looks_like_range(evt.key):
             continue
         if evt.device_type == DeviceType.CUDA and evt.self_device_time_total > 0:
             per_kernel[evt.key][0] += evt.self_device_time_total / 1e3 / steps  # ms per step

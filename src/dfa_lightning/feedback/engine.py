@@ -395,7 +395,7 @@ class FeedbackEngine:
         else:  # consecutive blocks: one split, not one slicing call per point (host time: small GPU steps are
             blocks = projected.split(lay.widths, dim=1)  # launch-bound, see README "On one H200")
             columns = [blocks[i] for i in index]
-        return [self._signal(i, g, shape, point_dtype) for i, g, shape, point_dtype in zip(index, columns, shapes, dtypes)]
+        return [self._signal(i, g, shape, dt) for i, g, shape, dt in zip(index, columns, shapes, dtypes)]
 
     def compute_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
         """The projection's dtype: fp32 (fp64 stays fp64) by default; ``projection_dtype="gradient"``: the error's own
