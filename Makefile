@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile kernels reproduce-cora reproduce-lm reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,10 +28,10 @@ test: ## the fast suite (CPU, < 15 min): everything but the `slow` marker
 test-slow: ## the slow real-data tests too
 	$(PYTHON) -m pytest -q $(ARGS)
 
-test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP with loss scaling); they skip without a GPU
+test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP, CUDA-graph replay, syncs per step); they skip without a GPU
 	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
 
-gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-gpu, GPU profile, Cora on the GPU (into OUT)
+gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-gpu, GPU profiles, loop overhead, Cora on the GPU (into OUT)
 	OUT=$(OUT) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 tensorboard: ## watch every run under logs/
@@ -48,6 +48,9 @@ profile: ## one DFA step per model under torch.profiler: one projection, no disc
 
 kernels: ## kernel time per training step of BP and DFA on the GPU: where each step's time goes (ARGS="--models mlp nerf")
 	$(PYTHON) -m benchmarks.profile_kernels --preset gpu $(ARGS)
+
+loop-overhead: ## what Trainer.fit adds per step to the bare step, BP and DFA (ARGS="--preset gpu" on a GPU)
+	$(PYTHON) -m benchmarks.loop_overhead --threads 1 --out $(OUT) $(ARGS)
 
 reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks/results/cora_gcn.md
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml recipes/gcn_shallow.yaml \

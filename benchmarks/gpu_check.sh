@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command (`make gpu-check`): the CUDA tests, the GPU benchmark (issue #5),
 # the profile of one DFA step per model on the GPU (one projection, nothing discarded), the kernel time of BP and
-# DFA steps (where the time goes), and the GCN recipes on Cora through Lightning on the GPU.
+# DFA steps (where the time goes), what the Lightning loop adds per step (its table goes to the log), and the GCN
+# recipes on Cora through Lightning on the GPU.
 #
 # Results go to $OUT (default benchmarks/results): bench_gpu.{json,md}, profile_gpu.{json,md}, kernels_gpu.{json,md},
 # cora_gcn_gpu.md and the whole log, gpu_check.log: 8 files, what a device lease brings back. Every stage has its own
@@ -37,6 +38,7 @@ stage kernels "${KERNELS_S:-90}" "$PYTHON" -m benchmarks.profile_kernels --prese
     bp dfa "dfa fused" "dfa per-point" "dfa fused, bf16 projection" "dfa per-point, bf16 projection" \
     "dfa macro, e before vocab, shared" "dfa micro, e before vocab, shared" \
     "dfa macro, e after vocab, lowrank r64 shared" "dfa micro, e after vocab, lowrank r64 shared"
+stage loop "${LOOP_S:-150}" "$PYTHON" -m benchmarks.loop_overhead --preset gpu  # table in the log: no extra file
 if [ -d "${DFA_DATA_DIR:-/nonexistent}/planetoid/Cora/raw" ]; then
     stage cora "${CORA_S:-150}" "$PYTHON" -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml \
         recipes/gcn_shallow.yaml --seeds 0 --metric test/acc --out "${TMPDIR:-/tmp}/gpu_runs/cora_gcn_gpu.md" \

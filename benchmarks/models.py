@@ -50,6 +50,7 @@ class Case:
     amp: str = "fp32"  # fp32 | bf16 (autocast on the forward; the projection itself stays fp32)
     lr: float = 1e-4
     mlp_target: bool = False  # the "DFA <= 0.8 x BP" target applies
+    cuda_graph: bool = False  # the whole step captured once in a CUDA graph and replayed (see `graphed`)
 
 
 # ---------------------------------------------------------------------------------------------- sizes per preset
@@ -206,13 +207,32 @@ def lm_case(s: dict, amp: str) -> Case:
                                       max_len=t), batch, loss, variants, amp=amp)
 
 
+#: Cases that also run with the whole step in one CUDA graph (GPU only): the host-bound ones on an H200 (and the MLP,
+#: whose target is ≤ 0.8 x BP). Not the GCN: PyG's normalisation builds its self-loops with data-dependent shapes,
+#: which a graph cannot capture.
+GRAPHED = ("mlp", "deepfm", "nerf", "lm")
+GRAPHED_VARIANTS = ("dfa fused", "dfa per-point")  # besides bp, the default DFA variants and shallow
+
+
+def graphed(case: Case) -> Case:
+    """``case`` with every step replayed from one CUDA graph: no Python, hooks or kernel launches on the host per
+    step, for BP and DFA alike, so the ratio is the device-time ratio that a host-bound step hides (README, "On one
+    H200"). The variants: BP, the default DFA ones, fused and per point, and shallow."""
+    keep = [v for v in case.variants if v.method != "dfa" or v.default or v.name in GRAPHED_VARIANTS]
+    return Case(f"{case.name}_graph", f"{case.description}; whole step in one CUDA graph", case.build, case.batch,
+                case.loss, keep, amp=case.amp, lr=case.lr, mlp_target=case.mlp_target, cuda_graph=True)
+
+
 BUILDERS = {"mlp": mlp_case, "gcn": gcn_case, "deepfm": deepfm_case, "nerf": nerf_case, "lm": lm_case}
 
 
-def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = None) -> list[Case]:
+def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = None,
+          cuda_graphs: bool = False) -> list[Case]:
     """Every case of a preset: each model in each precision of the preset (the MLP first, the LM last).
 
     ``amps`` replaces the preset's precisions, e.g. ``["bf16"]`` to run the GPU preset's autocast path on a CPU.
+    ``cuda_graphs`` appends the :data:`GRAPHED` models in the first precision, replayed from a CUDA graph, after
+    every eager case (a capture that fails cannot cost the eager results).
     """
     sizes = SIZES[preset]
     precisions = tuple(amps or sizes["amp"])
@@ -224,4 +244,6 @@ def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = N
             if amp != precisions[0] and key != "mlp":
                 continue  # the second precision (fp32 on GPU) is run for the MLP target only
             out.append(builder(sizes[key], amp))
+    if cuda_graphs:
+        out += [graphed(c) for c in out if c.amp == precisions[0] and c.name.split("_")[0] in GRAPHED]
     return out

@@ -26,6 +26,10 @@ What is measured, per case (a model at one size, see :mod:`benchmarks.models`) a
   ``flop_ratio`` = variant / bp is the lower bound of the time ratio when the step is matmul-bound: for DFA with
   feedback on every layer, (forward + weight gradients + projection) / (forward + weight gradients + input
   gradients) ~ 2/3.
+* **CUDA graph cases** (``_graph``, GPU preset, ``--no-cuda-graphs`` to skip): after warm-up, one step
+  (forward, backward, Adam with ``capturable=True``) is captured in a ``torch.cuda.CUDAGraph`` and every timed step
+  is one replay: no Python, hooks or launches on the host, for BP and DFA alike. Their ratios are the device-time
+  ratios; their memory is not reported (the graph keeps its own pool; see the eager case).
 * **projection calls**: how many times the feedback operator was called on ``e`` in the counted step (must be 1
   for DFA: ``project(e)`` when fused, ``prepare(e)`` when per point, whose column slices follow point by point).
 
@@ -97,9 +101,10 @@ class Runner:
         self.case, self.variant, self.device = case, variant, device
         self.model = copy.deepcopy(base).to(device)
         self.engine = FeedbackEngine(self.model, method=variant.method, **variant.engine)
-        self.optimizer = make_adam(self.model.parameters(), case.lr)
+        self.optimizer = make_adam(self.model.parameters(), case.lr, capturable=case.cuda_graph)
         self.inputs, self.target = batch
         self.projections = 0
+        self.graph = None  # case.cuda_graph: the captured step (see `capture`)
         if variant.method == "dfa":  # choose fused / per point (projection="auto"), draw B, count operator calls
             self.engine.calibrate(self.forward, optimizer_state_bytes([self.optimizer]))
             self.forward_backward()
@@ -120,7 +125,9 @@ class Runner:
 
     def forward(self) -> torch.Tensor:
         self.engine.reset()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case.amp == "bf16"):
+        # a graph cannot capture autocast's cache of cast weights (torch.cuda.graph's documented restriction)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case.amp == "bf16",
+                            cache_enabled=not self.case.cuda_graph):
             out = self.model(*self.inputs)
             return self.case.loss(out.float() if self.case.amp == "bf16" else out, self.target)
 
@@ -137,9 +144,30 @@ class Runner:
         return self.variant.name
 
     def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
         self.optimizer.zero_grad(set_to_none=True)
         self.forward_backward()
         self.optimizer.step()
+
+    def capture(self, warmup: int = 3) -> None:
+        """Capture one whole step in a CUDA graph (PyTorch's whole-network recipe: warm-up on a side stream, then
+        the gradients are allocated by the captured backward and rewritten in place by every replay)."""
+        if self.device.type != "cuda":
+            raise RuntimeError("a CUDA graph needs a CUDA device")
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.forward_backward()
+            self.optimizer.step()
+        self.graph = graph
 
     def persistent_bytes(self) -> int:
         tensors = list(self.model.parameters()) + list(self.model.buffers()) + list(self.inputs) + [self.target]
@@ -164,8 +192,11 @@ class Runner:
                     total += storage.nbytes()
         return total
 
-    def peak_bytes(self) -> int:
-        """Persistent bytes + the peak of what one step allocates on top of them (see the module docstring)."""
+    def peak_bytes(self) -> int | None:
+        """Persistent bytes + the peak of what one step allocates on top of them (see the module docstring); None
+        for a captured step, whose memory sits in the graph's own pool."""
+        if self.graph is not None:
+            return None
         sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -204,18 +235,19 @@ class Runner:
         return total, calls
 
 
-def make_adam(params, lr: float) -> torch.optim.Optimizer:
+def make_adam(params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam, fused (one kernel over all parameters) where torch supports it, else multi-tensor (``foreach``).
 
     The optimizer costs the same for every variant; the default single-tensor Adam on CPU allocates fresh
     temporaries for each parameter (``sqrt``, ``div``; page faults included: 10-15 ms of a 75-90 ms BP step for a
-    4 x 1024 MLP, measured in paired runs) and so dilutes every ratio towards 1. Fused (or foreach) Adam is what a tuned training run would use.
+    4 x 1024 MLP, measured in paired runs) and so dilutes every ratio towards 1. Fused (or foreach) Adam is what a
+    tuned training run would use. ``capturable``: its step counter lives on the device, as a CUDA graph needs.
     """
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
 
 
 def sync(device: torch.device) -> None:
@@ -264,6 +296,8 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
             r = Runner(case, v, base, device, batch)
             for _ in range(warmup):
                 r.step()
+            if case.cuda_graph:
+                r.capture()
             runners.append(r)
         except Exception as exc:  # noqa: BLE001
             if v.method == "bp":
@@ -300,18 +334,21 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
                          note=r.variant.note, engine={k: v for k, v in r.variant.engine.items()},
                          median_ms=1e3 * statistics.median(ts), q1_ms=1e3 * q[0], q3_ms=1e3 * q[2], steps=len(ts),
                          peak_mem_bytes=r.peak_bytes(), flops=flops, projection_calls=calls))
-        log(f"  {r.label:<54} {rows[-1]['median_ms']:9.2f} ms  {rows[-1]['peak_mem_bytes'] / 2**20:9.1f} MiB")
+        mem = rows[-1]["peak_mem_bytes"]
+        log(f"  {r.label:<54} {rows[-1]['median_ms']:9.2f} ms  "
+            + (f"{mem / 2**20:9.1f} MiB" if mem is not None else "(memory: the graph's pool)"))
     bp = rows[0]
     for row in rows:
         row["time_ratio"] = row["median_ms"] / bp["median_ms"]
         row["time_ratio_ci95"] = list(ratio_ci(by_round[row["variant"]], by_round[bp["variant"]]))
-        row["mem_ratio"] = row["peak_mem_bytes"] / bp["peak_mem_bytes"]
+        row["mem_ratio"] = (row["peak_mem_bytes"] / bp["peak_mem_bytes"]
+                            if row["peak_mem_bytes"] is not None and bp["peak_mem_bytes"] else None)
         row["flop_ratio"] = row["flops"] / bp["flops"] if bp["flops"] else math.nan
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(case=case.name, description=case.description, amp=case.amp, mlp_target=case.mlp_target,
-                timed_steps=rounds * steps, rows=rows, failed_variants=failed)
+                cuda_graph=case.cuda_graph, timed_steps=rounds * steps, rows=rows, failed_variants=failed)
 
 
 def check_targets(results: list[dict]) -> list[dict]:
@@ -336,8 +373,9 @@ def check_targets(results: list[dict]) -> list[dict]:
             checks.append(dict(case=res["case"], variant=row["label"], what=f"time <= {limit} x BP",
                                value=row["time_ratio"], ci95=row["time_ratio_ci95"], flop_ratio=row["flop_ratio"],
                                ok=ok))
-            checks.append(dict(case=res["case"], variant=row["label"], what="peak memory <= 1.1 x BP",
-                               value=row["mem_ratio"], ok=row["mem_ratio"] <= 1.1))
+            if row["mem_ratio"] is not None:  # a CUDA graph case: its eager twin carries the memory target
+                checks.append(dict(case=res["case"], variant=row["label"], what="peak memory <= 1.1 x BP",
+                                   value=row["mem_ratio"], ok=row["mem_ratio"] <= 1.1))
             checks.append(dict(case=res["case"], variant=row["label"], what="one projection per step",
                                value=row["projection_calls"], ok=row["projection_calls"] == 1))
     return checks
@@ -373,9 +411,10 @@ def markdown(report: dict) -> str:
             name = r.get("label", r["variant"]) + (" *" if r["default"] else "") + (f" ({r['note']})" if r["note"] else "")
             ci = r.get("time_ratio_ci95")
             ratio = f"{r['time_ratio']:.2f}" + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci and r is not res["rows"][0] else "")
+            mem = "– | –" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f} | {r['mem_ratio']:.2f}"
             lines.append(f"| {name} | {r['median_ms']:.2f} [{r['q1_ms']:.2f}–{r['q3_ms']:.2f}] | "
-                         f"{ratio} | {r['flop_ratio']:.2f} | {r['peak_mem_bytes'] / 2**20:.1f} | "
-                         f"{r['mem_ratio']:.2f} | {r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
+                         f"{ratio} | {r['flop_ratio']:.2f} | {mem} | "
+                         f"{r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
         for f in res.get("failed_variants", []):
             lines.append(f"| {f['variant']} | FAILED: `{f['error']}` | | | | | |")
         lines.append("")
@@ -412,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="steps per round, at least")
     parser.add_argument("--min-seconds", type=float, help="timed seconds per variant, at least (more steps per round "
                         "for fast models)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the cases replayed from a CUDA "
+                        "graph (by default they follow the eager cases)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 for tiny). On an "
                         "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls of 100x")
     args = parser.parse_args(argv)
@@ -428,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                   load_before=load_average(), timing=timing, results=[])
     t0 = time.perf_counter()
     out = Path(args.out)
-    todo = cases(args.preset, args.models, args.amp)
+    todo = cases(args.preset, args.models, args.amp, cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
     for i, case in enumerate(todo):
         log(f"{case.name}: {case.description}")
         try:

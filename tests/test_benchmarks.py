@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from benchmarks import profile_step, run
@@ -161,3 +163,71 @@ def test_kernel_profile_reports_every_variant_and_counts_no_annotation_as_a_kern
     # the host time inside the engine's Functions: none for BP; per point costs more than fused (a Function per point)
     assert rows[0]["dfa_host_ms"] == 0 < rows[1]["dfa_host_ms"] < rows[2]["dfa_host_ms"]
     assert "| dfa fused |" in (tmp_path / "kernels_tiny.md").read_text()
+
+
+def test_loop_overhead_times_the_bare_and_the_lightning_step_for_bp_and_dfa(tmp_path):
+    from benchmarks import loop_overhead
+
+    assert loop_overhead.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "loop_overhead_tiny.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["bp", "dfa"]
+    for row in result["rows"]:
+        assert row["bare_ms"] > 0 and row["lightning_ms"] > 0
+        assert row["added_ms"] == pytest.approx(row["lightning_ms"] - row["bare_ms"], abs=2e-3)
+    table = (tmp_path / "loop_overhead_tiny.md").read_text()
+    assert "| bp |" in table and "| dfa |" in table and "torch" in table
+
+
+def test_cuda_graph_cases_follow_the_eager_ones_and_keep_bp_the_defaults_and_both_modes():
+    todo = cases("gpu", cuda_graphs=True)
+    names = [c.name for c in todo]
+    graph = [c for c in todo if c.cuda_graph]
+    assert [c.name for c in graph] == ["mlp_bf16_graph", "deepfm_bf16_graph", "nerf_bf16_graph", "lm_bf16_graph"]
+    assert names.index("mlp_bf16_graph") > names.index("mlp_fp32")  # after every eager case
+    for c in graph:
+        kept = {v.name for v in c.variants}
+        assert c.variants[0].method == "bp" and any(v.default for v in c.variants)
+        if c.name != "lm_bf16_graph":
+            assert {"dfa", "dfa fused", "dfa per-point", "shallow"} <= kept
+    assert not any(c.cuda_graph for c in cases("gpu"))
+
+
+def test_a_cuda_graph_case_without_cuda_is_reported_as_failed_and_renders_without_memory(tmp_path):
+    from benchmarks.models import graphed
+
+    case = graphed(cases("tiny", ["mlp"])[0])
+    with pytest.raises(RuntimeError, match="CUDA"):  # BP cannot be captured on a CPU: the case fails, loudly
+        run.run_case(case, torch.device("cpu"), warmup=1, rounds=1, steps=1, min_seconds=0, log=lambda m: None)
+    row = dict(variant="dfa", label="dfa", method="dfa", default=True, note="", median_ms=1.0, q1_ms=1.0, q3_ms=1.0,
+               time_ratio=0.9, time_ratio_ci95=[0.8, 0.95], flop_ratio=0.7, peak_mem_bytes=None, mem_ratio=None,
+               projection_calls=1, steps=4)
+    bp = {**row, "variant": "bp", "label": "bp", "method": "bp", "default": False, "time_ratio": 1.0}
+    results = [dict(case=case.name, description=case.description, mlp_target=True, rows=[bp, row])]
+    targets = run.check_targets(results)
+    assert [t["what"] for t in targets] == ["time <= 0.8 x BP", "one projection per step"]  # no memory check
+    report = dict(preset="gpu", command="x", date="d", machine=run.machine(torch.device("cpu")), load_before=None,
+                  load_after=None, wall_s=1.0, timing=run.PRESETS["gpu"], results=results, targets=targets)
+    assert "| – | – |" in run.markdown(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["bp", "dfa fused", "dfa per-point"])
+def test_a_step_replayed_from_a_cuda_graph_trains_as_the_eager_step(variant):
+    from benchmarks.models import graphed
+
+    case = graphed(cases("tiny", ["nerf"])[0])
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    base = case.build()
+    batch = case.batch(device, torch.Generator().manual_seed(0))
+    v = next(v for v in case.variants if v.name == variant)
+    eager, replayed = run.Runner(case, v, base, device, batch), run.Runner(case, v, base, device, batch)
+    replayed.capture(warmup=3)  # 3 eager steps on a side stream; capturing runs nothing
+    for _ in range(3 + 4):
+        eager.step()
+    for _ in range(4):
+        replayed.step()
+    torch.cuda.synchronize()
+    for (name, a), b in zip(eager.model.named_parameters(), replayed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    assert replayed.graph is not None and eager.graph is None

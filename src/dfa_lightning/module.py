@@ -14,7 +14,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
-from dfa_lightning.tasks.base import Task
+from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -55,6 +55,9 @@ class TaskModule(pl.LightningModule):
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.scheduler_interval = scheduler_interval
         self._built = False
+        # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
+        self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
+        self._logged_this_epoch: set[str] = set()  # stages whose epoch metrics Lightning already holds
 
     def configure_model(self) -> None:
         """Build layers whose size comes from the data (idempotent; also called by the DFA callback's setup)."""
@@ -72,6 +75,14 @@ class TaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        """One batch: the task's loss, its metrics updated on the device, and as little host work as possible.
+
+        A Lightning ``self.log`` costs about 1 ms of host time (it walks its record of the value), and a small GPU
+        step is host-bound, so nothing is logged per step: the epoch values (mean loss, task metrics) are
+        torchmetrics accumulated on the device and handed to Lightning once per epoch (:meth:`_log_epoch_metrics`),
+        which computes and resets them at the epoch's end; ``train/loss_step`` is logged only on the steps the
+        loggers write (every ``log_every_n_steps``). The only host read is the finite-loss check.
+        """
         out = self.task.step(self.model, batch, stage)
         if stage == "train" and self.check_finite_loss and not torch.isfinite(out.loss.detach()).all():
             raise NonFiniteLossError(
@@ -79,11 +90,41 @@ class TaskModule(pl.LightningModule):
                 "training stopped; lower the learning rate or check the inputs (nothing saved from this step)"
             )
         metrics = self.task.update_metrics(out, batch, stage)
-        self.log(f"{stage}/loss", out.loss.detach(), on_step=stage == "train", on_epoch=True,
-                 prog_bar=stage != "train", batch_size=out.batch_size, sync_dist=stage != "train")
-        if metrics:
-            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=out.batch_size)
+        self.epoch_loss[f"{stage}_"].update(out.loss, out.batch_size or 1)
+        if self._trainer is not None:
+            if stage not in self._logged_this_epoch:
+                self._log_epoch_metrics(stage, metrics)
+            if stage == "train" and self._loggers_write_this_step():
+                self.log("train/loss_step", out.loss.detach(), on_step=True, on_epoch=False,
+                         batch_size=out.batch_size)
         return out.loss
+
+    def _log_epoch_metrics(self, stage: str, metrics: dict[str, nn.Module]) -> None:
+        """Register this stage's epoch metrics with Lightning (once per epoch: it keeps the metric objects, computes
+        them when the epoch ends, synchronised across ranks, and resets them)."""
+        loss = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
+        prog_bar = stage != "train"
+        self.log(loss, self.epoch_loss[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=prog_bar)
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prog_bar)
+        self._logged_this_epoch.add(stage)
+
+    def _loggers_write_this_step(self) -> bool:
+        """Lightning's rule for writing step metrics (``log_every_n_steps``), decided before the step is counted."""
+        trainer = self.trainer
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return bool(every) and ((self.global_step + 1) % every == 0 or trainer.should_stop)
+
+    def on_train_epoch_start(self) -> None:
+        self._logged_this_epoch.discard("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._logged_this_epoch.discard("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._logged_this_epoch.discard("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

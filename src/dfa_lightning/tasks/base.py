@@ -6,13 +6,47 @@ that differs between node classification, CTR prediction, language modelling or 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 STAGES = ("train", "val", "test")
+
+# Binary ranking metrics (AUROC, AP) fed with probabilities: torchmetrics >= 1.9 can be told so (``normalization:
+# None``); otherwise it tests every batch for logits, a host read per update (before 1.9, on a GPU: a sync).
+PROBABILITY_INPUTS: dict[str, Any] = (
+    {"normalization": None} if "normalization" in inspect.signature(BinaryPrecisionRecallCurve.__init__).parameters
+    else {}
+)
+
+
+class BatchMean(Metric):
+    """Mean of per-batch values weighted by their batch sizes (the epoch loss), summed on the device.
+
+    ``update(value, weight)`` takes ``weight`` as a Python number: no host-to-device copy, hence no sync per step
+    (torchmetrics' ``MeanMetric`` turns a number weight into a tensor on the device and checks for NaN on the host).
+    Synchronised across ranks by sum, so the epoch value is the global weighted mean.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: float = 1.0) -> None:
+        self.total += value.detach().double() * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
 
 
 @dataclass

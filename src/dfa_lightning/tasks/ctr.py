@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
 
-from dfa_lightning.tasks.base import StepOutput, Task
+from dfa_lightning.tasks.base import PROBABILITY_INPUTS, StepOutput, Task
 
 
 class LogLoss(Metric):
@@ -48,7 +48,9 @@ class ClickThroughRate(Task):
     monitor_mode = "max"
 
     def make_metrics(self) -> dict[str, nn.Module]:
-        return {"auroc": BinaryAUROC(), "logloss": LogLoss()}
+        # validate_args=False: its check of the targets reads the device at every update (a GPU sync per step);
+        # the targets are the data's 0/1 labels, checked when the rows are read
+        return {"auroc": BinaryAUROC(validate_args=False, **PROBABILITY_INPUTS), "logloss": LogLoss()}
 
     def step(self, model: nn.Module, batch: Any, stage: str) -> StepOutput:
         x, y = batch

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, MulticlassAccuracy
 
 from dfa_lightning.errors import ConfigError
-from dfa_lightning.tasks.base import STAGES, StepOutput, Task
+from dfa_lightning.tasks.base import PROBABILITY_INPUTS, STAGES, StepOutput, Task
 
 __all__ = ["NodeClassification", "LinkPrediction", "LinkStepOutput", "ArgmaxAccuracy"]
 
@@ -80,7 +80,7 @@ class NodeClassification(Task):
     def make_metrics(self) -> dict[str, nn.Module]:
         if self.num_classes is None:
             return {"acc": ArgmaxAccuracy()}
-        return {"acc": MulticlassAccuracy(num_classes=self.num_classes, average="micro")}
+        return {"acc": MulticlassAccuracy(num_classes=self.num_classes, average="micro", validate_args=False)}
 
     @staticmethod
     def mask(batch: Any, stage: str) -> Tensor:
@@ -148,7 +148,8 @@ class LinkPrediction(Task):
     monitor_mode = "max"
 
     def make_metrics(self) -> dict[str, nn.Module]:
-        return {"auroc": BinaryAUROC(), "ap": BinaryAveragePrecision()}
+        return {"auroc": BinaryAUROC(validate_args=False, **PROBABILITY_INPUTS),
+                "ap": BinaryAveragePrecision(validate_args=False, **PROBABILITY_INPUTS)}
 
     @staticmethod
     def edges(batch: Any, stage: str, num_nodes: int) -> tuple[Tensor, Tensor]:

@@ -23,8 +23,9 @@ from dfa_lightning.tasks.base import StepOutput, Task
 class TokenPerplexity(Metric):
     """``exp(sum of per-token NLL / number of tokens)`` from per-batch mean NLLs and token counts.
 
-    ``update(mean_nll, count)``: ``mean_nll`` is a batch's mean cross-entropy (natural log) over ``count`` tokens.
-    Kept in float64 so that millions of tokens add up exactly enough; synchronised across ranks by sum.
+    ``update(mean_nll, count)``: ``mean_nll`` is a batch's mean cross-entropy (natural log) over ``count`` tokens
+    (a Python int: no host-to-device copy, which would sync every step). Kept in float64 so that millions of tokens
+    add up exactly enough; synchronised across ranks by sum.
     """
 
     is_differentiable = False
@@ -36,10 +37,11 @@ class TokenPerplexity(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, mean_nll: torch.Tensor, count: torch.Tensor) -> None:
-        count = torch.as_tensor(count, device=self.count.device)
+    def update(self, mean_nll: torch.Tensor, count: int | torch.Tensor) -> None:
+        if isinstance(count, torch.Tensor):
+            count = count.to(self.count.device, torch.long)
         self.total += mean_nll.detach().double() * count
-        self.count += count.long()
+        self.count += count
 
     def compute(self) -> torch.Tensor:
         return torch.exp(self.total / self.count.clamp(min=1)).float()
@@ -69,6 +71,6 @@ class LanguageModeling(Task):
         loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
         return StepOutput(loss=loss, output=logits, target=y, batch_size=y.numel())
 
-    def metric_inputs(self, out: StepOutput, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def metric_inputs(self, out: StepOutput, batch: Any, stage: str) -> tuple[torch.Tensor, int]:
         """``(mean NLL of the batch, its token count)``: perplexity needs no second pass over the logits."""
-        return out.loss.detach(), torch.tensor(out.target.numel())
+        return out.loss.detach(), out.target.numel()
