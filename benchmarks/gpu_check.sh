@@ -38,7 +38,7 @@ stage kernels "${KERNELS_S:-90}" "$PYTHON" -m benchmarks.profile_kernels --prese
     bp dfa "dfa fused" "dfa per-point" "dfa fused, bf16 projection" "dfa per-point, bf16 projection" \
     "dfa macro, e before vocab, shared" "dfa micro, e before vocab, shared" \
     "dfa macro, e after vocab, lowrank r64 shared" "dfa micro, e after vocab, lowrank r64 shared"
-stage loop "${LOOP_S:-150}" "$PYTHON" -m benchmarks.loop_overhead --preset gpu  # table in the log: no extra file
+stage loop "${LOOP_S:-120}" "$PYTHON" -m benchmarks.loop_overhead --preset gpu  # table in the log: no extra file
 if [ -d "${DFA_DATA_DIR:-/nonexistent}/planetoid/Cora/raw" ]; then
     stage cora "${CORA_S:-150}" "$PYTHON" -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml \
         recipes/gcn_shallow.yaml --seeds 0 --metric test/acc --out "${TMPDIR:-/tmp}/gpu_runs/cora_gcn_gpu.md" \

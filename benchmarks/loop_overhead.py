@@ -42,7 +42,7 @@ PRESETS = {
                  steps=(2, 4), repeats=1, precision="32-true"),  # the test suite
     "cpu": dict(model=dict(vocab_size=64, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=16), streams=4, seq=16,
                 steps=(100, 500), repeats=5, precision="32-true"),
-    "gpu": dict(model=dict(vocab_size=33_278, max_len=128), streams=64, seq=128, steps=(30, 180), repeats=3,
+    "gpu": dict(model=dict(vocab_size=33_278, max_len=128), streams=64, seq=128, steps=(20, 120), repeats=2,
                 precision="bf16-mixed"),
 }
 DFA = dict(feedback_points=["blocks.*.out"], output="hidden_out", batch_dims=[0, 1], shared_slices=True,

@@ -426,3 +426,24 @@ def test_quantised_errors_send_only_sign_information(error):
     scale = e.abs().sum() / (e != 0).sum()  # mean over the entries that carry error
     q = torch.sign(e) * scale if error == "sign" else torch.sign(e) * (e.abs() > scale / 2) * scale
     torch.testing.assert_close(got, q @ engine.matrix)
+
+
+def test_fused_projection_casts_every_signal_to_the_points_dtype_in_one_copy():
+    """Under bf16 autocast the fp32 projection goes to the bf16 points: one cast of [N, K], not one per point (a
+    launch each on a GPU, where small steps are host-bound); the values are those of a cast per point."""
+    model = MLP(6, 3, hidden=[8, 8, 8])
+    engine = FeedbackEngine(model, ["blocks.*"], projection="fused", seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(5, 6))
+    engine.reset()
+    engine.ensure_matrix()
+    e = torch.randn(5, 3, dtype=torch.bfloat16)
+    shapes, dtypes = [torch.Size([5, 8])] * 3, [torch.bfloat16] * 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        signals = engine.project(e, (0, 1, 2), shapes, dtypes)
+    casts = [ev for ev in prof.events() if ev.name == "aten::_to_copy"]
+    assert len(casts) == 2  # e up to fp32, then all signals down to bf16 at once
+    full = (e.float() @ engine.matrix).to(torch.bfloat16)
+    for i, g in enumerate(signals):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, full[:, 8 * i:8 * (i + 1)], atol=0, rtol=0)

@@ -389,6 +389,8 @@ class FeedbackEngine:
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
         """All ``B_i e`` from one projection (in :meth:`compute_dtype`), shaped and cast like each point."""
         projected = self.operator.project(self._error(grad_output))  # [N, K], the single projection of the step
+        if self._post_scales is None and len(set(dtypes)) == 1 and projected.dtype != dtypes[0]:
+            projected = projected.to(dtypes[0])  # bf16 points of an fp32 projection: one cast, not one per point
         lay = self._layout
         if self.shared_slices:  # every point reads the first d_i columns (all of them when it is the widest)
             columns = [projected if lay.widths[i] == lay.total else projected[:, :lay.widths[i]] for i in index]
