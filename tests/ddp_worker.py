@@ -1,6 +1,7 @@
 """Run by test_ddp.py as a script: DFA under DDP with 2 CPU processes (gloo), or 1 process on the full batch.
 
-Usage: python ddp_worker.py OUT_DIR {ddp,single}. Each rank saves its feedback matrix and final parameters.
+Usage: python ddp_worker.py OUT_DIR {ddp,single}. Each rank saves its feedback matrix, final parameters and
+validation metrics.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ def main(out: Path, mode: str) -> None:
     if mode == "ddp":
         module, data, dfa = build("dfa", batch_size=per_rank)
         t = trainer(out, [dfa], max_steps=4, devices=2, strategy="ddp", deterministic=False,
-                    use_distributed_sampler=False)
+                    use_distributed_sampler=False, limit_val_batches=1.0)
         # rank r reads rows r, r+2, ...: step k's two half batches are exactly the single run's batch k
         data.train_dataloader = lambda: DataLoader(data.splits["train"], batch_size=per_rank,
                                                    sampler=DistributedSampler(data.splits["train"], shuffle=False))
     else:
         module, data, dfa = build("dfa", batch_size=2 * per_rank)
-        t = trainer(out, [dfa], max_steps=4)
+        t = trainer(out, [dfa], max_steps=4, limit_val_batches=1.0)
     seen = []
 
     class Record(pl.Callback):
@@ -38,7 +39,14 @@ def main(out: Path, mode: str) -> None:
 
     t.callbacks.append(Record())
     t.fit(module, data)
-    torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module)}, out / f"{mode}_rank{t.global_rank}.pt")
+    # validation epoch values: each rank sees its half of the rows in batches of unequal size (24, 24, 16), the
+    # single process all of them (48, 48, 32); the logged means must be the global ones on every rank
+    val = data.splits["val"]
+    loader = (DataLoader(val, batch_size=24, sampler=DistributedSampler(val, shuffle=False)) if mode == "ddp"
+              else DataLoader(val, batch_size=48))
+    metrics = t.validate(module, dataloaders=loader, verbose=False)[0]
+    torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module), "val": metrics},
+               out / f"{mode}_rank{t.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ def test_ddp_two_processes_match_each_other_and_a_single_process_on_the_combined
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
         torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)
+    # epoch values are synchronised across ranks: every rank logs the global weighted means, as one process does
+    assert rank0["val"] == rank1["val"] and set(rank0["val"]) == {"val/loss", "val/acc"}
+    for key, value in single["val"].items():
+        assert rank0["val"][key] == pytest.approx(value, rel=1e-5), key
