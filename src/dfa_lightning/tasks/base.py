@@ -30,7 +30,7 @@ class BatchMean(Metric):
 
     ``update(value, weight)`` takes ``weight`` as a Python number: no host-to-device copy, hence no sync per step
     (torchmetrics' ``MeanMetric`` turns a number weight into a tensor on the device and checks for NaN on the host).
-    Synchronised across ranks by sum, so the epoch value is the global weighted mean.
+    Synchronised across ranks by sum, so the epoch value is the global weighted mean; NaN before any update.
     """
 
     is_differentiable = False
@@ -41,7 +41,9 @@ class BatchMean(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, value: torch.Tensor, weight: float = 1.0) -> None:
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(self.weight.device, torch.float64)
         self.total += value.detach().double() * weight
         self.weight += weight
 

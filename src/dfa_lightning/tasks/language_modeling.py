@@ -14,37 +14,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import Metric
 
 from dfa_lightning.errors import ConfigError
-from dfa_lightning.tasks.base import StepOutput, Task
+from dfa_lightning.tasks.base import BatchMean, StepOutput, Task
 
 
-class TokenPerplexity(Metric):
+class TokenPerplexity(BatchMean):
     """``exp(sum of per-token NLL / number of tokens)`` from per-batch mean NLLs and token counts.
 
     ``update(mean_nll, count)``: ``mean_nll`` is a batch's mean cross-entropy (natural log) over ``count`` tokens
-    (a Python int: no host-to-device copy, which would sync every step). Kept in float64 so that millions of tokens
-    add up exactly enough; synchronised across ranks by sum.
+    (a Python int: no host-to-device copy, which would sync every step): the exponential of the token-weighted
+    :class:`~dfa_lightning.tasks.base.BatchMean`, kept in float64 so that millions of tokens add up exactly enough
+    and synchronised across ranks by sum.
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, mean_nll: torch.Tensor, count: int | torch.Tensor) -> None:
-        if isinstance(count, torch.Tensor):
-            count = count.to(self.count.device, torch.long)
-        self.total += mean_nll.detach().double() * count
-        self.count += count
 
     def compute(self) -> torch.Tensor:
-        return torch.exp(self.total / self.count.clamp(min=1)).float()
+        return torch.exp(self.total / self.weight).float()  # in float64 until the end
 
 
 class LanguageModeling(Task):
