@@ -8,8 +8,9 @@ is host-bound, so whatever the loop adds on the host adds to the step time; on t
 Both loops run the recipe's step: the paper-style Transformer LM, ``TaskModule`` with ``LanguageModeling``, Adam,
 gradient-norm clipping at 0.5; DFA is the ``lm_dfa_macro`` callback (shared 512-wide B before the vocabulary). The
 Lightning run logs to a CSV logger every 50 steps and has no progress bar; the bare loop does the same work by hand.
-The per-step time of each loop is ``(T(n_long) - T(n_short)) / (n_long - n_short)``, which cancels the set-up
-(Trainer start, the DFA probe); each measurement is repeated in interleaved order and the median is kept.
+Each run times a window of steps after a warm-up, synchronised at its two ends only (a callback marks them in the
+Lightning run), so the set-up (Trainer start, the DFA probe) is not counted; the runs are repeated in interleaved
+order and the median per-step time is kept.
 
 Presets: ``tiny`` (the test suite), ``cpu`` (a 2 x 32 LM, vocabulary 64, 4 x 16 tokens: a host-bound step, as small GPU steps are) and
 ``gpu`` (the recipes' size: 6 x 512, vocabulary 33,278, 64 x 128 tokens, bf16-mixed).
@@ -32,22 +33,24 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.run import load_average, machine
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
-from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 from dfa_lightning.models.transformer import TransformerLM
 from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks.language_modeling import LanguageModeling
 
 PRESETS = {
+    # steps: (warm-up, warm-up + timed window)
     "tiny": dict(model=dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_len=8), streams=2, seq=8,
-                 steps=(2, 4), repeats=1, precision="32-true"),  # the test suite
+                 steps=(1, 3), repeats=1, precision="32-true"),  # the test suite
     "cpu": dict(model=dict(vocab_size=64, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=16), streams=4, seq=16,
-                steps=(100, 500), repeats=5, precision="32-true"),
-    "gpu": dict(model=dict(vocab_size=33_278, max_len=128), streams=64, seq=128, steps=(20, 120), repeats=2,
+                steps=(50, 450), repeats=5, precision="32-true"),
+    "gpu": dict(model=dict(vocab_size=33_278, max_len=128), streams=64, seq=128, steps=(10, 70), repeats=3,
                 precision="bf16-mixed"),
 }
 DFA = dict(feedback_points=["blocks.*.out"], output="hidden_out", batch_dims=[0, 1], shared_slices=True,
            scale="max_width", seed=0)  # recipes/lm_dfa_macro.yaml
 CLIP = 0.5
+MODES: dict[str, str] = {}  # the DFA projection each loop ran (projection="auto" decides per run)
 
 
 class RandomTokens(Dataset):
@@ -78,17 +81,42 @@ def new_module(preset: dict) -> TaskModule:
     return TaskModule(TransformerLM(**preset["model"]), LanguageModeling())
 
 
-def bare(preset: dict, method: str, steps: int, device: torch.device, data: RandomTokens) -> float:
-    """``steps`` training steps by hand, as the Lightning loop runs them (seconds, synchronised)."""
+class Window(pl.Callback):
+    """Times training steps ``first .. last - 1`` (synchronised at both ends only)."""
+
+    def __init__(self, first: int, last: int, device: torch.device) -> None:
+        self.first, self.last, self.device = first, last, device
+        self.start = self.seconds = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last - 1:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+
+def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) -> float:
+    """Seconds per training step by hand, as the Lightning loop runs it (the timed window of the preset)."""
+    first, last = preset["steps"]
     module = new_module(preset).to(device)
-    if method == "dfa":
-        FeedbackEngine(module.model, method="dfa", **DFA)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
     bf16 = preset["precision"] == "bf16-mixed"
+    if method == "dfa":  # the callback's choice of projection, made the same way (probe forward, optimizer state)
+        engine = FeedbackEngine(module.model, method="dfa", **DFA)
+        probe = tuple(t.to(device) for t in data[0])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            engine.calibrate(lambda: module.task.step(module.model, probe, "train"), optimizer_state_bytes([optimizer]))
+        engine.reset()
+        MODES["bare"] = engine.mode
     loader = iter(DataLoader(data, batch_size=None, shuffle=False))
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    for i in range(last):
+        if i == first:
+            sync(device)
+            start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module.task.step(module.model, (x, y), "train").loss
@@ -99,22 +127,24 @@ def bare(preset: dict, method: str, steps: int, device: torch.device, data: Rand
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / (last - first)
 
 
-def lightning(preset: dict, method: str, steps: int, device: torch.device, data: RandomTokens) -> float:
-    """``steps`` steps of ``Trainer.fit`` (seconds, set-up included, synchronised)."""
+def lightning(preset: dict, method: str, device: torch.device, data: RandomTokens) -> float:
+    """Seconds per step of ``Trainer.fit`` over the preset's timed window."""
+    first, last = preset["steps"]
     module = new_module(preset)
-    callbacks = [] if method == "bp" else [FeedbackAlignmentStrategy(method="dfa", verbose=False, **DFA)]
+    window = Window(first, last, device)
+    callbacks = [window] + ([] if method == "bp" else [FeedbackAlignmentStrategy(method="dfa", verbose=False, **DFA)])
     with tempfile.TemporaryDirectory() as logs:
-        trainer = pl.Trainer(max_steps=steps, accelerator=device.type, devices=1, precision=preset["precision"],
+        trainer = pl.Trainer(max_steps=last, accelerator=device.type, devices=1, precision=preset["precision"],
                              gradient_clip_val=CLIP, logger=CSVLogger(logs), log_every_n_steps=50,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
-        start = time.perf_counter()
         trainer.fit(module, datamodule=Tokens(data))
-        sync(device)
-        return time.perf_counter() - start
+    if method == "dfa":
+        MODES["lightning"] = callbacks[1].engine.mode
+    return window.seconds / (last - first)
 
 
 def sync(device: torch.device) -> None:
@@ -124,15 +154,14 @@ def sync(device: torch.device) -> None:
 
 def measure(preset_name: str, device: torch.device, log=print) -> dict:
     preset = PRESETS[preset_name]
-    short, long = preset["steps"]
-    data = RandomTokens(preset["model"]["vocab_size"], preset["streams"], preset["seq"], long)
+    first, last = preset["steps"]
+    data = RandomTokens(preset["model"]["vocab_size"], preset["streams"], preset["seq"], last)
     loops = {"bare": bare, "lightning": lightning}
     per_step: dict[tuple[str, str], list[float]] = {}
     for repeat in range(preset["repeats"]):
         for method in ("bp", "dfa"):
             for name, loop in loops.items():
-                elapsed = loop(preset, method, long, device, data) - loop(preset, method, short, device, data)
-                per_step.setdefault((method, name), []).append(elapsed / (long - short))
+                per_step.setdefault((method, name), []).append(loop(preset, method, device, data))
         log(f"  repeat {repeat + 1}/{preset['repeats']} done")
     rows = []
     for method in ("bp", "dfa"):
@@ -140,8 +169,8 @@ def measure(preset_name: str, device: torch.device, log=print) -> dict:
         rows.append(dict(method=method, bare_ms=round(b * 1e3, 3), lightning_ms=round(lt * 1e3, 3),
                          added_ms=round((lt - b) * 1e3, 3),
                          samples_ms={n: [round(t * 1e3, 3) for t in per_step[(method, n)]] for n in loops}))
-    return dict(preset=preset_name, steps=[short, long], repeats=preset["repeats"], precision=preset["precision"],
-                model=preset["model"], tokens=[preset["streams"], preset["seq"]], rows=rows)
+    return dict(preset=preset_name, steps=[first, last], repeats=preset["repeats"], precision=preset["precision"],
+                model=preset["model"], tokens=[preset["streams"], preset["seq"]], rows=rows, dfa_projection=dict(MODES))
 
 
 def markdown(result: dict, info: dict) -> str:
@@ -153,11 +182,14 @@ def markdown(result: dict, info: dict) -> str:
              f"pytorch_lightning {pl.__version__}  ",
              f"Date: {result['date']}; load average before {result['load_before']}  ",
              f"Step: TransformerLM {result['model']}, {result['tokens'][0]} x {result['tokens'][1]} tokens, "
-             f"{result['precision']}; per-step time = (T({result['steps'][1]} steps) - T({result['steps'][0]} steps)) "
-             f"/ {result['steps'][1] - result['steps'][0]}, median of {result['repeats']} interleaved repeats.", "",
+             f"{result['precision']}; per-step time over steps {result['steps'][0]}-{result['steps'][1] - 1} of each run "
+             f"(synchronised at both ends), median of {result['repeats']} interleaved repeats.", "",
              "| method | bare step ms | through Trainer.fit ms | added by the loop ms |", "|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['bare_ms']:.2f} | {r['lightning_ms']:.2f} | {r['added_ms']:+.2f} |")
+    modes = result.get("dfa_projection", {})
+    lines += ["", f"DFA projection (`auto`, decided in each loop as the callback decides it): bare {modes.get('bare')}, "
+              f"Trainer.fit {modes.get('lightning')}."]
     return "\n".join(lines) + "\n"
 
 

@@ -174,6 +174,7 @@ def test_loop_overhead_times_the_bare_and_the_lightning_step_for_bp_and_dfa(tmp_
     for row in result["rows"]:
         assert row["bare_ms"] > 0 and row["lightning_ms"] > 0
         assert row["added_ms"] == pytest.approx(row["lightning_ms"] - row["bare_ms"], abs=2e-3)
+    assert result["dfa_projection"]["bare"] == result["dfa_projection"]["lightning"]  # like for like
     table = (tmp_path / "loop_overhead_tiny.md").read_text()
     assert "| bp |" in table and "| dfa |" in table and "torch" in table
 
