@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,6 @@ PRESETS = {
 DFA = dict(feedback_points=["blocks.*.out"], output="hidden_out", batch_dims=[0, 1], shared_slices=True,
            scale="max_width", seed=0)  # recipes/lm_dfa_macro.yaml
 CLIP = 0.5
-MODES: dict[str, str] = {}  # the DFA projection each loop ran (projection="auto" decides per run)
 
 
 class RandomTokens(Dataset):
@@ -99,8 +99,9 @@ class Window(pl.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) -> float:
-    """Seconds per training step by hand, as the Lightning loop runs it (the timed window of the preset)."""
+def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) -> tuple[float, str | None]:
+    """Seconds per training step by hand, as the Lightning loop runs it (the timed window of the preset), and the
+    DFA projection it ran."""
     first, last = preset["steps"]
     module = new_module(preset).to(device)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
@@ -111,7 +112,6 @@ def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) ->
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             engine.calibrate(lambda: module.task.step(module.model, probe, "train"), optimizer_state_bytes([optimizer]))
         engine.reset()
-        MODES["bare"] = engine.mode
     loader = iter(DataLoader(data, batch_size=None, shuffle=False))
     for i in range(last):
         if i == first:
@@ -127,11 +127,11 @@ def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return (time.perf_counter() - start) / (last - first)
+    return (time.perf_counter() - start) / (last - first), engine.mode if method == "dfa" else None
 
 
-def lightning(preset: dict, method: str, device: torch.device, data: RandomTokens) -> float:
-    """Seconds per step of ``Trainer.fit`` over the preset's timed window."""
+def lightning(preset: dict, method: str, device: torch.device, data: RandomTokens) -> tuple[float, str | None]:
+    """Seconds per step of ``Trainer.fit`` over the preset's timed window, and the DFA projection it ran."""
     first, last = preset["steps"]
     module = new_module(preset)
     window = Window(first, last, device)
@@ -142,9 +142,7 @@ def lightning(preset: dict, method: str, device: torch.device, data: RandomToken
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(module, datamodule=Tokens(data))
-    if method == "dfa":
-        MODES["lightning"] = callbacks[1].engine.mode
-    return window.seconds / (last - first)
+    return window.seconds / (last - first), callbacks[1].engine.mode if method == "dfa" else None
 
 
 def sync(device: torch.device) -> None:
@@ -158,10 +156,14 @@ def measure(preset_name: str, device: torch.device, log=print) -> dict:
     data = RandomTokens(preset["model"]["vocab_size"], preset["streams"], preset["seq"], last)
     loops = {"bare": bare, "lightning": lightning}
     per_step: dict[tuple[str, str], list[float]] = {}
+    modes: dict[str, str] = {}  # the DFA projection each loop ran (projection="auto" decides per run)
     for repeat in range(preset["repeats"]):
         for method in ("bp", "dfa"):
             for name, loop in loops.items():
-                per_step.setdefault((method, name), []).append(loop(preset, method, device, data))
+                seconds, mode = loop(preset, method, device, data)
+                per_step.setdefault((method, name), []).append(seconds)
+                if mode:
+                    modes[name] = mode
         log(f"  repeat {repeat + 1}/{preset['repeats']} done")
     rows = []
     for method in ("bp", "dfa"):
@@ -170,7 +172,7 @@ def measure(preset_name: str, device: torch.device, log=print) -> dict:
                          added_ms=round((lt - b) * 1e3, 3),
                          samples_ms={n: [round(t * 1e3, 3) for t in per_step[(method, n)]] for n in loops}))
     return dict(preset=preset_name, steps=[first, last], repeats=preset["repeats"], precision=preset["precision"],
-                model=preset["model"], tokens=[preset["streams"], preset["seq"]], rows=rows, dfa_projection=dict(MODES))
+                model=preset["model"], tokens=[preset["streams"], preset["seq"]], rows=rows, dfa_projection=modes)
 
 
 def markdown(result: dict, info: dict) -> str:
@@ -206,12 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print("the gpu preset needs CUDA", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", module="pytorch_lightning")  # the loop's start-up notices, once per run
-    import logging
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     info = machine(device)
     load_before = load_average()
     result = measure(args.preset, device, log=lambda m: print(m, file=sys.stderr))
-    command = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     result.update(date=time.strftime("%Y-%m-%dT%H:%M:%S"), load_before=load_before, machine=info,
                   command=f"python -m benchmarks.loop_overhead {command}".strip())
     text = markdown(result, info)
