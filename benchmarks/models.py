@@ -51,6 +51,7 @@ class Case:
     lr: float = 1e-4
     mlp_target: bool = False  # the "DFA <= 0.8 x BP" target applies
     cuda_graph: bool = False  # the whole step captured once in a CUDA graph and replayed (see `graphed`)
+    compile: str | None = None  # torch.compile mode of the model (forward and backward) (see `compiled`)
 
 
 # ---------------------------------------------------------------------------------------------- sizes per preset
@@ -207,9 +208,9 @@ def lm_case(s: dict, amp: str) -> Case:
                                       max_len=t), batch, loss, variants, amp=amp)
 
 
-#: Cases that also run with the whole step in one CUDA graph (GPU only): the host-bound ones on an H200 (and the MLP,
-#: whose target is ≤ 0.8 x BP). Not the GCN: PyG's normalisation builds its self-loops with data-dependent shapes,
-#: which a graph cannot capture.
+#: Cases that also run with the whole step in one CUDA graph (GPU only), or compiled: the host-bound ones on an H200
+#: (and the MLP, whose target is ≤ 0.8 x BP). Not the GCN: PyG's normalisation builds its self-loops with
+#: data-dependent shapes, which a graph cannot capture.
 GRAPHED = ("mlp", "deepfm", "nerf", "lm")
 GRAPHED_VARIANTS = ("dfa fused", "dfa per-point")  # besides bp, the default DFA variants and shallow
 
@@ -223,16 +224,26 @@ def graphed(case: Case) -> Case:
                 case.loss, keep, amp=case.amp, lr=case.lr, mlp_target=case.mlp_target, cuda_graph=True)
 
 
+def compiled(case: Case, mode: str) -> Case:
+    """``case`` with the model run through ``torch.compile(mode=mode)``, as a recipe's ``compile:`` does: the
+    feedback hooks and Functions are traced into the graph, so DFA's host work per point is compiled away with BP's
+    launches (``reduce-overhead`` adds CUDA graphs). The variants of :func:`graphed`."""
+    keep = [v for v in case.variants if v.method != "dfa" or v.default or v.name in GRAPHED_VARIANTS]
+    return Case(f"{case.name}_compiled", f"{case.description}; torch.compile mode {mode}", case.build, case.batch,
+                case.loss, keep, amp=case.amp, lr=case.lr, mlp_target=case.mlp_target, compile=mode)
+
+
 BUILDERS = {"mlp": mlp_case, "gcn": gcn_case, "deepfm": deepfm_case, "nerf": nerf_case, "lm": lm_case}
 
 
 def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = None,
-          cuda_graphs: bool = False) -> list[Case]:
+          cuda_graphs: bool = False, compile_mode: str | None = None) -> list[Case]:
     """Every case of a preset: each model in each precision of the preset (the MLP first, the LM last).
 
     ``amps`` replaces the preset's precisions, e.g. ``["bf16"]`` to run the GPU preset's autocast path on a CPU.
     ``cuda_graphs`` appends the :data:`GRAPHED` models in the first precision, replayed from a CUDA graph, after
-    every eager case (a capture that fails cannot cost the eager results).
+    every eager case (a capture that fails cannot cost the eager results). ``compile_mode`` returns instead the
+    :data:`GRAPHED` models in the first precision under ``torch.compile`` (their eager twins are the plain run).
     """
     sizes = SIZES[preset]
     precisions = tuple(amps or sizes["amp"])
@@ -244,6 +255,8 @@ def cases(preset: str, only: list[str] | None = None, amps: list[str] | None = N
             if amp != precisions[0] and key != "mlp":
                 continue  # the second precision (fp32 on GPU) is run for the MLP target only
             out.append(builder(sizes[key], amp))
+    if compile_mode:
+        return [compiled(c, compile_mode) for c in out if c.amp == precisions[0] and c.name.split("_")[0] in GRAPHED]
     if cuda_graphs:
         out += [graphed(c) for c in out if c.amp == precisions[0] and c.name.split("_")[0] in GRAPHED]
     return out

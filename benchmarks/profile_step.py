@@ -127,12 +127,14 @@ def run(preset: str, only: list[str] | None = None, device: str = "cpu") -> dict
             if mode == "fused":  # one operator call: e @ B (lowrank: (e U) V)
                 prof["ok_one_projection"] = (prof["inject_nodes"] == 1 and prof["receive_nodes"] == 0
                                              and len(prof["projection_matmuls"]) == (2 if kind == "lowrank" else 1))
-            else:  # e prepared once at the output (lowrank: e U), then one slice matmul per point call; with
-                # shared_slices one matmul at the first point reached, which the others slice
-                per_point = 1 if dfa.engine.shared_slices else prof["receive_nodes"]
+            elif dfa.engine.shared_slices:  # per point, shared columns: the one product e B at the output (as
+                # fused), which every point slices
+                prof["ok_one_projection"] = (prof["inject_nodes"] == 1 and prof["per_point_matmuls"] == []
+                                             and len(prof["projection_matmuls"]) == (2 if kind == "lowrank" else 1))
+            else:  # per point: e prepared once at the output (lowrank: e U), then one slice matmul per point call
                 prof["ok_one_projection"] = (prof["inject_nodes"] == 1
                                              and len(prof["projection_matmuls"]) == (1 if kind == "lowrank" else 0)
-                                             and len(prof["per_point_matmuls"]) == per_point > 0)
+                                             and len(prof["per_point_matmuls"]) == prof["receive_nodes"] > 0)
             prof["ok_no_discarded_gradients"] = prof["input_grad_matmuls"] == prof["expected_input_grad_matmuls"]
             report["models"].append(prof)
             print(f"{case.name:<10} {dfa.label:<40} projection {prof['projection_matmuls']} "
@@ -147,9 +149,11 @@ def markdown(report: dict) -> str:
              f"Command: `python -m benchmarks.profile_step --preset {report['preset']}`; "
              f"{report['machine']['gpu'] or report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
              "Per default DFA variant (`projection: auto`): matmuls inside `_InjectFeedbackBackward` (fused: the whole "
-             "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U) and "
+             "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U, or the "
+             "shared product) and "
              "inside the `_ReceiveFeedbackBackward` nodes (per point: one slice matmul each, when autograd reaches the "
-             "point; with shared slices one, at the first point, sliced by the others), input-gradient matmuls of linear layers in the backward (DFA measured / expected from the layers "
+             "point; with shared slices none: the one product e B is made at the output and every point slices it), "
+             "input-gradient matmuls of linear layers in the backward (DFA measured / expected from the layers "
              "whose input requires grad / BP), backward matmul GFLOPs.", "",
              "| model | variant | points | inject nodes | projection ops at the output | per-point matmuls | "
              "input-grad matmuls DFA (expected) | input-grad matmuls BP | bwd GFLOP DFA / BP | one projection | "

@@ -30,8 +30,13 @@ What is measured, per case (a model at one size, see :mod:`benchmarks.models`) a
   (forward, backward, Adam with ``capturable=True``) is captured in a ``torch.cuda.CUDAGraph`` and every timed step
   is one replay: no Python, hooks or launches on the host, for BP and DFA alike. Their ratios are the device-time
   ratios; their memory is not reported (the graph keeps its own pool; see the eager case).
+* **compiled cases** (``--compile MODE``, into ``bench_<preset>_compiled``): the same models (not the GCN) with
+  the model run through ``torch.compile(mode=MODE)``, as a recipe's ``compile:`` does; warm-up includes the
+  compilation. The hooks and the engine's Functions trace into the graph, so DFA's host work per point goes with
+  BP's. Their projection calls are not counted (a counter in a traced backward is a side effect it cannot hold).
 * **projection calls**: how many times the feedback operator was called on ``e`` in the counted step (must be 1
-  for DFA: ``project(e)`` when fused, ``prepare(e)`` when per point, whose column slices follow point by point).
+  for DFA: ``project(e)`` when fused, ``prepare(e)`` when per point, whose column slices follow point by point;
+  per point with shared columns, the one ``project(e)`` that every point slices).
 
 CPU runs set ``torch.set_flush_denormal(True)``: without it Adam's tiny second moments become denormal floats and
 its ``div`` runs 10-50x slower, a CPU artefact that would drown the comparison. ``--threads 1`` avoids OpenMP
@@ -105,15 +110,20 @@ class Runner:
         self.inputs, self.target = batch
         self.projections = 0
         self.graph = None  # case.cuda_graph: the captured step (see `capture`)
+        self.run = self.model  # case.compile: the compiled model, made after the eager set-up below
         if variant.method == "dfa":  # choose fused / per point (projection="auto"), draw B, count operator calls
             self.engine.calibrate(self.forward, optimizer_state_bytes([self.optimizer]))
             self.forward_backward()
-            self._wrap_operator()
+            if not case.compile:  # the counting wrapper is a side effect that a traced backward cannot hold
+                self._wrap_operator()
             self.model.zero_grad(set_to_none=True)
+        if case.compile:
+            self.run = torch.compile(self.model, mode=case.compile)
 
     def _wrap_operator(self) -> None:
         op = self.engine.operator
-        for name in ("project", "prepare"):  # fused: one project(e); per point: one prepare(e), then slices
+        for name in ("project", "prepare"):  # fused: one project(e); per point: one prepare(e) (or, shared columns,
+            # project(e)), then slices
             original = getattr(op, name)
 
             def counted(e, original=original):
@@ -128,7 +138,7 @@ class Runner:
         # a graph cannot capture autocast's cache of cast weights (torch.cuda.graph's documented restriction)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.case.amp == "bf16",
                             cache_enabled=not self.case.cuda_graph):
-            out = self.model(*self.inputs)
+            out = self.run(*self.inputs)
             return self.case.loss(out.float() if self.case.amp == "bf16" else out, self.target)
 
     def forward_backward(self) -> torch.Tensor:
@@ -215,13 +225,17 @@ class Runner:
                 step_peak = max(step_peak, running)
         return self.persistent_bytes() + step_peak
 
-    def flops(self) -> tuple[int, int]:
-        """(matmul FLOPs of one forward + backward, projection calls in it)."""
+    def flops(self) -> tuple[int, int | None]:
+        """(matmul FLOPs of one forward + backward, projection calls in it: None when compiled, not counted)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.projections = 0
-        with FlopCounterMode(display=False) as counter:
-            self.forward_backward()
-        total, calls = counter.get_total_flops(), self.projections
+        run, self.run = self.run, self.model  # counted on the eager model: the same matmuls
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.forward_backward()
+        finally:
+            self.run = run
+        total, calls = counter.get_total_flops(), (None if self.case.compile else self.projections)
         op = self.engine.operator
         if op is not None and op.kind == "sparse" and calls:
             # FlopCounterMode counts a sparse CSR product as the dense one it stands for (torch 2.13; older versions
@@ -348,7 +362,7 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(case=case.name, description=case.description, amp=case.amp, mlp_target=case.mlp_target,
-                cuda_graph=case.cuda_graph, timed_steps=rounds * steps, rows=rows, failed_variants=failed)
+                cuda_graph=case.cuda_graph, compile=case.compile, timed_steps=rounds * steps, rows=rows, failed_variants=failed)
 
 
 def check_targets(results: list[dict]) -> list[dict]:
@@ -376,12 +390,19 @@ def check_targets(results: list[dict]) -> list[dict]:
             if row["mem_ratio"] is not None:  # a CUDA graph case: its eager twin carries the memory target
                 checks.append(dict(case=res["case"], variant=row["label"], what="peak memory <= 1.1 x BP",
                                    value=row["mem_ratio"], ok=row["mem_ratio"] <= 1.1))
-            checks.append(dict(case=res["case"], variant=row["label"], what="one projection per step",
-                               value=row["projection_calls"], ok=row["projection_calls"] == 1))
+            if row["projection_calls"] is not None:  # a compiled case: its eager twin carries this check
+                checks.append(dict(case=res["case"], variant=row["label"], what="one projection per step",
+                                   value=row["projection_calls"], ok=row["projection_calls"] == 1))
     return checks
 
 
 # ---------------------------------------------------------------------------------------------- output
+def _calls(row: dict) -> str:
+    if row["method"] != "dfa":
+        return "-"
+    return "–" if row["projection_calls"] is None else str(row["projection_calls"])  # None: compiled, not counted
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     where = f"{m['gpu']} (CUDA {m.get('cuda')})" if m["gpu"] else f"{m['cpu']}, {m['cores']} cores"
@@ -414,7 +435,7 @@ def markdown(report: dict) -> str:
             mem = "– | –" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f} | {r['mem_ratio']:.2f}"
             lines.append(f"| {name} | {r['median_ms']:.2f} [{r['q1_ms']:.2f}–{r['q3_ms']:.2f}] | "
                          f"{ratio} | {r['flop_ratio']:.2f} | {mem} | "
-                         f"{r['projection_calls'] if r['method'] == 'dfa' else '-'} |")
+                         f"{_calls(r)} |")
         for f in res.get("failed_variants", []):
             lines.append(f"| {f['variant']} | FAILED: `{f['error']}` | | | | | |")
         lines.append("")
@@ -453,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                         "for fast models)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the cases replayed from a CUDA "
                         "graph (by default they follow the eager cases)")
+    parser.add_argument("--compile", metavar="MODE", help="run the host-bound models (and the MLP) under "
+                        "torch.compile with this mode (default, reduce-overhead, max-autotune-no-cudagraphs) instead "
+                        "of eagerly: into bench_<preset>_compiled.json/.md")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 for tiny). On an "
                         "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls of 100x")
     args = parser.parse_args(argv)
@@ -469,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                   load_before=load_average(), timing=timing, results=[])
     t0 = time.perf_counter()
     out = Path(args.out)
-    todo = cases(args.preset, args.models, args.amp, cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs)
+    todo = cases(args.preset, args.models, args.amp, cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
+                 compile_mode=args.compile)
+    report["name"] = f"bench_{args.preset}" + ("_compiled" if args.compile else "")
     for i, case in enumerate(todo):
         log(f"{case.name}: {case.description}")
         try:
@@ -481,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         # written after every case: a run cut short (a device lease's time limit) keeps the cases it finished
         write_report(report, out, t0, pending=[c.name for c in todo[i + 1:]])
-    log(f"wrote {out / f'bench_{args.preset}.md'} ({report['wall_s']:.0f} s)")
+    log(f"wrote {out / (report['name'] + '.md')} ({report['wall_s']:.0f} s)")
     return 0
 
 
@@ -495,8 +521,9 @@ def write_report(report: dict, out: Path, t0: float, pending: list[str]) -> None
     else:
         report.pop("pending", None)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{report['preset']}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / f"bench_{report['preset']}.md").write_text(markdown(report))
+    name = report.get("name", f"bench_{report['preset']}")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

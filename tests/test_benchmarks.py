@@ -232,3 +232,49 @@ def test_a_step_replayed_from_a_cuda_graph_trains_as_the_eager_step(variant):
     for (name, a), b in zip(eager.model.named_parameters(), replayed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     assert replayed.graph is not None and eager.graph is None
+
+
+def test_compiled_cases_replace_the_eager_ones_and_keep_bp_the_defaults_and_both_modes():
+    todo = cases("gpu", compile_mode="reduce-overhead")
+    assert [c.name for c in todo] == ["mlp_bf16_compiled", "deepfm_bf16_compiled", "nerf_bf16_compiled",
+                                      "lm_bf16_compiled"]
+    for c in todo:
+        assert c.compile == "reduce-overhead" and not c.cuda_graph
+        assert c.variants[0].method == "bp" and any(v.default for v in c.variants)
+        if c.name != "lm_bf16_compiled":
+            assert {"dfa", "dfa fused", "dfa per-point", "shallow"} <= {v.name for v in c.variants}
+    assert not any(c.compile for c in cases("gpu"))
+
+
+def test_a_compiled_case_trains_as_its_eager_twin_and_reports_no_projection_count(tmp_path, monkeypatch):
+    """aot_eager stands in for Inductor (no C compiler needed); the compiled runner's steps give the eager weights."""
+    from benchmarks.models import compiled
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="aot_eager"))
+    eager_case = cases("tiny", ["nerf"])[0]
+    case = compiled(eager_case, "default")
+    torch.manual_seed(0)
+    base = case.build()
+    batch = case.batch(torch.device("cpu"), torch.Generator().manual_seed(0))
+    for name in ("bp", "dfa per-point", "dfa fused"):
+        v = next(v for v in case.variants if v.name == name)
+        torch._dynamo.reset()
+        eager, traced = run.Runner(eager_case, v, base, torch.device("cpu"), batch), \
+            run.Runner(case, v, base, torch.device("cpu"), batch)
+        assert traced.run is not traced.model and eager.run is eager.model
+        for _ in range(3):
+            eager.step()
+            traced.step()
+        for (n, a), b in zip(eager.model.named_parameters(), traced.model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
+    torch._dynamo.reset()
+    result = run.run_case(case, torch.device("cpu"), warmup=1, rounds=1, steps=1, min_seconds=0, log=lambda m: None)
+    assert result["compile"] == "default"
+    dfa_rows = [r for r in result["rows"] if r["method"] == "dfa"]
+    assert dfa_rows and all(r["projection_calls"] is None for r in dfa_rows)
+    targets = run.check_targets([result])
+    assert targets and not any(t["what"] == "one projection per step" for t in targets)
+    report = dict(preset="tiny", command="x", date="d", machine=run.machine(torch.device("cpu")), load_before=None,
+                  load_after=None, wall_s=1.0, timing=run.PRESETS["tiny"], results=[result], targets=targets)
+    assert "| – |" in run.markdown(report)

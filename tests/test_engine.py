@@ -220,6 +220,32 @@ def test_auto_per_point_gives_the_same_gradients_as_fused():
         torch.testing.assert_close(auto[name], fused[name], atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("operator", ["dense", "lowrank", "sparse"])
+def test_per_point_computes_each_signal_after_the_one_above_is_consumed(operator):
+    """Per point, autograd reaches point i's projection only after the segment above used its own: one feedback
+    signal is alive at a time (the memory that makes `auto` choose it). Fused holds them all from the start."""
+    import weakref
+
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    torch.manual_seed(0)
+    model = MLP(6, 3, hidden=[16, 16, 16, 16])
+    engine = FeedbackEngine(model, ["blocks.*"], projection="per_point", operator=operator, rank=2, nnz=2, seed=2)
+    model(x)
+    engine.reset()
+    signals, alive_at_each_call = [], []
+    project_slice = engine.operator.project_slice
+
+    def recorded(prepared, start, stop):
+        alive_at_each_call.append(sum(ref() is not None for ref in signals))
+        g = project_slice(prepared, start, stop)
+        signals.append(weakref.ref(g))
+        return g
+
+    engine.operator.project_slice = recorded
+    F.cross_entropy(model(x), y).backward()
+    assert alive_at_each_call == [0, 0, 0, 0]
+
+
 def test_shared_slices_reproduce_tinydfa_layout():
     model = MLP(5, 3, hidden=[8, 6])
     engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", seed=5)
@@ -264,11 +290,14 @@ def test_per_point_with_shared_slices_computes_the_shared_product_once_and_match
         model(x)
         engine.reset()
         engine.ensure_matrix()
-        original, count = engine.operator.project_slice, []
-        engine.operator.project_slice = lambda p, a, b: count.append((a, b)) or original(p, a, b)
+        op, count = engine.operator, []
+        project, project_slice = op.project, op.project_slice
+        op.project = lambda e: count.append("project") or project(e)
+        op.project_slice = lambda p, a, b: count.append((a, b)) or project_slice(p, a, b)
         F.cross_entropy(model(x), y).backward()
         results[projection], calls[projection] = grads(model), count
-    assert calls == {"fused": [], "per_point": [(0, 8)]}  # one product for the three points, sliced 0:8, 0:8, 0:6
+    # one product for the three points (per point: when the backward starts), sliced 0:8, 0:8, 0:6
+    assert calls == {"fused": ["project"], "per_point": ["project"]}
     for name, g in results["fused"].items():
         torch.testing.assert_close(results["per_point"][name], g, atol=1e-12, rtol=1e-10)
 

@@ -34,6 +34,10 @@ class TaskModule(pl.LightningModule):
         check_finite_loss: stop with a one-line error on a NaN/inf loss (costs one sync per step)
             (default: ``True``).
         scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (Noam) (default: ``"epoch"``).
+        compile: run the model through ``torch.compile``: ``true``, or its options, e.g. ``{mode: reduce-overhead}``
+            (CUDA graphs) or ``{backend: aot_eager}``. The feedback hooks and the engine's autograd Functions trace
+            into the graph without a break, so DFA's per-point host work goes with BP's; the setup probe and the
+            alignment probe stay eager (default: ``False``).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class TaskModule(pl.LightningModule):
         param_groups: list[dict[str, Any]] | None = None,
         check_finite_loss: bool = True,
         scheduler_interval: str = "epoch",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.model, self.task = model, task
@@ -54,6 +59,10 @@ class TaskModule(pl.LightningModule):
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.scheduler_interval = scheduler_interval
+        if not isinstance(compile, (bool, dict)):
+            raise ConfigError(f"compile must be true, false or torch.compile's options, got {compile!r}")
+        self.compile_options: dict[str, Any] | None = ({} if compile is True else dict(compile)) if compile else None
+        self._compiled: list[nn.Module] = []  # a plain list: the compiled wrapper must not add state_dict keys
         self._built = False
         # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
         self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
@@ -70,8 +79,18 @@ class TaskModule(pl.LightningModule):
             build(**hints())
         self._built = True
 
+    @property
+    def runner(self) -> nn.Module:
+        """The model as the steps call it: compiled at the first step when ``compile`` is set (after the DFA
+        callback's setup has attached its hooks and run its eager probe), else the model itself."""
+        if self.compile_options is None:
+            return self.model
+        if not self._compiled:
+            self._compiled.append(torch.compile(self.model, **self.compile_options))
+        return self._compiled[0]
+
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return self.runner(*args, **kwargs)
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
@@ -83,7 +102,7 @@ class TaskModule(pl.LightningModule):
         which computes and resets them at the epoch's end; ``train/loss_step`` is logged only on the steps the
         loggers write (every ``log_every_n_steps``). The only host read is the finite-loss check.
         """
-        out = self.task.step(self.model, batch, stage)
+        out = self.task.step(self.runner, batch, stage)
         if stage == "train" and self.check_finite_loss and not torch.isfinite(out.loss.detach()).all():
             raise NonFiniteLossError(
                 f"loss is {out.loss.item()} at epoch {self.current_epoch}, global step {self.global_step}: "
@@ -136,7 +155,7 @@ class TaskModule(pl.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        return self.task.step(self.model, batch, "test").output
+        return self.task.step(self.runner, batch, "test").output
 
     # ------------------------------------------------------------------ optimizer
     def parameter_groups(self) -> list[dict[str, Any]]:

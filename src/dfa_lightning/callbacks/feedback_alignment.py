@@ -125,6 +125,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
             return
         if self.engine.calibration is not None:  # the optimizers exist now: count their state in the auto choice
             self.engine.count_optimizer_state(optimizer_state_bytes(trainer.optimizers))
+        self.engine.warm(pl_module.device)  # the model is on its device now: B's copy there, before any step
         if self.verbose:
             rank_zero_info(self.engine.report())
         if self.engine.matrix is not None and trainer.world_size > 1:

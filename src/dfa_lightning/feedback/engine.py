@@ -72,69 +72,53 @@ class _Pending:
     """Points recorded since the output module last ran (one entry per point call)."""
 
     index: list[int] = field(default_factory=list)
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    stash: "_Stash | None" = None  # projection="per_point": shared by this forward's receivers and its injector
+    tensors: list[torch.Tensor] = field(default_factory=list)  # fused: the point outputs; per point: the tokens
+    per_point: bool = False  # decided at this forward's first point (per point needs B and the error's width)
 
     def clear(self) -> None:
         self.index.clear()
         self.tensors.clear()
-        self.stash = None
-
-
-class _Stash:
-    """``projection="per_point"``: the prepared error of one backward, freed after the last point has used it."""
-
-    __slots__ = ("prepared", "remaining", "shared")
-
-    def __init__(self) -> None:
-        self.prepared: torch.Tensor | None = None
-        self.remaining = 0
-        self.shared: torch.Tensor | None = None  # shared_slices: the one B e every point slices, computed once
+        self.per_point = False
 
 
 class _InjectFeedback(torch.autograd.Function):
     """Identity on the output; backward sends ``B_i e`` to every recorded point in the same autograd pass."""
 
     @staticmethod
-    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], stash: "_Stash | None", output: torch.Tensor,
-                *points: torch.Tensor):
-        ctx.engine, ctx.index, ctx.stash = engine, index, stash
-        ctx.shapes = [p.shape for p in points]
-        ctx.dtypes = [p.dtype for p in points]
+    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], per_point: bool, output: torch.Tensor,
+                *inputs: torch.Tensor):
+        ctx.engine, ctx.index, ctx.per_point = engine, index, per_point
+        ctx.shapes = [t.shape for t in inputs]
+        ctx.dtypes = [t.dtype for t in inputs]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.stash is None:  # fused: every B_i e from one operator call
+        if not ctx.per_point:  # fused: every B_i e from one operator call
             grads = ctx.engine.project(grad_output, ctx.index, ctx.shapes, ctx.dtypes)
-        else:  # per point: prepare e once; each _ReceiveFeedback computes its slice when autograd reaches it
-            ctx.stash.prepared = ctx.engine.prepare_error(grad_output)
-            ctx.stash.remaining = len(ctx.index)
-            # placeholders that let autograd proceed to each point (no memory): one zero scalar per dtype, expanded,
-            # so a GPU step launches one fill, not one per point
-            zero = {dtype: grad_output.new_zeros((), dtype=dtype) for dtype in set(ctx.dtypes)}
-            grads = [zero[dtype].expand(shape) for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
+        else:  # per point: the prepared error, one tensor for every token; each _ReceiveFeedback projects its slice
+            prepared = ctx.engine.prepare_error(grad_output)
+            ctx.engine.check_tokens(prepared, ctx.index, ctx.shapes)
+            grads = [prepared] * len(ctx.index)
         return (None, None, None, grad_output, *grads)
 
 
 class _ReceiveFeedback(torch.autograd.Function):
-    """``projection="per_point"``: identity on a point's output, created at the point (so autograd runs it right
-    before that point's segment); its backward computes ``B_i e`` from the stash, then the segment consumes it."""
+    """``projection="per_point"``: a token created at point i (so autograd runs its backward right before the
+    point's segment, as it would the layer above). Forward: a zero-stride ``[rows, width]`` tensor that the output's
+    injector takes as an input (no memory). Backward: the injector hands it the prepared error; it returns
+    ``B_i e`` as the point's gradient. No state outside autograd, so ``torch.compile`` traces it."""
 
     @staticmethod
-    def forward(ctx, engine: "FeedbackEngine", stash: _Stash, index: int, point: torch.Tensor):
-        ctx.engine, ctx.stash, ctx.index = engine, stash, index
+    def forward(ctx, engine: "FeedbackEngine", index: int, rows: int, width: int, dtype: torch.dtype,
+                point: torch.Tensor):
+        ctx.engine, ctx.index = engine, index
         ctx.shape, ctx.dtype = point.shape, point.dtype
-        return point.view_as(point)
+        return point.new_zeros((), dtype=dtype).expand(rows, width)
 
     @staticmethod
-    def backward(ctx, _signal: torch.Tensor):
-        stash = ctx.stash
-        grad = ctx.engine.project_point(stash, ctx.index, ctx.shape, ctx.dtype)
-        stash.remaining -= 1
-        if stash.remaining <= 0:
-            stash.prepared = stash.shared = None
-        return None, None, None, grad
+    def backward(ctx, prepared: torch.Tensor):
+        return None, None, None, None, None, ctx.engine.project_point(prepared, ctx.index, ctx.shape, ctx.dtype)
 
 
 class FeedbackEngine:
@@ -208,6 +192,11 @@ class FeedbackEngine:
         self.output_name = ""
         self.d_out: int | None = None
         self.operator: operators.FeedbackOperator | None = None  # B, fp32 on CPU (the checkpointed copy)
+        # per point: each token carries the prepared error, [rows, _token_width] in _token_dtype (None: no B yet)
+        self._token_width: int | None = None
+        self._output_dtype: torch.dtype | None = None
+        self._token_dtype = torch.float32
+        self._warm: tuple | None = None
         self._post_scales: tuple[float, ...] | None = None
         self._layout: matrices.FeedbackLayout | None = None
         self._pending = _Pending()
@@ -239,12 +228,16 @@ class FeedbackEngine:
             if not self.enabled or not torch.is_grad_enabled() or not out.requires_grad:
                 return None
             if self.method == "dfa":
-                self._pending.index.append(index)
-                if self.mode == "per_point":
-                    if self._pending.stash is None:
-                        self._pending.stash = _Stash()
-                    out = _ReceiveFeedback.apply(self, self._pending.stash, index, out)
-                self._pending.tensors.append(out)
+                pending = self._pending
+                if not pending.index:  # this forward's first point: per point needs B and the error's width
+                    pending.per_point = self.mode == "per_point" and self._token_width is not None
+                pending.index.append(index)
+                if pending.per_point:
+                    rows = out.shape[0] if self.batch_dims == (0,) else math.prod(out.shape[d] for d in self.batch_dims)
+                    pending.tensors.append(_ReceiveFeedback.apply(self, index, rows, self._token_width,
+                                                                  self._token_dtype, out))
+                else:
+                    pending.tensors.append(out)
             return out.detach()
 
         return hook
@@ -258,17 +251,21 @@ class FeedbackEngine:
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
             self._projection_itemsize = self.compute_dtype(out.dtype).itemsize
+        if out.dtype != self._output_dtype:  # per point: the next tokens carry the error in its projection dtype
+            self._output_dtype, self._token_dtype = out.dtype, self.compute_dtype(out.dtype)
         if self.capture is not None:
             self.capture["__output__"] = out
         if not self._pending.tensors:
             return None
-        index, tensors, stash = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.stash
+        index, tensors, per_point = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.per_point
         self._pending.clear()
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self.operator is None:  # drawn once; never `ensure_matrix()` here: `.matrix` densifies lowrank/sparse B
             self.ensure_matrix()
-        return _InjectFeedback.apply(self, index, stash, out, *tensors)
+        if self._warm != (out.device, self._token_dtype):  # B's device copy, made here: the backward only reads
+            self.warm(out.device)
+        return _InjectFeedback.apply(self, index, per_point, out, *tensors)
 
     def _record_width(self, index: int, out: torch.Tensor) -> None:
         if out.dim() <= max(self.batch_dims, default=-1):
@@ -353,11 +350,26 @@ class FeedbackEngine:
             missing = [p.name for p in self.points if p.width is None]
             raise ConfigError(f"feedback points never ran before the output: {', '.join(missing)}")
         lay = self._make_layout()
-        self.operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
-                                                self.shared_slices, self.rank, self.nnz)
+        operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
+                                           self.shared_slices, self.rank, self.nnz)
         if self.shared_slices and self._post_scales is None:  # one factor for the shared columns: fold it in
-            self.operator = self.operator.scaled(lay.scales[0])
+            operator = operator.scaled(lay.scales[0])
+        self._install(operator)
         return self.matrix
+
+    def warm(self, device: torch.device) -> None:
+        """Copy B to ``device`` in the projection's dtype, ahead of the steps (the Lightning callback calls it once
+        the model is on its device): a compiled step then finds B there and is not recompiled after its first run."""
+        if self.operator is not None:
+            self._warm = (torch.device(device), self._token_dtype)
+            self.operator.warm(*self._warm, self._layout.slices)
+
+    def _install(self, operator: operators.FeedbackOperator) -> None:
+        self.operator = operator
+        self._warm: tuple | None = None  # (device, dtype) of the operator's device copy (see _output_hook)
+        # per point, the injector hands every token the prepared error: e (dense, sparse), e U (lowrank), or with
+        # shared columns the one product e B that every point slices
+        self._token_width = self._layout.total if self.shared_slices else operator.prepared_width
 
     def _make_layout(self) -> matrices.FeedbackLayout:
         self._layout = matrices.layout([p.width for p in self.points], self.scale, self.shared_slices)
@@ -383,7 +395,7 @@ class FeedbackEngine:
                 f"feedback matrix shape {tuple(op.dense().shape)} does not fit this model "
                 f"(expected {(self.d_out, lay.total)}: d_out x feedback columns)"
             )
-        self.operator = op
+        self._install(op)
 
     # ------------------------------------------------------------------ the projection
     def project(self, grad_output, index, shapes, dtypes) -> list[torch.Tensor]:
@@ -408,22 +420,30 @@ class FeedbackEngine:
         return torch.promote_types(grad_dtype, torch.float32)
 
     def prepare_error(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """``projection="per_point"``: the flattened, transformed error (:meth:`compute_dtype`), prepared by the
-        operator."""
-        return self.operator.prepare(self._error(grad_output))
+        """``projection="per_point"``: what every point's projection starts from, computed once per step in
+        :meth:`compute_dtype`: the flattened, transformed error prepared by the operator (``e U`` for lowrank), or
+        with ``shared_slices`` the one product ``e B`` that every point slices (one signal's memory, as fused)."""
+        e = self._error(grad_output)
+        return self.operator.project(e) if self.shared_slices else self.operator.prepare(e)
 
-    def project_point(self, stash: _Stash, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point.
+    def check_tokens(self, prepared: torch.Tensor, index: Sequence[int], shapes: Sequence[torch.Size]) -> None:
+        """Every point must have as many batch elements as the output (else autograd's shape error, unnamed)."""
+        rows = prepared.shape[0]
+        for i, shape in zip(index, shapes):
+            if shape[0] != rows:
+                point = self.points[i]
+                raise ConfigError(
+                    f"feedback point {point.name!r} has {shape[0]} batch elements over batch_dims "
+                    f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims"
+                )
 
-        With ``shared_slices`` every point reads the first columns of the same product: it is computed once, at the
-        first point reached (one signal's memory), and sliced for the others, as the fused projection would."""
+    def project_point(self, prepared: torch.Tensor, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point."""
         start, stop = self._layout.slices[i]
-        if self.shared_slices:
-            if stash.shared is None:
-                stash.shared = self.operator.project_slice(stash.prepared, 0, self._layout.total)
-            g = stash.shared[:, start:stop]
+        if self.shared_slices:  # the shared product was computed once by prepare_error: slice it
+            g = prepared if stop - start == prepared.shape[1] else prepared[:, start:stop]
         else:
-            g = self.operator.project_slice(stash.prepared, start, stop)
+            g = self.operator.project_slice(prepared, start, stop)
         return self._signal(i, g, shape, dtype)
 
     def _error(self, grad_output: torch.Tensor) -> torch.Tensor:

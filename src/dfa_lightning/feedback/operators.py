@@ -45,6 +45,11 @@ class FeedbackOperator:
                                  for k, v in self.tensors.items()}}
         return self._cache[key]
 
+    def warm(self, device: torch.device, dtype: torch.dtype, slices: tuple[tuple[int, int], ...]) -> None:
+        """Make every device copy the projections will read (called from the forward, so that no backward
+        creates state: ``torch.compile`` traces a backward that only reads)."""
+        self.on(device, dtype)
+
     def project(self, e: torch.Tensor) -> torch.Tensor:
         t = self.on(e.device, e.dtype)
         return e @ t["matrix"]
@@ -53,6 +58,11 @@ class FeedbackOperator:
     def prepare(self, e: torch.Tensor) -> torch.Tensor:
         """What every column slice is computed from (``e`` itself; ``e U`` for the low-rank operator)."""
         return e
+
+    @property
+    def prepared_width(self) -> int:
+        """Columns of ``prepare(e)``: ``d_out`` (``r`` for the low-rank operator)."""
+        return self.tensors["matrix"].shape[0]
 
     def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` of ``project(e)`` from ``prepare(e)``: ``[N, stop - start]``."""
@@ -82,6 +92,10 @@ class LowRankFeedback(FeedbackOperator):
     def prepare(self, e: torch.Tensor) -> torch.Tensor:
         return e @ self.on(e.device, e.dtype)["u"]  # [N, r]
 
+    @property
+    def prepared_width(self) -> int:
+        return self.tensors["u"].shape[1]
+
     def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return prepared @ self.on(prepared.device, prepared.dtype)["v"][:, start:stop]
 
@@ -110,12 +124,20 @@ class SparseFeedback(FeedbackOperator):
             self._cache = {key: {"mt": mt.to(device=device, dtype=dtype)}}
         return self._cache[key]
 
+    @property
+    def prepared_width(self) -> int:
+        return int(self.tensors["d_out"])
+
     def project(self, e: torch.Tensor) -> torch.Tensor:
         mt = self.on(e.device, e.dtype)["mt"]  # [K, d_out], CSR
         return (mt @ e.t()).t()  # [N, K]
 
-    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        cache = self.on(prepared.device, prepared.dtype)
+    def warm(self, device: torch.device, dtype: torch.dtype, slices: tuple[tuple[int, int], ...]) -> None:
+        for start, stop in slices:
+            self._rows_slice(device, dtype, start, stop)
+
+    def _rows_slice(self, device: torch.device, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+        cache = self.on(device, dtype)
         key = ("rows", start, stop)
         if key not in cache:  # the CSR rows start:stop (feedback columns of one point), built once per device
             rows, vals = self.tensors["rows"][start:stop], self.tensors["values"][start:stop]
@@ -125,8 +147,11 @@ class SparseFeedback(FeedbackOperator):
                 warnings.simplefilter("ignore", UserWarning)
                 mt = torch.sparse_csr_tensor(crow, rows.reshape(-1), vals.reshape(-1),
                                              size=(k, int(self.tensors["d_out"])))
-            cache[key] = mt.to(device=prepared.device, dtype=prepared.dtype)
-        return (cache[key] @ prepared.t()).t()
+            cache[key] = mt.to(device=device, dtype=dtype)
+        return cache[key]
+
+    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return (self._rows_slice(prepared.device, prepared.dtype, start, stop) @ prepared.t()).t()
 
     def dense(self) -> torch.Tensor:
         rows, vals = self.tensors["rows"], self.tensors["values"]

@@ -1,0 +1,155 @@
+"""``torch.compile``: the feedback hooks and the engine's Functions trace without a graph break, and a compiled step
+computes what the eager one does. ``aot_eager`` traces forward and backward as Inductor would see them but runs them
+without code generation, so these tests need no C compiler; the Inductor test is `slow` and needs one."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from dfa_lightning.errors import ConfigError
+from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.models.mlp import MLP
+from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.classification import Classification
+from helpers import build, params, trainer
+
+SETTINGS = {
+    "fused": dict(projection="fused"),
+    "per_point": dict(projection="per_point"),
+    "fused lowrank shared sign": dict(projection="fused", operator="lowrank", rank=2, shared_slices=True,
+                                      error="sign"),
+    "per_point lowrank": dict(projection="per_point", operator="lowrank", rank=2),
+    "per_point shared ternary": dict(projection="per_point", shared_slices=True, scale="max_width", error="ternary"),
+    "shallow": dict(method="shallow"),
+}
+
+
+class GraphCounter:
+    """A ``torch.compile`` backend that records each graph Dynamo hands over, then runs it as ``aot_eager``."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def __call__(self, gm: torch.fx.GraphModule, inputs):
+        self.graphs.append(gm)
+        return self.aot_eager(gm, inputs)
+
+
+def _engine_and_model(setting: dict):
+    """An MLP with its engine after one eager forward, as the callback's setup leaves them (widths known, B drawn:
+    drawing B from its seeded generator is not something to trace)."""
+    torch.manual_seed(0)
+    model = MLP(5, 3, hidden=[8, 8, 6])
+    engine = FeedbackEngine(model, ["blocks.*"], seed=5, **setting)
+    model(torch.zeros(2, 5))
+    engine.reset()
+    return engine, model
+
+
+def _grads_after_two_steps(model, run, x, y) -> dict[str, torch.Tensor]:
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(run(x), y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_compiled_step_has_no_graph_break_and_the_eager_gradients(name):
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    _, model = _engine_and_model(SETTINGS[name])
+    eager = _grads_after_two_steps(model, model, x, y)
+    _, model = _engine_and_model(SETTINGS[name])
+    torch._dynamo.reset()
+    counters.clear()
+    backend = GraphCounter()
+    compiled = _grads_after_two_steps(model, torch.compile(model, backend=backend), x, y)
+    assert dict(counters["graph_break"]) == {}
+    # one graph for the model's forward, one for the output hook (the model's own hook runs outside its forward)
+    assert len(backend.graphs) <= 2
+    assert compiled.keys() == eager.keys()
+    for n, g in eager.items():
+        torch.testing.assert_close(compiled[n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _matmuls_in_one_step(run, model, x, y) -> int:
+    with torch.profiler.profile() as prof:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(run(x), y).backward()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+@pytest.mark.parametrize("method, matmuls", [("bp", 11), ("dfa", 9), ("shallow", 5)])
+def test_compiled_dfa_step_still_skips_the_input_gradients_it_would_discard(method, matmuls):
+    """4 linear layers: forward 4 and weight gradients 4; BP adds 3 input gradients (the first layer's input needs
+    none), fused DFA one projection instead, shallow only the top layer's weight gradient."""
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    _, model = _engine_and_model(dict(method=method, projection="fused"))
+    _grads_after_two_steps(model, model, x, y)
+    assert _matmuls_in_one_step(model, model, x, y) == matmuls  # eager, for reference
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager")
+    _grads_after_two_steps(model, run, x, y)
+    assert _matmuls_in_one_step(run, model, x, y) == matmuls
+
+
+def test_a_new_feedback_matrix_reaches_the_compiled_step():
+    """Loading B from a checkpoint after the step was compiled must not leave the compiled step on the old B."""
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    engine, model = _engine_and_model(dict(projection="per_point"))
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager")
+    _grads_after_two_steps(model, run, x, y)
+    engine.set_matrix(2 * engine.matrix)
+    compiled = _grads_after_two_steps(model, run, x, y)
+    eager = _grads_after_two_steps(model, model, x, y)
+    for n, g in eager.items():
+        torch.testing.assert_close(compiled[n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("method, projection", [("bp", "auto"), ("dfa", "fused"), ("dfa", "per_point"),
+                                                ("shallow", "auto")])
+def test_compiled_training_follows_the_eager_trajectory(tmp_path, method, projection):
+    """Through Lightning: training with validation (eval mode, no grad: a second graph) and a checkpoint whose keys
+    are the eager ones (the compiled wrapper is not a submodule)."""
+    results = {}
+    for compile_ in (False, {"backend": "aot_eager"}):
+        torch._dynamo.reset()
+        module, data, strategy = build(method)
+        module.compile_options = None if not compile_ else compile_
+        strategy.config["projection"] = projection
+        trainer(tmp_path, [strategy], max_steps=6, limit_val_batches=2, val_check_interval=3).fit(module, data)
+        results[bool(compile_)] = (params(module), set(module.state_dict()))
+        if compile_:
+            assert module.runner is not module.model
+    (eager, eager_keys), (compiled, compiled_keys) = results[False], results[True]
+    assert compiled_keys == eager_keys
+    for n, p in eager.items():
+        torch.testing.assert_close(compiled[n], p, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_compile_setting_takes_true_false_or_options():
+    model, task = MLP(5, 3, hidden=[8]), Classification(3)
+    assert TaskModule(model, task).runner is model
+    assert TaskModule(model, task, compile=True).compile_options == {}
+    assert TaskModule(model, task, compile={"mode": "reduce-overhead"}).compile_options == {"mode": "reduce-overhead"}
+    with pytest.raises(ConfigError, match="compile must be true, false or torch.compile's options"):
+        TaskModule(model, task, compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="Inductor needs a C compiler")
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_inductor_compiled_dfa_step_matches_eager(projection):
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    _, model = _engine_and_model(dict(projection=projection))
+    eager = _grads_after_two_steps(model, model, x, y)
+    _, model = _engine_and_model(dict(projection=projection))
+    torch._dynamo.reset()
+    compiled = _grads_after_two_steps(model, torch.compile(model), x, y)
+    for n, g in eager.items():
+        torch.testing.assert_close(compiled[n], g, atol=1e-5, rtol=1e-4, msg=n)
