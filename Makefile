@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ test-slow: ## the slow real-data tests too
 test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP, CUDA-graph replay, syncs per step); they skip without a GPU
 	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
 
-gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-gpu, GPU profiles, loop overhead, Cora on the GPU (into OUT)
+gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-gpu, GPU profile, compiled bench, loop overhead, Cora on the GPU (into OUT)
 	OUT=$(OUT) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 tensorboard: ## watch every run under logs/
@@ -42,6 +42,9 @@ bench: ## CPU benchmarks (step time, memory) into benchmarks/results/
 
 bench-gpu: ## GPU benchmarks into benchmarks/results/ (one H100/H200, < 6 min)
 	$(PYTHON) -m benchmarks.run --preset gpu $(ARGS)
+
+bench-compiled: ## the CPU benchmark's models under torch.compile (Inductor: needs a C compiler) into bench_cpu_compiled.*
+	$(PYTHON) -m benchmarks.run --preset cpu --compile default --threads 1 $(ARGS)
 
 profile: ## one DFA step per model under torch.profiler: one projection, no discarded gradients (ARGS="--preset gpu")
 	$(PYTHON) -m benchmarks.profile_step $(ARGS)

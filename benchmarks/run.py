@@ -61,6 +61,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.models import Case, Variant, cases
+from dfa_lightning.compile import compile_model
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -118,7 +119,7 @@ class Runner:
                 self._wrap_operator()
             self.model.zero_grad(set_to_none=True)
         if case.compile:
-            self.run = torch.compile(self.model, mode=case.compile)
+            self.run = compile_model(self.model, mode=case.compile)
 
     def _wrap_operator(self) -> None:
         op = self.engine.operator

@@ -1,7 +1,7 @@
 """Run by test_ddp.py as a script: DFA under DDP with 2 CPU processes (gloo), or 1 process on the full batch.
 
-Usage: python ddp_worker.py OUT_DIR {ddp,single}. Each rank saves its feedback matrix, final parameters and
-validation metrics.
+Usage: python ddp_worker.py OUT_DIR {ddp,single} [compiled]. Each rank saves its feedback matrix, final parameters
+and validation metrics; ``compiled`` runs the model through ``torch.compile`` (aot_eager) and prefixes the files.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore")
 from helpers import build, params, trainer  # noqa: E402
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path, mode: str, compiled: bool = False) -> None:
     per_rank = 16
     if mode == "ddp":
         module, data, dfa = build("dfa", batch_size=per_rank)
@@ -31,6 +31,8 @@ def main(out: Path, mode: str) -> None:
     else:
         module, data, dfa = build("dfa", batch_size=2 * per_rank)
         t = trainer(out, [dfa], max_steps=4, limit_val_batches=1.0)
+    if compiled:
+        module.compile_options = {"backend": "aot_eager"}
     seen = []
 
     class Record(pl.Callback):
@@ -46,8 +48,10 @@ def main(out: Path, mode: str) -> None:
               else DataLoader(val, batch_size=48))
     metrics = t.validate(module, dataloaders=loader, verbose=False)[0]
     torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module), "val": metrics},
-               out / f"{mode}_rank{t.global_rank}.pt")
+               out / f"{'compiled_' if compiled else ''}{mode}_rank{t.global_rank}.pt")
+    if compiled:
+        assert module.runner is not module.model
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["compiled"])

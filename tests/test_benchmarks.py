@@ -278,3 +278,17 @@ def test_a_compiled_case_trains_as_its_eager_twin_and_reports_no_projection_coun
     report = dict(preset="tiny", command="x", date="d", machine=run.machine(torch.device("cpu")), load_before=None,
                   load_after=None, wall_s=1.0, timing=run.PRESETS["tiny"], results=[result], targets=targets)
     assert "| – |" in run.markdown(report)
+
+
+def test_gpu_check_fits_one_device_command_and_brings_back_at_most_eight_files():
+    """A device command may run 600 s and brings back 8 files: the script's default stage limits and outputs."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    limits = [int(a or b) for a, b in re.findall(r'^\s*stage \w+ (?:"\$\{\w+:-(\d+)\}"|(\d+))', script, re.M)]
+    assert len(limits) == 7 and sum(limits) <= 590, limits  # 10 s left for the start-up
+    listed = re.search(r"^# Results go to .*?: (.*?): 8 files", script, re.M | re.S).group(1)
+    files = [f"{stem}.{ext}" for stem, exts in re.findall(r"(\w+)\.\{(\w+,\w+)\}", listed) for ext in exts.split(",")]
+    files += re.findall(r"(\w+\.(?:md|log))\b", listed)
+    assert len(files) == 8 and "bench_gpu_compiled.md" in files, files

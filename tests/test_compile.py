@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine
 from dfa_lightning.models.mlp import MLP
@@ -45,7 +46,7 @@ def _engine_and_model(setting: dict):
     drawing B from its seeded generator is not something to trace)."""
     torch.manual_seed(0)
     model = MLP(5, 3, hidden=[8, 8, 6])
-    engine = FeedbackEngine(model, ["blocks.*"], seed=5, **setting)
+    engine = FeedbackEngine(model, ["blocks.*"], **{"seed": 5, **setting})
     model(torch.zeros(2, 5))
     engine.reset()
     return engine, model
@@ -67,7 +68,7 @@ def test_compiled_step_has_no_graph_break_and_the_eager_gradients(name):
     torch._dynamo.reset()
     counters.clear()
     backend = GraphCounter()
-    compiled = _grads_after_two_steps(model, torch.compile(model, backend=backend), x, y)
+    compiled = _grads_after_two_steps(model, compile_model(model, backend=backend), x, y)
     assert dict(counters["graph_break"]) == {}
     # one graph for the model's forward, one for the output hook (the model's own hook runs outside its forward)
     assert len(backend.graphs) <= 2
@@ -92,9 +93,24 @@ def test_compiled_dfa_step_still_skips_the_input_gradients_it_would_discard(meth
     _grads_after_two_steps(model, model, x, y)
     assert _matmuls_in_one_step(model, model, x, y) == matmuls  # eager, for reference
     torch._dynamo.reset()
-    run = torch.compile(model, backend="aot_eager")
+    run = compile_model(model, backend="aot_eager")
     _grads_after_two_steps(model, run, x, y)
     assert _matmuls_in_one_step(run, model, x, y) == matmuls
+
+
+def test_models_of_one_class_compiled_in_one_process_keep_their_own_learning_rule():
+    """BP, shallow and DFA copies of one MLP class, compiled one after the other without a Dynamo reset (a sweep, a
+    benchmark): each compiled step gives its own eager gradients. With Dynamo's default (no guard on module hooks)
+    the second and third reuse the BP graph and silently train by backprop."""
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    torch._dynamo.reset()
+    for method in ("bp", "shallow", "dfa", "dfa"):  # the second DFA copy: another engine, another B
+        engine, model = _engine_and_model(dict(method=method, seed=len(method)))
+        compiled = _grads_after_two_steps(model, compile_model(model, backend="aot_eager"), x, y)
+        eager = _grads_after_two_steps(model, model, x, y)
+        assert compiled.keys() == eager.keys(), method  # shallow: no gradient below the last point
+        for n, g in eager.items():
+            torch.testing.assert_close(compiled[n], g, atol=1e-6, rtol=1e-5, msg=f"{method}: {n}")
 
 
 def test_a_new_feedback_matrix_reaches_the_compiled_step():
@@ -102,7 +118,7 @@ def test_a_new_feedback_matrix_reaches_the_compiled_step():
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     engine, model = _engine_and_model(dict(projection="per_point"))
     torch._dynamo.reset()
-    run = torch.compile(model, backend="aot_eager")
+    run = compile_model(model, backend="aot_eager")
     _grads_after_two_steps(model, run, x, y)
     engine.set_matrix(2 * engine.matrix)
     compiled = _grads_after_two_steps(model, run, x, y)
@@ -150,6 +166,35 @@ def test_inductor_compiled_dfa_step_matches_eager(projection):
     eager = _grads_after_two_steps(model, model, x, y)
     _, model = _engine_and_model(dict(projection=projection))
     torch._dynamo.reset()
-    compiled = _grads_after_two_steps(model, torch.compile(model), x, y)
+    compiled = _grads_after_two_steps(model, compile_model(model), x, y)
     for n, g in eager.items():
         torch.testing.assert_close(compiled[n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_reduce_overhead_compiled_dfa_steps_on_cuda_match_eager(projection):
+    """Inductor with CUDA graphs (``mode="reduce-overhead"``, what a GPU recipe would use): three DFA steps, bf16
+    autocast, replayed from the graph after the first, give the eager gradients."""
+    device = torch.device("cuda")
+    x, y = torch.randn(64, 5, device=device), torch.randint(0, 3, (64,), device=device)
+
+    def grads(run, model):
+        out = {}
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = run(x)
+            F.cross_entropy(logits.float(), y).backward()
+            out = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out
+
+    _, model = _engine_and_model(dict(projection=projection))
+    eager = grads(model.to(device), model)
+    engine, model = _engine_and_model(dict(projection=projection))
+    model.to(device)
+    engine.warm(device)
+    torch._dynamo.reset()
+    compiled = grads(compile_model(model, mode="reduce-overhead"), model)
+    for n, g in eager.items():
+        torch.testing.assert_close(compiled[n], g, atol=1e-2, rtol=5e-2, msg=n)

@@ -31,3 +31,20 @@ def test_ddp_two_processes_match_each_other_and_a_single_process_on_the_combined
     assert rank0["val"] == rank1["val"] and set(rank0["val"]) == {"val/loss", "val/acc"}
     for key, value in single["val"].items():
         assert rank0["val"][key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_compiled_model_under_ddp_trains_as_one_eager_process(tmp_path):
+    """`compile:` under DDP: the compiled backward's gradients reach DDP's all-reduce like eager ones."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29518", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    for args in (["ddp", "compiled"], ["single"]):
+        run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), *args], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"compiled_ddp_rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "single_rank0.pt")
+    assert torch.equal(rank0["matrix"], single["matrix"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+        torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
@@ -86,7 +87,7 @@ class TaskModule(pl.LightningModule):
         if self.compile_options is None:
             return self.model
         if not self._compiled:
-            self._compiled.append(torch.compile(self.model, **self.compile_options))
+            self._compiled.append(compile_model(self.model, **self.compile_options))
         return self._compiled[0]
 
     def forward(self, *args, **kwargs):

@@ -13,6 +13,11 @@ How it is done, with forward hooks only (the model's code is never edited):
   default) and returns them as the gradients of the ``h_i``; autograd then continues into each block in the same
   pass.
 
+* ``projection="per_point"``: each point instead feeds the injector a zero-stride token made by
+  :class:`_ReceiveFeedback`; the injector's backward prepares ``e`` once and hands it to every token, and each
+  token's backward, which autograd runs right before its point's segment, returns ``B_i e``: one signal alive at a
+  time, and no state outside autograd, so ``torch.compile`` traces both modes.
+
 Hence DDP buckets, AMP loss scaling, gradient accumulation and clipping see ordinary gradients.
 
 Shapes:
