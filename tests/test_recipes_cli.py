@@ -49,6 +49,23 @@ def test_cora_end_to_end_reaches_75_percent_test_accuracy(recipe, cora_root, tmp
     assert acc > 0.75, line
 
 
+def test_cora_dfa_recipe_compiled_from_the_command_line_gives_the_eager_result(cora_root, tmp_path, capsys):
+    """`--model.compile` on a recipe (aot_eager: traced, no C compiler needed): 10 epochs of GCN by DFA on Cora,
+    with dropout and the best-checkpoint test, report exactly the eager run's test accuracy and loss."""
+    from torch._dynamo.utils import counters
+
+    lines = []
+    for compile_ in ("false", "{backend: aot_eager}"):
+        counters.clear()
+        assert _fit("recipes/gcn_dfa.yaml", tmp_path / compile_[:5], "--data.init_args.root", str(cora_root),
+                    "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "10",
+                    "--model.compile", compile_) == 0
+        out = capsys.readouterr().out
+        lines.append([ln.split("): ")[1] for ln in out.splitlines() if ln.startswith("TEST")][-1])
+        assert (counters["stats"]["unique_graphs"] > 0) == (compile_ != "false")  # Dynamo compiled the model
+    assert lines[0] == lines[1], lines
+
+
 def test_unknown_recipe_key_names_the_file_and_suggests_the_key(tmp_path, capsys):
     bad = _edited_recipe(tmp_path, "gcn_dfa.yaml", "max_epochs:", "max_epoch:")
     assert main(["fit", "--config", str(bad)]) == 2

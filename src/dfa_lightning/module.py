@@ -5,6 +5,7 @@ optimizer is configuration. Whether the update is backprop or DFA is decided onl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -63,7 +64,7 @@ class TaskModule(pl.LightningModule):
         if not isinstance(compile, (bool, dict)):
             raise ConfigError(f"compile must be true, false or torch.compile's options, got {compile!r}")
         self.compile_options: dict[str, Any] | None = ({} if compile is True else dict(compile)) if compile else None
-        self._compiled: list[nn.Module] = []  # a plain list: the compiled wrapper must not add state_dict keys
+        self._compiled: list[Callable[..., Any]] = []  # the compiled call of the model (no state_dict keys)
         self._built = False
         # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
         self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
@@ -81,7 +82,7 @@ class TaskModule(pl.LightningModule):
         self._built = True
 
     @property
-    def runner(self) -> nn.Module:
+    def runner(self) -> nn.Module | Callable[..., Any]:
         """The model as the steps call it: compiled at the first step when ``compile`` is set (after the DFA
         callback's setup has attached its hooks and run its eager probe), else the model itself."""
         if self.compile_options is None:

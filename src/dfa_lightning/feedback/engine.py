@@ -237,8 +237,9 @@ class FeedbackEngine:
                 if not pending.index:  # this forward's first point: per point needs B and the error's width
                     pending.per_point = self.mode == "per_point" and self._token_width is not None
                 pending.index.append(index)
-                if pending.per_point:
-                    rows = out.shape[0] if self.batch_dims == (0,) else math.prod(out.shape[d] for d in self.batch_dims)
+                if pending.per_point:  # (a list, not a generator: torch.compile traces it without a break)
+                    rows = (out.shape[0] if self.batch_dims == (0,)
+                            else math.prod([out.shape[d] for d in self.batch_dims]))
                     pending.tensors.append(_ReceiveFeedback.apply(self, index, rows, self._token_width,
                                                                   self._token_dtype, out))
                 else:
@@ -468,7 +469,7 @@ class FeedbackEngine:
     def _check_rows(self, i: int, shape: torch.Size, rows: int) -> None:
         if self.batch_dims == (0,) and shape[0] == rows:  # the common case, without a generator per point and step
             return
-        n_point = math.prod(shape[d] for d in self.batch_dims)
+        n_point = math.prod([shape[d] for d in self.batch_dims])
         if n_point != rows:
             raise ConfigError(
                 f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
