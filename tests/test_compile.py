@@ -212,3 +212,21 @@ def test_reduce_overhead_compiled_dfa_steps_on_cuda_match_eager(projection):
     compiled = grads(compile_model(model, mode="reduce-overhead"), model)
     for n, g in eager.items():
         torch.testing.assert_close(compiled[n], g, atol=1e-2, rtol=5e-2, msg=n)
+
+
+def test_alignment_monitor_beside_a_compiled_model_leaves_the_trajectory_unchanged(tmp_path):
+    """The monitor runs the model eagerly with the feedback switched off and back on; the compiled steps around it
+    must neither see that state nor be recompiled into something else (no dropout: compiled RNG differs)."""
+    from dfa_lightning.callbacks import AlignmentMonitor
+
+    torch._dynamo.reset()
+    plain, data, dfa = build("dfa")
+    trainer(tmp_path, [dfa], max_steps=5).fit(plain, data)
+    watched, data, dfa2 = build("dfa")
+    watched.compile_options = {"backend": "aot_eager"}
+    monitor = AlignmentMonitor(every_n_steps=1)
+    trainer(tmp_path, [dfa2, monitor], max_steps=5).fit(watched, data)
+    assert watched.runner is not watched.model and monitor.last
+    after_plain, after_watched = params(plain), params(watched)
+    for n, p in after_plain.items():
+        torch.testing.assert_close(after_watched[n], p, atol=1e-6, rtol=1e-5, msg=n)
