@@ -12,6 +12,9 @@ Each run times a window of steps after a warm-up, synchronised at its two ends o
 Lightning run), so the set-up (Trainer start, the DFA probe) is not counted; the runs are repeated in interleaved
 order and the median per-step time is kept.
 
+``--compile MODE`` runs both loops with the model under ``torch.compile(mode=MODE)``, as a recipe's ``compile:`` does
+(into ``loop_overhead_<preset>_compiled``): the compilation falls in the warm-up.
+
 Presets: ``tiny`` (the test suite), ``cpu`` (a 2 x 32 LM, vocabulary 64, 4 x 16 tokens: a host-bound step, as small GPU steps are) and
 ``gpu`` (the recipes' size: 6 x 512, vocabulary 33,278, 64 x 128 tokens, bf16-mixed).
 """
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.run import load_average, machine
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+from dfa_lightning.compile import compile_model
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 from dfa_lightning.models.transformer import TransformerLM
 from dfa_lightning.module import TaskModule
@@ -78,7 +82,8 @@ class Tokens(pl.LightningDataModule):
 
 def new_module(preset: dict) -> TaskModule:
     torch.manual_seed(0)
-    return TaskModule(TransformerLM(**preset["model"]), LanguageModeling())
+    mode = preset.get("compile")
+    return TaskModule(TransformerLM(**preset["model"]), LanguageModeling(), compile={"mode": mode} if mode else False)
 
 
 class Window(pl.Callback):
@@ -112,6 +117,7 @@ def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) ->
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             engine.calibrate(lambda: module.task.step(module.model, probe, "train"), optimizer_state_bytes([optimizer]))
         engine.reset()
+    run = compile_model(module.model, mode=preset["compile"]) if preset.get("compile") else module.model
     loader = iter(DataLoader(data, batch_size=None, shuffle=False))
     for i in range(last):
         if i == first:
@@ -119,7 +125,7 @@ def bare(preset: dict, method: str, device: torch.device, data: RandomTokens) ->
             start = time.perf_counter()
         x, y = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = module.task.step(module.model, (x, y), "train").loss
+            loss = module.task.step(run, (x, y), "train").loss
         if not torch.isfinite(loss.detach()).all():  # the loop's finite-loss check, for a like-for-like step
             raise FloatingPointError("non-finite loss")
         loss.backward()
@@ -150,8 +156,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(preset_name: str, device: torch.device, log=print) -> dict:
-    preset = PRESETS[preset_name]
+def measure(preset_name: str, device: torch.device, log=print, compile_mode: str | None = None) -> dict:
+    preset = {**PRESETS[preset_name], "compile": compile_mode}
     first, last = preset["steps"]
     data = RandomTokens(preset["model"]["vocab_size"], preset["streams"], preset["seq"], last)
     loops = {"bare": bare, "lightning": lightning}
@@ -171,7 +177,8 @@ def measure(preset_name: str, device: torch.device, log=print) -> dict:
         rows.append(dict(method=method, bare_ms=round(b * 1e3, 3), lightning_ms=round(lt * 1e3, 3),
                          added_ms=round((lt - b) * 1e3, 3),
                          samples_ms={n: [round(t * 1e3, 3) for t in per_step[(method, n)]] for n in loops}))
-    return dict(preset=preset_name, steps=[first, last], repeats=preset["repeats"], precision=preset["precision"],
+    return dict(preset=preset_name, compile=compile_mode, steps=[first, last], repeats=preset["repeats"],
+                precision=preset["precision"],
                 model=preset["model"], tokens=[preset["streams"], preset["seq"]], rows=rows, dfa_projection=modes)
 
 
@@ -184,7 +191,9 @@ def markdown(result: dict, info: dict) -> str:
              f"pytorch_lightning {pl.__version__}  ",
              f"Date: {result['date']}; load average before {result['load_before']}  ",
              f"Step: TransformerLM {result['model']}, {result['tokens'][0]} x {result['tokens'][1]} tokens, "
-             f"{result['precision']}; per-step time over steps {result['steps'][0]}-{result['steps'][1] - 1} of each run "
+             f"{result['precision']}"
+             + (f", model under torch.compile (mode {result['compile']})" if result.get("compile") else "")
+             + f"; per-step time over steps {result['steps'][0]}-{result['steps'][1] - 1} of each run "
              f"(synchronised at both ends), median of {result['repeats']} interleaved repeats.", "",
              "| method | bare step ms | through Trainer.fit ms | added by the loop ms |", "|---|---|---|---|"]
     for r in result["rows"]:
@@ -200,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, help="write loop_overhead_<preset>.{md,json} into this folder")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the CPU preset's results used 1)")
+    parser.add_argument("--compile", metavar="MODE", help="both loops with the model under torch.compile(mode=MODE)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     info = machine(device)
     load_before = load_average()
-    result = measure(args.preset, device, log=lambda m: print(m, file=sys.stderr))
+    result = measure(args.preset, device, log=lambda m: print(m, file=sys.stderr), compile_mode=args.compile)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     result.update(date=time.strftime("%Y-%m-%dT%H:%M:%S"), load_before=load_before, machine=info,
                   command=f"python -m benchmarks.loop_overhead {command}".strip())
@@ -219,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"loop_overhead_{args.preset}.md").write_text(text)
-        (args.out / f"loop_overhead_{args.preset}.json").write_text(json.dumps(result, indent=1) + "\n")
+        name = f"loop_overhead_{args.preset}" + ("_compiled" if args.compile else "")
+        (args.out / f"{name}.md").write_text(text)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -179,6 +179,26 @@ def test_loop_overhead_times_the_bare_and_the_lightning_step_for_bp_and_dfa(tmp_
     assert "| bp |" in table and "| dfa |" in table and "torch" in table
 
 
+def test_loop_overhead_compiled_runs_both_loops_through_the_compiled_model(tmp_path, monkeypatch):
+    """``--compile``: the bare loop and Trainer.fit both call the compiled model (aot_eager stands in for
+    Inductor), and the results go to their own files."""
+    from benchmarks import loop_overhead
+
+    real_compile, compiled = torch.compile, []
+
+    def fake_compile(fn, mode=None):
+        compiled.append(mode)
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert loop_overhead.main(["--preset", "tiny", "--compile", "default", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "loop_overhead_tiny_compiled.json").read_text())
+    assert result["compile"] == "default" and [r["method"] for r in result["rows"]] == ["bp", "dfa"]
+    assert compiled == ["default"] * 4  # bp and dfa, bare and Trainer.fit
+    assert "torch.compile (mode default)" in (tmp_path / "loop_overhead_tiny_compiled.md").read_text()
+    assert not (tmp_path / "loop_overhead_tiny.json").exists()
+
+
 def test_cuda_graph_cases_follow_the_eager_ones_and_keep_bp_the_defaults_and_both_modes():
     todo = cases("gpu", cuda_graphs=True)
     names = [c.name for c in todo]
