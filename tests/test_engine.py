@@ -476,3 +476,25 @@ def test_fused_projection_casts_every_signal_to_the_points_dtype_in_one_copy():
     for i, g in enumerate(signals):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g, full[:, 8 * i:8 * (i + 1)], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_a_point_with_other_batch_elements_than_the_output_is_an_error_naming_it(projection):
+    """Per-token points under a per-sequence output with batch_dims [0, 1]: B cannot pair their rows."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):  # [B, T, 5] -> [B, 3]
+            return self.head(torch.relu(self.fc(x)).mean(1))
+
+    model, x = Pooled(), torch.randn(2, 4, 5)
+    engine = FeedbackEngine(model, ["fc"], batch_dims=[0, 1], projection=projection)
+    with torch.no_grad():
+        model(x)  # widths and the output's size
+    engine.ensure_matrix()
+    with pytest.raises(ConfigError, match=r"feedback point 'fc' has 8 batch elements over batch_dims \[0, 1\] but "
+                                          r"the output has 6; adjust batch_dims"):
+        model(x).sum().backward()

@@ -372,7 +372,7 @@ class FeedbackEngine:
 
     def _install(self, operator: operators.FeedbackOperator) -> None:
         self.operator = operator
-        self._warm: tuple | None = None  # (device, dtype) of the operator's device copy (see _output_hook)
+        self._warm = None  # (device, dtype) of the operator's device copy (see _output_hook)
         # per point, the injector hands every token the prepared error: e (dense, sparse), e U (lowrank), or with
         # shared columns the one product e B that every point slices
         self._token_width = self._layout.total if self.shared_slices else operator.prepared_width
