@@ -363,7 +363,8 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(case=case.name, description=case.description, amp=case.amp, mlp_target=case.mlp_target,
-                cuda_graph=case.cuda_graph, compile=case.compile, timed_steps=rounds * steps, rows=rows, failed_variants=failed)
+                cuda_graph=case.cuda_graph, compile=case.compile, timed_steps=rounds * steps, rows=rows,
+                failed_variants=failed)
 
 
 def check_targets(results: list[dict]) -> list[dict]:
