@@ -230,3 +230,21 @@ def test_alignment_monitor_beside_a_compiled_model_leaves_the_trajectory_unchang
     after_plain, after_watched = params(plain), params(watched)
     for n, p in after_plain.items():
         torch.testing.assert_close(after_watched[n], p, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("projection", ["fused", "per_point"])
+def test_compiled_training_under_bf16_mixed_stays_with_the_eager_run(tmp_path, projection):
+    """The GPU recipes train in bf16-mixed: autocast around the compiled model, B in fp32. Casts may round
+    differently once traced, so close, not equal; SGD keeps those roundings small (Adam would turn a near-zero
+    gradient's flipped sign into a full learning-rate step)."""
+    results = {}
+    for compile_ in (False, {"backend": "aot_eager"}):
+        torch._dynamo.reset()
+        module, data, strategy = build("dfa")
+        module.compile_options = compile_ or None
+        strategy.config["projection"] = projection
+        trainer(tmp_path, [strategy], max_steps=4, precision="bf16-mixed").fit(module, data)
+        assert strategy.engine.matrix.dtype == torch.float32 and strategy.engine.mode == projection
+        results[bool(compile_)] = params(module)
+    for n, p in results[False].items():
+        torch.testing.assert_close(results[True][n], p, atol=2e-4, rtol=1e-3, msg=n)
