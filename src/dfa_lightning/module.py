@@ -64,7 +64,7 @@ class TaskModule(pl.LightningModule):
         if not isinstance(compile, (bool, dict)):
             raise ConfigError(f"compile must be true, false or torch.compile's options, got {compile!r}")
         self.compile_options: dict[str, Any] | None = ({} if compile is True else dict(compile)) if compile else None
-        self._compiled: list[Callable[..., Any]] = []  # the compiled call of the model (no state_dict keys)
+        self._compiled: Callable[..., Any] | None = None  # the compiled call (a function: adds no state_dict keys)
         self._built = False
         # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
         self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
@@ -87,9 +87,9 @@ class TaskModule(pl.LightningModule):
         callback's setup has attached its hooks and run its eager probe), else the model itself."""
         if self.compile_options is None:
             return self.model
-        if not self._compiled:
-            self._compiled.append(compile_model(self.model, **self.compile_options))
-        return self._compiled[0]
+        if self._compiled is None:
+            self._compiled = compile_model(self.model, **self.compile_options)
+        return self._compiled
 
     def forward(self, *args, **kwargs):
         return self.runner(*args, **kwargs)
