@@ -79,7 +79,10 @@ def _dfa_variants(points: list[str], amp: str = "fp32", **engine) -> list[Varian
                 Variant("dfa fused", "dfa", dict(feedback_points=points, projection="fused", **engine),
                         note="all B_i e from one matmul"),
                 Variant("dfa per-point", "dfa", dict(feedback_points=points, projection="per_point", **engine),
-                        note="B_i e computed when autograd reaches point i")]
+                        note="B_i e computed when autograd reaches point i"),
+                Variant("dfa per-point, token receivers", "dfa",
+                        dict(feedback_points=points, projection="per_point", receiver="token", **engine),
+                        note="an autograd Function per point, as before the matmul receivers")]
     if amp != "fp32":  # under AMP: the projection in the signal's own dtype (no fp32 copy of every B_i e to cast)
         variants += [Variant("dfa fused, bf16 projection", "dfa",
                              dict(feedback_points=points, projection="fused", projection_dtype="gradient", **engine)),

@@ -20,6 +20,7 @@ import torch
 from torch.autograd import DeviceType
 
 from benchmarks.models import cases
+from benchmarks.profile_step import NODE, RECEIVE_RANGE, watch_receivers
 from benchmarks.run import RESULTS, Runner, machine, sync
 
 TOP = 10
@@ -27,6 +28,7 @@ TOP = 10
 
 def kernel_profile(runner: Runner, steps: int = 5, warmup: int = 3) -> dict:
     """``steps`` full training steps under the profiler (after ``warmup``): wall, kernel time and top kernels."""
+    receivers = watch_receivers(runner.engine)
     for _ in range(warmup):
         runner.step()
     sync(runner.device)
@@ -53,16 +55,20 @@ def kernel_profile(runner: Runner, steps: int = 5, warmup: int = 3) -> dict:
     kernel_ms = sum(ms for ms, _ in per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:TOP]
     return dict(wall_ms=1e3 * wall, kernel_ms=kernel_ms, busy=kernel_ms / (1e3 * wall) if wall else 0.0,
-                kernels_per_step=sum(n for _, n in per_kernel.values()), dfa_host_ms=dfa_host_ms(events, steps),
+                kernels_per_step=sum(n for _, n in per_kernel.values()),
+                dfa_host_ms=dfa_host_ms(prof.events(), receivers, steps),
                 top=[dict(kernel=k[:120], ms=ms, calls=n) for k, (ms, n) in top])
 
 
-def dfa_host_ms(events, steps: int) -> float:
+def dfa_host_ms(events, receivers: set[int], steps: int) -> float:
     """Host time per step inside the engine's autograd Functions: their forward calls (``_InjectFeedback``,
-    ``_ReceiveFeedback``) and their backward nodes, with everything those launch (the projection included)."""
-    names = ("_InjectFeedback", "_ReceiveFeedback", "autograd::engine::evaluate_function: _InjectFeedbackBackward",
-             "autograd::engine::evaluate_function: _ReceiveFeedbackBackward")
-    return sum(e.cpu_time_total for e in events if e.key in names) / 1e3 / steps
+    ``_ReceiveFeedback``) and their backward nodes, with everything those launch (the projection included); with
+    matmul receivers, their forward (the ``dfa::receive`` range) and their backward matmul nodes."""
+    names = ("_InjectFeedback", "_ReceiveFeedback", RECEIVE_RANGE, f"{NODE}_InjectFeedbackBackward",
+             f"{NODE}_ReceiveFeedbackBackward")
+    total = sum(e.cpu_time_total for e in events
+                if e.name in names or (e.name == f"{NODE}MmBackward0" and e.sequence_nr in receivers))
+    return total / 1e3 / steps
 
 
 def _looks_like_range(name: str) -> bool:

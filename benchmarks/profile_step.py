@@ -13,6 +13,9 @@
   recorded by forward pre-hooks in the same forward. Under DFA every layer directly above a feedback point reads a
   detached tensor, so it computes no input gradient: no kernel computes a gradient that DFA would throw away.
   The BP profile of the same model shows how many input-gradient matmuls DFA saved.
+* **per point**: the matmuls inside each ``_ReceiveFeedbackBackward`` (tokens) or inside each matmul receiver's
+  ``MmBackward0`` node (told apart by sequence number, see :func:`watch_receivers`): one slice each; and the
+  receivers' thin forward matmuls (``dfa::receive``), one per point, whose values are discarded;
 * backward matmul FLOPs (profiler ``with_flops``) of DFA and BP.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 from benchmarks.models import cases
 from benchmarks.run import RESULTS, Runner, machine
 
+RECEIVE_RANGE = "dfa::receive"  # the profiler range around each matmul receiver's forward (see `watch_receivers`)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sparse_mm", "aten::_sparse_csr_mm",
            "aten::addmm_", "aten::_sparse_addmm", "aten::sparse_sampled_addmm")
 LINEAR_NODES = ("AddmmBackward0", "MmBackward0", "LinearBackward0")
@@ -47,6 +51,24 @@ def _matmuls_below(event) -> list[str]:
     return found
 
 
+def watch_receivers(engine) -> set[int]:
+    """Matmul receivers (per point, ``receiver: matmul``) are autograd's own matmuls, not the engine's Functions:
+    wrap the engine's receiver so that a profile tells them apart. Each forward receiver runs inside a
+    ``dfa::receive`` range, and the returned set collects the sequence numbers of their backward nodes (the
+    profiler's events carry them). For profiles only: the range costs host time."""
+    seqs: set[int] = set()
+    original = engine._receive
+
+    def receive(index, out):
+        with torch.profiler.record_function(RECEIVE_RANGE):
+            z = original(index, out)
+        seqs.add(z.grad_fn._sequence_nr())
+        return z
+
+    engine._receive = receive
+    return seqs
+
+
 def profile_variant(runner: Runner) -> dict:
     """One forward + backward of ``runner`` under the profiler; counts per autograd node."""
     linears_needing_input_grad = []
@@ -56,6 +78,7 @@ def profile_variant(runner: Runner) -> dict:
         linears_needing_input_grad.append(bool(isinstance(x, torch.Tensor) and x.requires_grad))
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in runner.model.modules() if isinstance(m, nn.Linear)]
+    receivers = watch_receivers(runner.engine)
     runner.optimizer.zero_grad(set_to_none=True)
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
@@ -71,7 +94,10 @@ def profile_variant(runner: Runner) -> dict:
     per_point: list[str] = []
     inject_nodes = receive_nodes = 0
     backward_flops = 0
+    receiver_forward: list[str] = []
     for e in prof.events():
+        if e.name == RECEIVE_RANGE:
+            receiver_forward += _matmuls_below(e)
         if not e.name.startswith(NODE):
             continue
         node = e.name[len(NODE):]
@@ -80,7 +106,7 @@ def profile_variant(runner: Runner) -> dict:
         if node == "_InjectFeedbackBackward":
             inject_nodes += 1
             projection += mms
-        elif node == "_ReceiveFeedbackBackward":
+        elif node == "_ReceiveFeedbackBackward" or (node == "MmBackward0" and e.sequence_nr in receivers):
             receive_nodes += 1
             per_point += mms
         elif node in LINEAR_NODES:
@@ -88,7 +114,8 @@ def profile_variant(runner: Runner) -> dict:
             node_matmuls[node] += len(mms)
     linear_nodes = sum(nodes.values())
     return dict(inject_nodes=inject_nodes, projection_matmuls=projection, receive_nodes=receive_nodes,
-                per_point_matmuls=per_point, linear_backward_nodes=linear_nodes,
+                per_point_matmuls=per_point, receiver_forward_matmuls=receiver_forward,
+                linear_backward_nodes=linear_nodes,
                 input_grad_matmuls=sum(node_matmuls.values()) - linear_nodes,
                 expected_input_grad_matmuls=sum(linears_needing_input_grad),
                 linear_calls=len(linears_needing_input_grad), backward_matmul_flops=backward_flops)
@@ -121,20 +148,23 @@ def run(preset: str, only: list[str] | None = None, device: str = "cpu") -> dict
             dfa = Runner(case, variant, base, device, batch)
             prof = profile_variant(dfa)
             kind, mode = dfa.engine.operator_kind, dfa.engine.mode
+            receiver = dfa.engine.receiver if mode == "per_point" else None
             prof.update(case=case.name, variant=variant.name, label=dfa.label, operator=kind, points=len(dfa.engine.points),
-                        projection_mode=mode, bp_input_grad_matmuls=bp_prof["input_grad_matmuls"],
+                        projection_mode=mode, receiver=receiver, bp_input_grad_matmuls=bp_prof["input_grad_matmuls"],
                         bp_backward_matmul_flops=bp_prof["backward_matmul_flops"])
             if mode == "fused":  # one operator call: e @ B (lowrank: (e U) V)
                 prof["ok_one_projection"] = (prof["inject_nodes"] == 1 and prof["receive_nodes"] == 0
                                              and len(prof["projection_matmuls"]) == (2 if kind == "lowrank" else 1))
-            elif dfa.engine.shared_slices:  # per point, shared columns: the one product e B at the output (as
-                # fused), which every point slices
+            elif dfa.engine.shared_slices and receiver == "token":  # per point, shared columns: the one product
+                # e B at the output (as fused), which every point slices
                 prof["ok_one_projection"] = (prof["inject_nodes"] == 1 and prof["per_point_matmuls"] == []
                                              and len(prof["projection_matmuls"]) == (2 if kind == "lowrank" else 1))
             else:  # per point: e prepared once at the output (lowrank: e U), then one slice matmul per point call
-                prof["ok_one_projection"] = (prof["inject_nodes"] == 1
-                                             and len(prof["projection_matmuls"]) == (1 if kind == "lowrank" else 0)
-                                             and len(prof["per_point_matmuls"]) == prof["receive_nodes"] > 0)
+                # (a matmul receiver: also one thin forward matmul per point, whose value is discarded)
+                prof["ok_one_projection"] = (
+                    prof["inject_nodes"] == 1 and len(prof["projection_matmuls"]) == (1 if kind == "lowrank" else 0)
+                    and len(prof["per_point_matmuls"]) == prof["receive_nodes"] > 0
+                    and len(prof["receiver_forward_matmuls"]) == (prof["receive_nodes"] if receiver == "matmul" else 0))
             prof["ok_no_discarded_gradients"] = prof["input_grad_matmuls"] == prof["expected_input_grad_matmuls"]
             report["models"].append(prof)
             print(f"{case.name:<10} {dfa.label:<40} projection {prof['projection_matmuls']} "
@@ -151,18 +181,22 @@ def markdown(report: dict) -> str:
              "Per default DFA variant (`projection: auto`): matmuls inside `_InjectFeedbackBackward` (fused: the whole "
              "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U, or the "
              "shared product) and "
-             "inside the `_ReceiveFeedbackBackward` nodes (per point: one slice matmul each, when autograd reaches the "
-             "point; with shared slices none: the one product e B is made at the output and every point slices it), "
+             "inside the per-point nodes (tokens' `_ReceiveFeedbackBackward`, or matmul receivers' `MmBackward0`: one "
+             "slice matmul each, when autograd reaches the point; tokens with shared slices: none, the one product e B "
+             "is made at the output and every point slices it; matmul receivers also run one thin forward matmul per "
+             "point, in the `receiver fwd` column), "
              "input-gradient matmuls of linear layers in the backward (DFA measured / expected from the layers "
              "whose input requires grad / BP), backward matmul GFLOPs.", "",
              "| model | variant | points | inject nodes | projection ops at the output | per-point matmuls | "
+             "receiver fwd | "
              "input-grad matmuls DFA (expected) | input-grad matmuls BP | bwd GFLOP DFA / BP | one projection | "
              "nothing discarded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         lines.append(
             f"| {m['case']} | {m.get('label', m['variant'])} | {m['points']} | {m['inject_nodes']} | "
             f"{', '.join(m['projection_matmuls']) or '-'} | {len(m.get('per_point_matmuls', []))} | "
+            f"{len(m.get('receiver_forward_matmuls', []))} | "
             f"{m['input_grad_matmuls']} ({m['expected_input_grad_matmuls']}) | "
             f"{m['bp_input_grad_matmuls']} | {m['backward_matmul_flops'] / 1e9:.3f} / "
             f"{m['bp_backward_matmul_flops'] / 1e9:.3f} | {'yes' if m['ok_one_projection'] else '**NO**'} | "

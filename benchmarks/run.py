@@ -150,9 +150,14 @@ class Runner:
     @property
     def label(self) -> str:
         """The variant's name, with what ``projection="auto"`` chose."""
-        if self.variant.method == "dfa" and self.engine.projection == "auto":
-            return f"{self.variant.name} [auto: {self.engine.mode}]"
-        return self.variant.name
+        engine = self.engine
+        if self.variant.method != "dfa":
+            return self.variant.name
+        # per point in an eager step: which receiver (`auto` chooses; a compiled step always uses tokens)
+        receiver = f", {engine.receiver} receivers" if engine.mode == "per_point" and not self.case.compile else ""
+        if engine.projection == "auto":
+            return f"{self.variant.name} [auto: {engine.mode}{receiver}]"
+        return f"{self.variant.name} [{receiver[2:]}]" if receiver else self.variant.name
 
     def step(self) -> None:
         if self.graph is not None:

@@ -158,9 +158,11 @@ def test_kernel_profile_reports_every_variant_and_counts_no_annotation_as_a_kern
                                  "dfa fused", "dfa per-point, bf16 projection", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "kernels_tiny.json").read_text())
     rows = report["cases"][0]["rows"]
-    assert [r["variant"] for r in rows] == ["bp", "dfa fused", "dfa per-point, bf16 projection"]
+    # the label says which receiver per point chose (`receiver: auto`; matmul at this size)
+    assert [r["variant"] for r in rows] == ["bp", "dfa fused", "dfa per-point, bf16 projection [matmul receivers]"]
     assert all(r["wall_ms"] > 0 and r["kernel_ms"] == 0 and r["top"] == [] for r in rows)
-    # the host time inside the engine's Functions: none for BP; per point costs more than fused (a Function per point)
+    # the host time inside the engine's Functions (and matmul receivers): none for BP; per point costs more than
+    # fused (per point: a forward matmul and its backward node; the profile's range around each adds to it)
     assert rows[0]["dfa_host_ms"] == 0 < rows[1]["dfa_host_ms"] < rows[2]["dfa_host_ms"]
     assert "| dfa fused |" in (tmp_path / "kernels_tiny.md").read_text()
 

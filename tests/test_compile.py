@@ -28,6 +28,11 @@ SETTINGS = {
     "shallow": dict(method="shallow"),
     "fused tokens": dict(projection="fused", batch_dims=[0, 1]),  # [batch, token, features], as the LM
     "per_point tokens lowrank": dict(projection="per_point", batch_dims=[0, 1], operator="lowrank", rank=2),
+    # matmul receivers are for eager steps: compiled, the same engine feeds tokens (one graph, the same gradients)
+    "per_point matmul receivers": dict(projection="per_point", receiver="matmul"),
+    "per_point tokens lowrank shared matmul receivers": dict(projection="per_point", batch_dims=[0, 1],
+                                                             operator="lowrank", rank=2, shared_slices=True,
+                                                             receiver="matmul"),
 }
 
 

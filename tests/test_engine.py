@@ -22,6 +22,25 @@ def _float64():
     torch.set_default_dtype(torch.float32)
 
 
+# fused, and per point with each receiver (see FeedbackEngine's `receiver`)
+PROJECTIONS = {"fused": dict(projection="fused"), "per_point-token": dict(projection="per_point", receiver="token"),
+               "per_point-matmul": dict(projection="per_point", receiver="matmul")}
+
+
+def draw(engine: FeedbackEngine, *inputs: torch.Tensor) -> None:
+    """Learn the widths from one forward without grad and draw B, so that the next forward can go per point (a
+    first forward runs fused: per point needs B's width)."""
+    with torch.no_grad():
+        engine.model(*inputs)
+    engine.ensure_matrix()
+
+
+def ran(out: torch.Tensor, projection: str) -> torch.Tensor:
+    """``out`` after checking that its forward fed the output the way ``projection`` (a PROJECTIONS key) says."""
+    assert out.grad_fn.kind == {"fused": "fused", "per_point-token": "token", "per_point-matmul": "matmul"}[projection]
+    return out
+
+
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -115,13 +134,14 @@ class _TwiceThroughOneBlock(nn.Module):
         return self.head(self.block(self.block(x)))
 
 
-@pytest.mark.parametrize("projection", ["fused", "per_point"])
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
 def test_a_point_called_twice_gets_its_feedback_at_each_call(projection):
     torch.manual_seed(4)
     model = _TwiceThroughOneBlock()
-    engine = FeedbackEngine(model, ["block"], seed=2, projection=projection)
+    engine = FeedbackEngine(model, ["block"], seed=2, **PROJECTIONS[projection])
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    logits = model(x)
+    draw(engine, x)
+    logits = ran(model(x), projection)
     F.cross_entropy(logits, y).backward()
     e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 3)) / 6
     signal = e @ engine.matrix.to(torch.float64)  # one point: the same B e for both calls
@@ -220,30 +240,34 @@ def test_auto_per_point_gives_the_same_gradients_as_fused():
         torch.testing.assert_close(auto[name], fused[name], atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("operator", ["dense", "lowrank", "sparse"])
-def test_per_point_computes_each_signal_after_the_one_above_is_consumed(operator):
+@pytest.mark.parametrize(("operator", "receiver"), [("dense", "token"), ("lowrank", "token"), ("sparse", "token"),
+                                                     ("dense", "matmul"), ("lowrank", "matmul")])
+def test_per_point_computes_each_signal_after_the_one_above_is_consumed(operator, receiver):
     """Per point, autograd reaches point i's projection only after the segment above used its own: one feedback
-    signal is alive at a time (the memory that makes `auto` choose it). Fused holds them all from the start."""
+    signal is alive at a time (the memory that makes `auto` choose it). Observed at the points themselves (a
+    gradient hook on each point's output), whichever node computed B_i e."""
     import weakref
 
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     torch.manual_seed(0)
     model = MLP(6, 3, hidden=[16, 16, 16, 16])
-    engine = FeedbackEngine(model, ["blocks.*"], projection="per_point", operator=operator, rank=2, nnz=2, seed=2)
-    model(x)
-    engine.reset()
-    signals, alive_at_each_call = [], []
-    project_slice = engine.operator.project_slice
+    signals, alive_at_each_arrival = [], []
 
-    def recorded(prepared, start, stop):
-        alive_at_each_call.append(sum(ref() is not None for ref in signals))
-        g = project_slice(prepared, start, stop)
+    def arrived(g):
+        alive_at_each_arrival.append(sum(ref() is not None for ref in signals))
         signals.append(weakref.ref(g))
-        return g
 
-    engine.operator.project_slice = recorded
-    F.cross_entropy(model(x), y).backward()
-    assert alive_at_each_call == [0, 0, 0, 0]
+    def watch(module, args, out):  # registered before the engine's hook: sees the point's own output
+        if out.requires_grad:
+            out.register_hook(arrived)
+
+    for block in model.blocks:
+        block.register_forward_hook(watch)
+    engine = FeedbackEngine(model, ["blocks.*"], projection="per_point", receiver=receiver, operator=operator,
+                            rank=2, nnz=2, seed=2)
+    draw(engine, x)
+    F.cross_entropy(ran(model(x), f"per_point-{receiver}"), y).backward()
+    assert alive_at_each_arrival == [0, 0, 0, 0]  # a signal kept by the engine (or its node) would count here
 
 
 def test_shared_slices_reproduce_tinydfa_layout():
@@ -279,30 +303,32 @@ def test_shared_slices_give_equal_width_points_the_same_signal_with_cheap_operat
 
 
 @pytest.mark.parametrize("operator", ["dense", "lowrank"])
-def test_per_point_with_shared_slices_computes_the_shared_product_once_and_matches_fused(operator):
+@pytest.mark.parametrize("scale", ["max_width", "per_layer"])
+def test_per_point_with_shared_slices_computes_the_shared_product_once_and_matches_fused(operator, scale):
+    """Tokens: one product e B for the three points (when the backward starts), sliced 0:8, 0:8, 0:6. Matmul
+    receivers: each point's own block of the shared columns, with its own factor (``per_layer`` scales differ)."""
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     results, calls = {}, {}
-    for projection in ("fused", "per_point"):
+    for projection in PROJECTIONS:
         torch.manual_seed(0)
         model = MLP(5, 3, hidden=[8, 8, 6])
-        engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale="max_width", operator=operator,
-                                rank=2, projection=projection, seed=5)
-        model(x)
-        engine.reset()
-        engine.ensure_matrix()
+        engine = FeedbackEngine(model, ["blocks.*"], shared_slices=True, scale=scale, operator=operator,
+                                rank=2, seed=5, **PROJECTIONS[projection])
+        draw(engine, x)
         op, count = engine.operator, []
         project, project_slice = op.project, op.project_slice
         op.project = lambda e: count.append("project") or project(e)
         op.project_slice = lambda p, a, b: count.append((a, b)) or project_slice(p, a, b)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(ran(model(x), projection), y).backward()
         results[projection], calls[projection] = grads(model), count
-    # one product for the three points (per point: when the backward starts), sliced 0:8, 0:8, 0:6
-    assert calls == {"fused": ["project"], "per_point": ["project"]}
+    # matmul receivers: no operator call at all for dense (autograd's matmuls multiply e by each block)
+    assert calls == {"fused": ["project"], "per_point-token": ["project"], "per_point-matmul": []}
     for name, g in results["fused"].items():
-        torch.testing.assert_close(results["per_point"][name], g, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(results["per_point-token"][name], g, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(results["per_point-matmul"][name], g, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("projection", ["fused", "per_point"])
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
 def test_projection_dtype_gradient_projects_in_bf16_under_autocast_close_to_fp32(projection):
     torch.set_default_dtype(torch.float32)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
@@ -310,9 +336,12 @@ def test_projection_dtype_gradient_projects_in_bf16_under_autocast_close_to_fp32
     for projection_dtype in ("float32", "gradient"):
         torch.manual_seed(0)
         model = MLP(16, 4, hidden=[32, 32])
-        engine = FeedbackEngine(model, ["blocks.*"], projection=projection, projection_dtype=projection_dtype, seed=1)
+        engine = FeedbackEngine(model, ["blocks.*"], projection_dtype=projection_dtype, seed=1,
+                                **PROJECTIONS[projection])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
+            draw(engine, x)
+            out = ran(model(x), projection)
+        assert out.dtype == torch.bfloat16  # a matmul receiver turns autocast off around itself, and back on
         F.cross_entropy(out.float(), y).backward()
         results[projection_dtype] = grads(model)
         expected = torch.bfloat16 if projection_dtype == "gradient" else torch.float32
@@ -393,16 +422,17 @@ class _FeaturesFirst(nn.Module):
         return self.lin(x.T).T
 
 
-@pytest.mark.parametrize("projection", ["fused", "per_point"])
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
 def test_a_non_leading_batch_dim_sends_each_sample_its_own_projection(projection):
     """Features-first activations [d, N] with ``batch_dims=[1]`` and d == N (a square point, where a missing
     transpose back would go unnoticed by shapes): sample n's point receives e_n @ B, laid out as [d, N] again."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     model = nn.Sequential(_FeaturesFirst(4, 6), nn.ReLU(), _FeaturesFirst(6, 5))
-    engine = FeedbackEngine(model, ["1"], batch_dims=[1], projection=projection, seed=3)
+    engine = FeedbackEngine(model, ["1"], batch_dims=[1], seed=3, **PROJECTIONS[projection])
     x, w = torch.randn(4, 6), torch.randn(5, 6)  # 6 samples
-    (model(x) * w).sum().backward()  # e = dL/d(out) = w, [5, 6]
+    draw(engine, x)
+    (ran(model(x), projection) * w).sum().backward()  # e = dL/d(out) = w, [5, 6]
     m = engine.matrix
     assert m.shape == (5, 6)
     signal = (w.T @ m).T  # [N, 6] per sample, back to [6, N]
@@ -478,7 +508,7 @@ def test_fused_projection_casts_every_signal_to_the_points_dtype_in_one_copy():
         torch.testing.assert_close(g, full[:, 8 * i:8 * (i + 1)], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("projection", ["fused", "per_point"])
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
 def test_a_point_with_other_batch_elements_than_the_output_is_an_error_naming_it(projection):
     """Per-token points under a per-sequence output with batch_dims [0, 1]: B cannot pair their rows."""
 
@@ -491,10 +521,97 @@ def test_a_point_with_other_batch_elements_than_the_output_is_an_error_naming_it
             return self.head(torch.relu(self.fc(x)).mean(1))
 
     model, x = Pooled(), torch.randn(2, 4, 5)
-    engine = FeedbackEngine(model, ["fc"], batch_dims=[0, 1], projection=projection)
+    engine = FeedbackEngine(model, ["fc"], batch_dims=[0, 1], **PROJECTIONS[projection])
     with torch.no_grad():
         model(x)  # widths and the output's size
     engine.ensure_matrix()
     with pytest.raises(ConfigError, match=r"feedback point 'fc' has 8 batch elements over batch_dims \[0, 1\] but "
                                           r"the output has 6; adjust batch_dims"):
-        model(x).sum().backward()
+        ran(model(x), projection).sum().backward()
+
+
+def test_matmul_receivers_leave_no_python_in_the_backward_and_add_one_thin_forward_matmul_per_point():
+    """Per point with matmul receivers: autograd's own matmul backward computes each B_i e (4 ``MmBackward0``
+    nodes, the linears being ``addmm``), no engine Function runs per point, and the forward has one extra ``[N, d_i]
+    x [d_i, d_out]`` matmul per point, whose value only carries the graph."""
+    torch.set_default_dtype(torch.float32)
+    model = MLP(16, 3, hidden=[16] * 4)
+    engine = FeedbackEngine(model, ["blocks.*"], projection="per_point", receiver="matmul", seed=1)
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+    draw(engine, x)
+    with torch.profiler.profile() as prof:
+        F.cross_entropy(ran(model(x), "per_point-matmul"), y).backward()
+    names = [e.name for e in prof.events()]
+    assert "_ReceiveFeedback" not in names and "_ReceiveFeedbackBackward" not in names
+    assert names.count("autograd::engine::evaluate_function: MmBackward0") == 4
+    forward_mm = [e for e in prof.events() if e.name == "aten::mm" and e.sequence_nr >= 0
+                  and not any(p.name.startswith("autograd::engine") for p in _ancestors(e))]
+    assert len(forward_mm) == 4
+
+
+def _ancestors(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event
+
+
+def test_auto_receiver_is_matmul_for_a_narrow_error_and_token_for_a_wide_one():
+    torch.set_default_dtype(torch.float32)
+    narrow = FeedbackEngine(MLP(256, 4, hidden=[256] * 4), ["blocks.*"], projection="per_point")
+    x = torch.randn(512, 256)
+    c = narrow.calibrate(lambda: narrow.model(x).sum())
+    assert c["receiver_flops"] == 2 * 512 * 4 * 1024
+    assert c["forward_matmul_flops"] == 2 * 512 * (256 * 256 * 4 + 256 * 4)
+    assert narrow.receiver == "matmul" and "receiver=auto -> matmul" in narrow.report()
+    # a 256-class error on 64-wide points: the receivers would cost 2/3 of the step
+    wide = FeedbackEngine(MLP(64, 256, hidden=[64] * 4), ["blocks.*"], projection="per_point")
+    xw = torch.randn(2048, 64)
+    wide.calibrate(lambda: wide.model(xw).sum())
+    assert wide.receiver == "token" and "receiver=auto -> token" in wide.report()
+    assert FeedbackEngine(MLP(4, 2, hidden=[4]), ["blocks.*"]).receiver == "token"  # not calibrated: token
+    sparse = FeedbackEngine(MLP(256, 4, hidden=[256] * 4), ["blocks.*"], operator="sparse", projection="per_point")
+    sparse.calibrate(lambda: sparse.model(x).sum())
+    assert sparse.receiver == "token"  # no dense blocks to multiply by
+    with pytest.raises(ConfigError, match="receiver 'matmul' needs a dense or lowrank operator"):
+        FeedbackEngine(MLP(4, 2, hidden=[4]), ["blocks.*"], operator="sparse", receiver="matmul")
+    with pytest.raises(ConfigError, match="receiver must be one of"):
+        FeedbackEngine(MLP(4, 2, hidden=[4]), ["blocks.*"], receiver="hook")
+
+
+def test_a_new_feedback_matrix_reaches_the_matmul_receivers():
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    results = {}
+    for projection in ("fused", "per_point-matmul"):
+        torch.manual_seed(0)
+        model = MLP(5, 3, hidden=[6, 6])
+        engine = FeedbackEngine(model, ["blocks.*"], seed=1, **PROJECTIONS[projection])
+        draw(engine, x)
+        F.cross_entropy(model(x), y).backward()  # the receivers of the first B are made and used
+        model.zero_grad()
+        engine.set_matrix(torch.arange(36, dtype=torch.float64).reshape(3, 12) / 36)
+        F.cross_entropy(ran(model(x), projection), y).backward()
+        results[projection] = grads(model)
+    for name, g in results["fused"].items():
+        torch.testing.assert_close(results["per_point-matmul"][name], g, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_every_receiver_gives_the_fused_gradients_with_token_level_batch_dims(autocast):
+    """Tokens as batch elements ([B, T, d] points, batch_dims [0, 1]), under bf16 autocast too (the matmul receiver
+    runs in fp32 inside it and its backward casts B_i e to the point's bf16)."""
+    torch.set_default_dtype(torch.float32)
+    x, target = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    results = {}
+    for projection in PROJECTIONS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 5))
+        engine = FeedbackEngine(model, ["1", "3"], batch_dims=[0, 1], seed=2, **PROJECTIONS[projection])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            draw(engine, x)
+            out = ran(model(x), projection)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        F.mse_loss(out.float(), target).backward()
+        results[projection] = grads(model)
+    for name, g in results["fused"].items():
+        for projection in ("per_point-token", "per_point-matmul"):
+            torch.testing.assert_close(results[projection][name], g, atol=1e-6, rtol=1e-5)

@@ -45,6 +45,10 @@ class FeedbackAlignmentStrategy(pl.Callback):
         projection_dtype: ``float32`` (the projection in fp32 whatever the precision) or ``gradient`` (in the
             error's dtype: bf16/fp16 under AMP, several times faster on tensor cores for a wide error, e.g. after a
             large vocabulary) (default: ``"float32"``).
+        receiver: per point, how ``B_i e`` reaches point i in an eager step: ``token`` (an autograd Function per
+            point), ``matmul`` (one thin forward matmul per point whose backward, autograd's own, computes ``B_i e``:
+            no Python in the backward), ``auto``: matmul when those matmuls add at most 2% to the step's matmul FLOPs
+            (measured on the probe batch); compiled steps always use tokens (default: ``"auto"``).
         verbose: print the placement report at fit start (default: ``True``).
     """
 
@@ -64,6 +68,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         error: str = "exact",
         projection: str = "auto",
         projection_dtype: str = "float32",
+        receiver: str = "auto",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -75,7 +80,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
             method=method, feedback_points=list(feedback_points or []), output=output,
             batch_dims=list(batch_dims or [0]), init=init, scale=scale, shared_slices=shared_slices, seed=seed,
             operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
-            projection_dtype=projection_dtype,
+            projection_dtype=projection_dtype, receiver=receiver,
         )
         self.seed_given = seed is not None
         self.verbose = verbose

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback import matrices, operators
@@ -40,7 +41,13 @@ from dfa_lightning.feedback.points import resolve_output, resolve_points
 METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
 PROJECTION_DTYPES = ("float32", "gradient")
+RECEIVERS = ("auto", "token", "matmul")
 AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
+# receiver="auto": matmul receivers while their forward matmuls add at most this fraction to the step's matmul FLOPs
+# (a BP step: 3x the forward's), or at most RECEIVER_FREE_FLOPS per point (below it a matmul costs less host time
+# than the ~25 us of Python a token's autograd Function costs on a CPU)
+RECEIVER_FLOP_BUDGET = 0.02
+RECEIVER_FREE_FLOPS = 1_000_000
 # tensors of optimizer state per parameter, for optimizers whose (lazy) state does not exist yet
 OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1,
                     "RMSprop": 1, "SGD": 0, "ASGD": 2, "Rprop": 2, "LBFGS": 0}
@@ -77,32 +84,32 @@ class _Pending:
     """Points recorded since the output module last ran (one entry per point call)."""
 
     index: list[int] = field(default_factory=list)
-    tensors: list[torch.Tensor] = field(default_factory=list)  # fused: the point outputs; per point: the tokens
-    per_point: bool = False  # decided at this forward's first point (per point needs B and the error's width)
+    tensors: list[torch.Tensor] = field(default_factory=list)  # fused: the point outputs; per point: the receivers
+    kind: str = "fused"  # fused | token | matmul: decided at this forward's first point (per point needs B)
 
     def clear(self) -> None:
         self.index.clear()
         self.tensors.clear()
-        self.per_point = False
+        self.kind = "fused"
 
 
 class _InjectFeedback(torch.autograd.Function):
     """Identity on the output; backward sends ``B_i e`` to every recorded point in the same autograd pass."""
 
     @staticmethod
-    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], per_point: bool, output: torch.Tensor,
+    def forward(ctx, engine: "FeedbackEngine", index: tuple[int, ...], kind: str, output: torch.Tensor,
                 *inputs: torch.Tensor):
-        ctx.engine, ctx.index, ctx.per_point = engine, index, per_point
+        ctx.engine, ctx.index, ctx.kind = engine, index, kind
         ctx.shapes = [t.shape for t in inputs]
         ctx.dtypes = [t.dtype for t in inputs]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if not ctx.per_point:  # fused: every B_i e from one operator call
+        if ctx.kind == "fused":  # every B_i e from one operator call
             grads = ctx.engine.project(grad_output, ctx.index, ctx.shapes, ctx.dtypes)
-        else:  # per point: the prepared error, one tensor for every token; each _ReceiveFeedback projects its slice
-            prepared = ctx.engine.prepare_error(grad_output)
+        else:  # per point: the prepared error, one tensor for every receiver, which projects its own slice
+            prepared = ctx.engine.prepare_error(grad_output, shared_product=ctx.kind == "token")
             ctx.engine.check_tokens(prepared, ctx.index, ctx.shapes)
             grads = [prepared] * len(ctx.index)
         return (None, None, None, grad_output, *grads)
@@ -149,6 +156,16 @@ class FeedbackEngine:
             state), then per_point (default: ``"auto"``).
         projection_dtype: ``float32``: the projection runs in fp32 whatever the training precision (fp64 stays
             fp64); ``gradient``: in the dtype of the error (bf16/fp16 under AMP) (default: ``"float32"``).
+        receiver: per point, how ``B_i e`` reaches point i in an eager step. ``token``: a zero-stride token whose
+            autograd Function projects the slice (no extra work, about 25 µs of Python per point and step);
+            ``matmul``: the forward computes ``z_i = h_i M_i^T`` with ``M_i`` the point's block of the operator
+            (``B_i``, or ``V_i`` for lowrank), and the output hands ``z_i`` the prepared error, so autograd's own
+            matmul backward computes ``B_i e``: no Python in the backward, at the cost of one thin forward matmul
+            per point (``N·d_i·w`` multiply-adds, ``w`` the prepared error's width: ``d_out``, or ``r``) whose
+            value is discarded; ``auto``: matmul when :meth:`calibrate` finds that those matmuls add at most 2 % to
+            the step's matmul FLOPs (or at most 1 MFLOP per point), else token. A compiled step (``torch.compile``)
+            always uses tokens: it has no Python to save. The sparse operator always uses tokens
+            (default: ``"auto"``).
     """
 
     def __init__(
@@ -168,6 +185,7 @@ class FeedbackEngine:
         error: str = "exact",
         projection: str = "auto",
         projection_dtype: str = "float32",
+        receiver: str = "auto",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -183,7 +201,11 @@ class FeedbackEngine:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if projection_dtype not in PROJECTION_DTYPES:
             raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
-        self.projection, self.projection_dtype = projection, projection_dtype
+        if receiver not in RECEIVERS:
+            raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
+        if receiver == "matmul" and operator == "sparse":
+            raise ConfigError("receiver 'matmul' needs a dense or lowrank operator (the sparse one uses tokens)")
+        self.projection, self.projection_dtype, self.receiver_choice = projection, projection_dtype, receiver
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
         self._projection_itemsize = 4  # bytes per projected value (see compute_dtype)
@@ -202,6 +224,7 @@ class FeedbackEngine:
         self._output_dtype: torch.dtype | None = None
         self._token_dtype = torch.float32
         self._warm: tuple | None = None
+        self._receivers: list[torch.Tensor] = []  # matmul receivers: M_i^T [d_i, w] per point, on _warm's device
         self._post_scales: tuple[float, ...] | None = None
         self._layout: matrices.FeedbackLayout | None = None
         self._pending = _Pending()
@@ -235,9 +258,11 @@ class FeedbackEngine:
             if self.method == "dfa":
                 pending = self._pending
                 if not pending.index:  # this forward's first point: per point needs B and the error's width
-                    pending.per_point = self.mode == "per_point" and self._token_width is not None
+                    pending.kind = self._receiver_kind(out.device)
                 pending.index.append(index)
-                if pending.per_point:  # (a list, not a generator: torch.compile traces it without a break)
+                if pending.kind == "matmul":
+                    pending.tensors.append(self._receive(index, out))
+                elif pending.kind == "token":  # (a list, not a generator: torch.compile traces it without a break)
                     rows = (out.shape[0] if self.batch_dims == (0,)
                             else math.prod([out.shape[d] for d in self.batch_dims]))
                     pending.tensors.append(_ReceiveFeedback.apply(self, index, rows, self._token_width,
@@ -263,7 +288,7 @@ class FeedbackEngine:
             self.capture["__output__"] = out
         if not self._pending.tensors:
             return None
-        index, tensors, per_point = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.per_point
+        index, tensors, kind = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.kind
         self._pending.clear()
         if not self.enabled or not torch.is_grad_enabled():
             return None
@@ -271,7 +296,35 @@ class FeedbackEngine:
             self.ensure_matrix()
         if self._warm != (out.device, self._token_dtype):  # B's device copy, made here: the backward only reads
             self.warm(out.device)
-        return _InjectFeedback.apply(self, index, per_point, out, *tensors)
+        return _InjectFeedback.apply(self, index, kind, out, *tensors)
+
+    def _receiver_kind(self, device: torch.device) -> str:
+        """How this forward's points feed the output: ``fused`` (their outputs), or per point ``token`` or
+        ``matmul`` (see ``receiver``); per point needs B drawn (the prepared error's width)."""
+        if self.mode != "per_point" or self._token_width is None:
+            return "fused"
+        if self.receiver != "matmul" or torch.compiler.is_compiling():  # compiled: no Python left to save
+            return "token"
+        if self._warm != (device, self._token_dtype) or not self._receivers:  # read in this forward: made now
+            self.warm(device)
+        return "matmul"
+
+    def _receive(self, index: int, out: torch.Tensor) -> torch.Tensor:
+        """Matmul receiver: ``z_i = h_i M_i^T`` ``[N, w]``; the output hands it the prepared error ``P``, and
+        autograd's matmul backward returns ``P M_i = B_i e`` to the point, cast and shaped back by the backward of
+        the cast and reshape here. Its value is never used. Autocast is off around it: it runs in the projection's
+        dtype like the token's projection."""
+        flat = flatten_batch(out, self.batch_dims)
+        if flat.dtype != self._token_dtype:
+            flat = flat.to(self._token_dtype)
+        device = out.device.type
+        if not torch.is_autocast_enabled(device):
+            return flat @ self._receivers[index]
+        torch.set_autocast_enabled(device, False)  # (not `with torch.autocast(...)`: 3 µs of Python per point)
+        try:
+            return flat @ self._receivers[index]
+        finally:
+            torch.set_autocast_enabled(device, True)
 
     def _record_width(self, index: int, out: torch.Tensor) -> None:
         if out.dim() <= max(self.batch_dims, default=-1):
@@ -288,6 +341,14 @@ class FeedbackEngine:
         if self.projection == "auto":
             return self.calibration["choice"] if self.calibration else "fused"
         return self.projection
+
+    @property
+    def receiver(self) -> str:
+        """Per point, how ``B_i e`` reaches point i in an eager step: ``token`` or ``matmul`` (``auto`` is token
+        until :meth:`calibrate` decides)."""
+        if self.receiver_choice != "auto":
+            return self.receiver_choice
+        return self.calibration.get("receiver", "token") if self.calibration else "token"
 
     def calibrate(self, forward: Callable[[], object], optimizer_state_bytes: int = 0) -> dict[str, float | int | str]:
         """Run ``forward`` (one training forward with grad, e.g. on a probe batch) and measure what the fused
@@ -312,15 +373,32 @@ class FeedbackEngine:
             return t
 
         self._rows = None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
+              FlopCounterMode(display=False) as flops):
             forward()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
         fused_bytes = rows * columns * self._projection_itemsize
         self.calibration = dict(saved_activation_bytes=sum(saved.values()), parameter_bytes=param_bytes,
-                                fused_signal_bytes=fused_bytes)
+                                fused_signal_bytes=fused_bytes, forward_matmul_flops=flops.get_total_flops(),
+                                receiver_flops=self._receiver_flops(rows))
+        c = self.calibration
+        cheap = max(RECEIVER_FLOP_BUDGET * 3 * c["forward_matmul_flops"], RECEIVER_FREE_FLOPS * len(self.points))
+        c["receiver"] = "matmul" if self.operator_kind != "sparse" and c["receiver_flops"] <= cheap else "token"
         return self.count_optimizer_state(optimizer_state_bytes)
+
+    def _receiver_flops(self, rows: int) -> int:
+        """FLOPs that matmul receivers add to a step: their forward matmuls, and with shared columns the per-point
+        products that the token path computes once for the widest point and slices."""
+        widths = [p.width or 0 for p in self.points]
+        if not widths:
+            return 0
+        w = self.rank if self.operator_kind == "lowrank" else (self.d_out or 0)
+        extra = 2 * rows * w * sum(widths)
+        if self.shared_slices:
+            extra += 2 * rows * w * (sum(widths) - max(widths))
+        return extra
 
     def count_optimizer_state(self, state_bytes: int) -> dict[str, float | int | str]:
         """(Re)make the ``auto`` choice with the optimizer's state counted in the step's memory.
@@ -369,6 +447,15 @@ class FeedbackEngine:
         if self.operator is not None:
             self._warm = (torch.device(device), self._token_dtype)
             self.operator.warm(*self._warm, self._layout.slices)
+            self._receivers = self._make_receivers(*self._warm) if self.receiver == "matmul" else []
+
+    def _make_receivers(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """``M_i^T`` ``[d_i, w]`` per point: views of the operator's device copy (copies where shared columns
+        carry a factor per point)."""
+        blocks = [self.operator.block(device, dtype, start, stop) for start, stop in self._layout.slices]
+        if self._post_scales is not None:
+            blocks = [b * scale for b, scale in zip(blocks, self._post_scales)]
+        return [b.t() for b in blocks]
 
     def _install(self, operator: operators.FeedbackOperator) -> None:
         self.operator = operator
@@ -425,12 +512,13 @@ class FeedbackEngine:
             return grad_dtype
         return torch.promote_types(grad_dtype, torch.float32)
 
-    def prepare_error(self, grad_output: torch.Tensor) -> torch.Tensor:
+    def prepare_error(self, grad_output: torch.Tensor, shared_product: bool = True) -> torch.Tensor:
         """``projection="per_point"``: what every point's projection starts from, computed once per step in
         :meth:`compute_dtype`: the flattened, transformed error prepared by the operator (``e U`` for lowrank), or
-        with ``shared_slices`` the one product ``e B`` that every point slices (one signal's memory, as fused)."""
+        with ``shared_slices`` (tokens) the one product ``e B`` that every point slices (one signal's memory, as
+        fused); matmul receivers multiply the prepared error by their own block."""
         e = self._error(grad_output)
-        return self.operator.project(e) if self.shared_slices else self.operator.prepare(e)
+        return self.operator.project(e) if self.shared_slices and shared_product else self.operator.prepare(e)
 
     def check_tokens(self, prepared: torch.Tensor, index: Sequence[int], shapes: Sequence[torch.Size]) -> None:
         """Every point must have as many batch elements as the output (else autograd's shape error, unnamed)."""
@@ -515,14 +603,27 @@ class FeedbackEngine:
         return "\n".join(lines)
 
     def _projection_text(self) -> str:
+        if self.projection == "per_point":
+            return f"per_point, receiver={self._receiver_text()}"
         if self.projection != "auto":
             return self.projection
         c = self.calibration
         if c is None:
             return "auto -> fused (not calibrated)"
-        return (f"auto -> {self.mode} (fused signals {_size(c['fused_signal_bytes'])} = "
+        text = (f"auto -> {self.mode} (fused signals {_size(c['fused_signal_bytes'])} = "
                 f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads + optimizer "
                 f"state ({_size(c['optimizer_state_bytes'])}); fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
+        return text + (f", receiver={self._receiver_text()}" if self.mode == "per_point" else "")
+
+    def _receiver_text(self) -> str:
+        c = self.calibration
+        if self.receiver_choice != "auto" or not c:
+            return self.receiver
+        step = 3 * c["forward_matmul_flops"]
+        share = f"{100 * c['receiver_flops'] / step:.1f}%" if step else "n/a"
+        return (f"auto -> {self.receiver} (matmul receivers: {c['receiver_flops'] / 1e6:.1f} MFLOP = {share} of a "
+                f"BP step's matmul FLOPs; matmul up to {100 * RECEIVER_FLOP_BUDGET:.0f}% or "
+                f"{RECEIVER_FREE_FLOPS / 1e6:.0f} MFLOP per point)")
 
     def record_segments(self) -> None:
         """From a captured DFA forward, list the parameters each point's segment (and the output's) reaches.

@@ -33,6 +33,7 @@ class FeedbackOperator:
 
     kind = "dense"
     _scaled_key = "matrix"  # the tensor that carries the operator's magnitude (see `scaled`)
+    _block_key = "matrix"  # the tensor whose column blocks turn prepare(e) into one point's projection
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -66,7 +67,12 @@ class FeedbackOperator:
 
     def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` of ``project(e)`` from ``prepare(e)``: ``[N, stop - start]``."""
-        return prepared @ self.on(prepared.device, prepared.dtype)["matrix"][:, start:stop]
+        return prepared @ self.block(prepared.device, prepared.dtype, start, stop)
+
+    def block(self, device: torch.device, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+        """What ``prepare(e)`` is multiplied by for columns ``start:stop``: ``[prepared_width, stop - start]``
+        (a view of the device copy)."""
+        return self.on(device, dtype)[self._block_key][:, start:stop]
 
     def dense(self) -> torch.Tensor:
         """The equivalent ``[d_out, K]`` matrix (for tests, alignment and reports)."""
@@ -84,6 +90,7 @@ class FeedbackOperator:
 class LowRankFeedback(FeedbackOperator):
     kind = "lowrank"
     _scaled_key = "v"
+    _block_key = "v"
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         t = self.on(e.device, e.dtype)
@@ -95,9 +102,6 @@ class LowRankFeedback(FeedbackOperator):
     @property
     def prepared_width(self) -> int:
         return self.tensors["u"].shape[1]
-
-    def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return prepared @ self.on(prepared.device, prepared.dtype)["v"][:, start:stop]
 
     def dense(self) -> torch.Tensor:
         return self.tensors["u"] @ self.tensors["v"]
@@ -152,6 +156,9 @@ class SparseFeedback(FeedbackOperator):
 
     def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return (self._rows_slice(prepared.device, prepared.dtype, start, stop) @ prepared.t()).t()
+
+    def block(self, device: torch.device, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError("the sparse operator has no dense blocks (its points receive through tokens)")
 
     def dense(self) -> torch.Tensor:
         rows, vals = self.tensors["rows"], self.tensors["values"]
