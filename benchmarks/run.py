@@ -153,8 +153,9 @@ class Runner:
         engine = self.engine
         if self.variant.method != "dfa":
             return self.variant.name
-        # per point in an eager step: which receiver (`auto` chooses; a compiled step always uses tokens)
-        receiver = f", {engine.receiver} receivers" if engine.mode == "per_point" and not self.case.compile else ""
+        # per point in an eager step: which receiver `auto` chose (a compiled step always uses tokens)
+        receiver = (f", {engine.receiver} receivers" if engine.mode == "per_point" and not self.case.compile
+                    and engine.receiver_choice == "auto" else "")
         if engine.projection == "auto":
             return f"{self.variant.name} [auto: {engine.mode}{receiver}]"
         return f"{self.variant.name} [{receiver[2:]}]" if receiver else self.variant.name

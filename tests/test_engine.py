@@ -615,3 +615,35 @@ def test_every_receiver_gives_the_fused_gradients_with_token_level_batch_dims(au
     for name, g in results["fused"].items():
         for projection in ("per_point-token", "per_point-matmul"):
             torch.testing.assert_close(results[projection][name], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_captured_in_a_cuda_graph_feeds_tokens_and_trains_as_the_eager_matmul_receivers():
+    """A replayed graph runs no Python, so a capture takes tokens (no forward matmuls to replay); the replayed
+    gradients are those of the eager step with matmul receivers."""
+    torch.manual_seed(0)
+    model = MLP(16, 3, hidden=[32] * 3).cuda()
+    engine = FeedbackEngine(model, ["blocks.*"], projection="per_point", receiver="matmul", seed=1)
+    x, y = torch.randn(64, 16, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    draw(engine, x)
+    F.cross_entropy(ran(model(x), "per_point-matmul"), y).backward()
+    eager = grads(model)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream before the capture (torch.cuda.graph's recipe)
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph, kinds = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        out = model(x)
+        kinds.append(out.grad_fn.kind)
+        F.cross_entropy(out, y).backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert kinds == ["token"]
+    for name, g in eager.items():
+        torch.testing.assert_close(grads(model)[name], g, atol=1e-10, rtol=1e-8)

@@ -48,7 +48,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         receiver: per point, how ``B_i e`` reaches point i in an eager step: ``token`` (an autograd Function per
             point), ``matmul`` (one thin forward matmul per point whose backward, autograd's own, computes ``B_i e``:
             no Python in the backward), ``auto``: matmul when those matmuls add at most 2% to the step's matmul FLOPs
-            (measured on the probe batch); compiled steps always use tokens (default: ``"auto"``).
+            (measured on the probe batch); compiled or CUDA-graph-captured steps always use tokens (default:
+            ``"auto"``).
         verbose: print the placement report at fit start (default: ``True``).
     """
 

@@ -164,7 +164,8 @@ class FeedbackEngine:
             per point (``N·d_i·w`` multiply-adds, ``w`` the prepared error's width: ``d_out``, or ``r``) whose
             value is discarded; ``auto``: matmul when :meth:`calibrate` finds that those matmuls add at most 2 % to
             the step's matmul FLOPs (or at most 1 MFLOP per point), else token. A compiled step (``torch.compile``)
-            always uses tokens: it has no Python to save. The sparse operator always uses tokens
+            or one captured in a CUDA graph always uses tokens: it has no Python to save. The sparse operator always
+            uses tokens
             (default: ``"auto"``).
     """
 
@@ -303,8 +304,9 @@ class FeedbackEngine:
         ``matmul`` (see ``receiver``); per point needs B drawn (the prepared error's width)."""
         if self.mode != "per_point" or self._token_width is None:
             return "fused"
-        if self.receiver != "matmul" or torch.compiler.is_compiling():  # compiled: no Python left to save
-            return "token"
+        if (self.receiver != "matmul" or torch.compiler.is_compiling()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            return "token"  # compiled, or captured in a CUDA graph: no Python per step left to save
         if self._warm != (device, self._token_dtype) or not self._receivers:  # read in this forward: made now
             self.warm(device)
         return "matmul"
