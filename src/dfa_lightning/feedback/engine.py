@@ -16,7 +16,10 @@ How it is done, with forward hooks only (the model's code is never edited):
 * ``projection="per_point"``: each point instead feeds the injector a zero-stride token made by
   :class:`_ReceiveFeedback`; the injector's backward prepares ``e`` once and hands it to every token, and each
   token's backward, which autograd runs right before its point's segment, returns ``B_i e``: one signal alive at a
-  time, and no state outside autograd, so ``torch.compile`` traces both modes.
+  time, and no state outside autograd, so ``torch.compile`` traces both modes. In an eager step, where a token's
+  Function costs host time, a point can instead hand the injector ``z_i = h_i M_i^T`` (a *matmul receiver*,
+  ``M_i`` its block of the operator): autograd's own matmul backward then turns the prepared error into ``B_i e``,
+  with no Python in the backward (see ``receiver``).
 
 Hence DDP buckets, AMP loss scaling, gradient accumulation and clipping see ordinary gradients.
 
@@ -165,8 +168,7 @@ class FeedbackEngine:
             value is discarded; ``auto``: matmul when :meth:`calibrate` finds that those matmuls add at most 2 % to
             the step's matmul FLOPs (or at most 1 MFLOP per point), else token. A compiled step (``torch.compile``)
             or one captured in a CUDA graph always uses tokens: it has no Python to save. The sparse operator always
-            uses tokens
-            (default: ``"auto"``).
+            uses tokens (default: ``"auto"``).
     """
 
     def __init__(
