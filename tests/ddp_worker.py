@@ -1,7 +1,9 @@
 """Run by test_ddp.py as a script: DFA under DDP with 2 CPU processes (gloo), or 1 process on the full batch.
 
-Usage: python ddp_worker.py OUT_DIR {ddp,single} [compiled]. Each rank saves its feedback matrix, final parameters
-and validation metrics; ``compiled`` runs the model through ``torch.compile`` (aot_eager) and prefixes the files.
+Usage: python ddp_worker.py OUT_DIR {ddp,single} [compiled | per_point]. Each rank saves its feedback matrix, final
+parameters and validation metrics; ``compiled`` runs the model through ``torch.compile`` (aot_eager), ``per_point``
+runs ``projection: per_point`` (with the receiver ``auto`` picks: matmul receivers at this size); either prefixes
+the files.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ warnings.filterwarnings("ignore")
 from helpers import build, params, trainer  # noqa: E402
 
 
-def main(out: Path, mode: str, compiled: bool = False) -> None:
+def main(out: Path, mode: str, variant: str = "") -> None:
     per_rank = 16
     if mode == "ddp":
         module, data, dfa = build("dfa", batch_size=per_rank)
@@ -31,8 +33,10 @@ def main(out: Path, mode: str, compiled: bool = False) -> None:
     else:
         module, data, dfa = build("dfa", batch_size=2 * per_rank)
         t = trainer(out, [dfa], max_steps=4, limit_val_batches=1.0)
-    if compiled:
+    if variant == "compiled":
         module.compile_options = {"backend": "aot_eager"}
+    if variant == "per_point":
+        dfa.config["projection"] = "per_point"
     seen = []
 
     class Record(pl.Callback):
@@ -47,11 +51,12 @@ def main(out: Path, mode: str, compiled: bool = False) -> None:
     loader = (DataLoader(val, batch_size=24, sampler=DistributedSampler(val, shuffle=False)) if mode == "ddp"
               else DataLoader(val, batch_size=48))
     metrics = t.validate(module, dataloaders=loader, verbose=False)[0]
-    torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module), "val": metrics},
-               out / f"{'compiled_' if compiled else ''}{mode}_rank{t.global_rank}.pt")
-    if compiled:
+    torch.save({"seen": seen, "matrix": dfa.engine.matrix, "params": params(module), "val": metrics,
+                "receiver": dfa.engine.receiver if dfa.engine.mode == "per_point" else None},
+               out / f"{variant + '_' if variant else ''}{mode}_rank{t.global_rank}.pt")
+    if variant == "compiled":
         assert module.runner is not module.model
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["compiled"])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")

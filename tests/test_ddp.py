@@ -48,3 +48,21 @@ def test_compiled_model_under_ddp_trains_as_one_eager_process(tmp_path):
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
         torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_per_point_matmul_receivers_under_ddp_train_as_one_process(tmp_path):
+    """Per point with matmul receivers under DDP: the receivers' matmul backward hands DDP ordinary gradients."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29519", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    for mode in ("ddp", "single"):
+        run = subprocess.run([sys.executable, str(WORKER), str(tmp_path), mode, "per_point"], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"per_point_ddp_rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "per_point_single_rank0.pt")
+    assert rank0["receiver"] == rank1["receiver"] == single["receiver"] == "matmul"
+    assert torch.equal(rank0["matrix"], rank1["matrix"]) and torch.equal(rank0["matrix"], single["matrix"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+        torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)
