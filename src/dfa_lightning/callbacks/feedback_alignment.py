@@ -39,7 +39,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         error: ``exact``, ``sign`` or ``ternary`` error sent through B (default: ``"exact"``).
         projection: ``fused``: all ``B_i e`` from one operator call when the backward reaches the output;
             ``per_point``: ``e`` is prepared once and each ``B_i e`` is computed when the backward reaches point i,
-            so only one feedback signal is alive at a time (same FLOPs, peak memory ≈ BP's); ``auto``: measured on
+            so only one feedback signal is alive at a time (the same FLOPs, plus ``receiver``'s thin forward
+            matmuls where it picks them; peak memory ≈ BP's); ``auto``: measured on
             the probe batch at setup, fused unless its signals would add more than 10% to the step's memory,
             optimizer state included (default: ``"auto"``).
         projection_dtype: ``float32`` (the projection in fp32 whatever the precision) or ``gradient`` (in the

@@ -154,7 +154,7 @@ class FeedbackEngine:
             signals alive at once: ``N x K`` extra memory at the backward's start); ``per_point``: the error is
             prepared once (``e``, or ``e U`` for lowrank) and each ``B_i e`` is computed when autograd reaches point
             i, right before its segment, so one signal is alive at a time (peak memory as BP; one matmul per
-            point, same FLOPs); ``auto``: fused unless :meth:`calibrate` finds that the fused signals would add
+            point, the same FLOPs, plus the matmul receivers' thin forward matmuls, see ``receiver``); ``auto``: fused unless :meth:`calibrate` finds that the fused signals would add
             more than 10% to the step's memory (activations saved for backward + parameters + gradients + optimizer
             state), then per_point (default: ``"auto"``).
         projection_dtype: ``float32``: the projection runs in fp32 whatever the training precision (fp64 stays
