@@ -361,7 +361,9 @@ class FeedbackEngine:
         Fused keeps every ``B_i e`` alive from the start of the backward (``N x K`` fp32 on top of the saved
         activations, the BP peak); per point keeps one at a time. Measured: the distinct storages autograd saves
         for backward (activations; parameters counted separately) and the parameters (x2 with their gradients);
-        the optimizer's state is added when known (see :meth:`count_optimizer_state`).
+        the optimizer's state is added when known (see :meth:`count_optimizer_state`). The same forward's matmul
+        FLOPs (``FlopCounterMode``) decide ``receiver="auto"``: matmul receivers when their thin forward matmuls
+        cost at most 2 % of a BP step (their ``N x w`` outputs, ``w`` << ``d_i`` then, are not counted in memory).
         """
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         saved: dict[int, int] = {}
