@@ -617,6 +617,41 @@ def test_every_receiver_gives_the_fused_gradients_with_token_level_batch_dims(au
             torch.testing.assert_close(results[projection][name], g, atol=1e-6, rtol=1e-5)
 
 
+def test_matmul_receivers_hold_no_memory_from_the_forward_to_the_backward():
+    """A receiver's output ``z_i`` is freed as soon as the output's Function has taken it, and its matmul saves
+    only ``M_i^T`` (a view of B's device copy): not the point's output, nor (under bf16 autocast with the fp32
+    projection) its fp32 copy. So per point keeps BP's activation memory with either receiver."""
+    import weakref
+    from collections import Counter
+
+    torch.set_default_dtype(torch.float32)
+    x = torch.randn(32, 16)
+    saved: dict[str, list[torch.Tensor]] = {}
+    for projection in ("per_point-token", "per_point-matmul"):
+        torch.manual_seed(0)
+        model = MLP(16, 3, hidden=[24] * 3)
+        engine = FeedbackEngine(model, ["blocks.*"], seed=1, **PROJECTIONS[projection])
+        outputs, receive = [], engine._receive
+        engine._receive = lambda i, out: outputs.append(weakref.ref(z := receive(i, out))) or z
+        saved[projection] = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            draw(engine, x)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved[projection].append(t) or t, lambda t: t):
+                out = ran(model(x), projection)
+        assert len(outputs) == (3 if projection == "per_point-matmul" else 0)
+        assert all(ref() is None for ref in outputs)  # every z_i is gone before the backward
+        out.float().sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    def kinds(tensors):
+        return Counter((tuple(t.shape), t.dtype) for t in tensors)
+
+    extra = kinds(saved["per_point-matmul"]) - kinds(saved["per_point-token"])
+    assert extra == Counter({((24, 3), torch.float32): 3})  # the M_i^T: nothing [N, d_i], in bf16 or fp32
+    assert not kinds(saved["per_point-token"]) - kinds(saved["per_point-matmul"])
+    blocks = {t.untyped_storage().data_ptr() for t in saved["per_point-matmul"] if t.shape == (24, 3)}
+    assert len(blocks) == 1  # three views of one device copy of B
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_step_captured_in_a_cuda_graph_feeds_tokens_and_trains_as_the_eager_matmul_receivers():

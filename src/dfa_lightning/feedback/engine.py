@@ -363,7 +363,8 @@ class FeedbackEngine:
         for backward (activations; parameters counted separately) and the parameters (x2 with their gradients);
         the optimizer's state is added when known (see :meth:`count_optimizer_state`). The same forward's matmul
         FLOPs (``FlopCounterMode``) decide ``receiver="auto"``: matmul receivers when their thin forward matmuls
-        cost at most 2 % of a BP step (their ``N x w`` outputs, ``w`` << ``d_i`` then, are not counted in memory).
+        cost at most 2 % of a BP step. They add no memory to count: each ``N x w`` output is freed in the forward
+        once the output's Function has taken it, and autograd saves only ``M_i`` (the point's block of B).
         """
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         saved: dict[int, int] = {}
