@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -67,6 +67,13 @@ LM_OUT ?= benchmarks/results/lm_wikitext2.md
 reproduce-lm: ## LM recipes on WikiText-2 (paper Table 5's methods) over LM_SEEDS: test perplexity into LM_OUT; ARGS go to every run
 	$(PYTHON) -m dfa_lightning.sweep --recipes $(LM_RECIPES) --seeds $(LM_SEEDS) --metric test/ppl --out $(LM_OUT) \
 		--root $(LOGDIR)/sweeps -- $(ARGS)
+
+NERF_SEEDS ?= 0
+
+reproduce-nerf-sample: ## NeRF BP / DFA / shallow on the 100-pixel lego (CPU-sized, recipes/sample/nerf_lego_100px.yaml): test PSNR into benchmarks/results/nerf_lego_100px.md
+	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/nerf_bp.yaml recipes/nerf_dfa.yaml recipes/nerf_shallow.yaml \
+		--seeds $(NERF_SEEDS) --metric test/psnr --out benchmarks/results/nerf_lego_100px.md --root $(LOGDIR)/sweeps \
+		-- --config recipes/sample/nerf_lego_100px.yaml $(ARGS)
 
 GRAPH_DATASETS ?= Cora
 GRAPH_MODELS ?= gcn cheb spline gat dna gae

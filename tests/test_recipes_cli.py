@@ -23,7 +23,10 @@ def test_every_recipe_parses_and_instantiates(recipe):
     cli = run(["--config", str(recipe)], run=False)
     assert cli.model.model is not None and cli.datamodule is not None
     strategies = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
-    assert len(strategies) == 1, "every recipe states its learning rule (callbacks/bp.yaml for backprop)"
+    assert strategies, "every recipe states its learning rule (callbacks/bp.yaml for backprop)"
+    if len(strategies) > 1:  # one rule over several networks (NeRF's coarse and fine): one method, distinct names
+        assert len({cb.method for cb in strategies}) == 1
+        assert len({cb.state_key for cb in strategies}) == len(strategies)
 
 
 def _fit(recipe: str, tmp_path: Path, *extra: str) -> int:
@@ -123,3 +126,34 @@ def test_two_learning_rules_in_one_run_are_one_clear_line(capsys):
     args = ["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--trainer.callbacks+=" + str(REPO / "callbacks/bp.yaml")]
     assert main(args) == 2
     assert "a run has one learning rule" in _one_line_error(capsys)
+
+
+def test_per_network_rules_need_a_distinct_name_each_and_one_method(tmp_path, capsys):
+    """NeRF's recipes hold one rule per field (named coarse and fine); an unnamed extra rule, a repeated name or
+    a mix of methods is still one clear line."""
+    dfa = REPO / "recipes/nerf_dfa.yaml"
+    assert main(["fit", "--config", str(dfa), "--trainer.callbacks+=" + str(REPO / "callbacks/dfa.yaml")]) == 2
+    assert "a distinct `name` each" in _one_line_error(capsys)
+    text = dfa.read_text().replace("../callbacks/", str(REPO / "callbacks") + "/")
+    fine = text.index("name: fine")
+    for label, edited in (("repeated", text[:fine] + text[fine:].replace("name: fine", "name: coarse", 1)),
+                          ("mixed", text[:fine] + text[fine:].replace("method: dfa", "method: shallow", 1))):
+        recipe = tmp_path / f"{label}.yaml"
+        recipe.write_text(edited)
+        assert main(["fit", "--config", str(recipe)]) == 2
+        assert "the same method and a distinct `name` each" in _one_line_error(capsys)
+
+
+def test_a_run_is_named_after_its_recipe_not_after_an_override():
+    cli = run(["--config", str(REPO / "recipes/nerf_dfa.yaml"), "--config",
+               str(REPO / "recipes/sample/nerf_lego_100px.yaml")], run=False)
+    assert cli.trainer.logger.name == "nerf_dfa"
+    assert cli.datamodule.folder == "nerf_synthetic_100px" and cli.model.model.coarse.trunk[0].out_features == 128
+
+
+def test_the_llff_override_switches_a_nerf_recipe_to_fern_with_the_papers_llff_settings():
+    cli = run(["--config", str(REPO / "recipes/nerf_bp.yaml"), "--config",
+               str(REPO / "recipes/sample/nerf_llff_fern.yaml")], run=False)
+    data, task = cli.datamodule, cli.model.task
+    assert (data.dataset, data.scene, data.rays_per_batch, data.precrop_steps) == ("llff", "fern", 4096, 0)
+    assert task.noise_std == 1.0 and cli.trainer.max_steps == 200_000

@@ -222,3 +222,14 @@ def test_generic_dfa_fragment_puts_feedback_after_every_relu(tmp_path):
     dfa = FeedbackAlignmentStrategy(**fragment["init_args"], verbose=False)
     trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
     assert [p.name for p in dfa.engine.points] == ["blocks.0.1", "blocks.1.1"]
+
+
+def test_validating_before_fit_leaves_metrics_that_fit_can_update(tmp_path):
+    """``trainer.validate`` then ``trainer.fit`` on one module (a common check of the untrained model): the epoch
+    metrics reset under inference mode must not make the next validation's update fail."""
+    module, data, strategy = build("dfa")
+    tr = trainer(tmp_path, [strategy], max_epochs=1, limit_val_batches=2)
+    before = tr.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    tr.fit(module, datamodule=data)
+    after = tr.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    assert before > 0 and after > 0 and after != before

@@ -63,18 +63,25 @@ class DFALightningCLI(LightningCLI):
                             help="after fit, test the best checkpoint (or the last weights without checkpointing)")
 
     def before_instantiate_classes(self) -> None:
-        """Name the TensorBoard run after the recipe (logs/<recipe>/version_N) unless the recipe names it."""
+        """Name the TensorBoard run after the recipe, the first ``--config`` (logs/<recipe>/version_N; an override
+        such as ``recipes/sample/*.yaml`` after it does not rename it), unless the recipe names it."""
         config = self.config.get(self.subcommand, self.config)
         callbacks = config.get("trainer", {}).get("callbacks") or []
         rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
-        if len(rules) > 1:
-            raise ConfigError(f"{len(rules)} FeedbackAlignmentStrategy entries in trainer.callbacks: a run has one "
-                              "learning rule (bp, dfa or shallow); remove the extra one")
+        if len(rules) > 1:  # allowed only as one rule over several networks: distinct names, one method
+            args = [getattr(c, "init_args", None) for c in rules]
+            names = [getattr(a, "name", None) for a in args]
+            methods = {getattr(a, "method", "dfa") for a in args}
+            if None in names or len(set(names)) < len(names) or len(methods) > 1:
+                raise ConfigError(f"{len(rules)} FeedbackAlignmentStrategy entries in trainer.callbacks: a run has one "
+                                  "learning rule (bp, dfa or shallow); remove the extra one (several are allowed "
+                                  "only with the same method and a distinct `name` each, one per network, as "
+                                  "recipes/nerf_dfa.yaml)")
         logger = config.get("trainer", {}).get("logger")
         paths = config.get("config") or []
         if paths and isinstance(logger, dict) is False and getattr(logger, "init_args", None) is not None:
             if getattr(logger.init_args, "name", None) in (None, "default", "lightning_logs"):
-                logger.init_args.name = Path(str(paths[-1])).stem
+                logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):

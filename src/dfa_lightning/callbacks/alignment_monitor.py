@@ -9,6 +9,9 @@ the training trajectory is unchanged. Logged per feedback point:
 * ``align/signal_cos/<point>``: mean over samples of cos(B_i e, ∂L/∂h_i) (the paper's Tables A.1 and A.2);
 * ``align/update_cos/<point>``: cos between the DFA and BP updates of that point's segment parameters;
 * ``align/update_ratio/<point>``: ||DFA update|| / ||BP update||.
+
+With one rule per network (NeRF's coarse and fine fields, several named ``FeedbackAlignmentStrategy``), every rule's
+points are measured, each rule with the others left as they are.
 """
 from __future__ import annotations
 
@@ -40,10 +43,12 @@ class AlignmentMonitor(pl.Callback):
             return
         if batch_idx % trainer.accumulate_grad_batches:
             return  # once per optimizer step
-        strategy = _strategy(trainer)
-        if strategy is None or strategy.method != "dfa":
+        strategies = [s for s in _strategies(trainer) if s.method == "dfa"]
+        if not strategies:
             return
-        self.last = self.measure(pl_module, strategy, batch)
+        self.last = {}
+        for strategy in strategies:  # one rule per network (NeRF's coarse and fine): their point names differ
+            self.last.update(self.measure(pl_module, strategy, batch))
         pl_module.log_dict(self.last, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
 
     @torch.no_grad()
@@ -115,6 +120,5 @@ class AlignmentMonitor(pl.Callback):
         return F.cosine_similarity(a[keep], b[keep], dim=1, eps=self.eps).mean().item()
 
 
-def _strategy(trainer: pl.Trainer) -> FeedbackAlignmentStrategy | None:
-    found = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
-    return found[0] if found and found[0].engine is not None else None
+def _strategies(trainer: pl.Trainer) -> list[FeedbackAlignmentStrategy]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy) and cb.engine is not None]

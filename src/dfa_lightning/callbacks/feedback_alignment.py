@@ -31,8 +31,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
         init: ``uniform`` (paper), ``gaussian`` or ``sign`` (default: ``"uniform"``).
         scale: ``per_layer`` 1/sqrt(d_i), ``max_width`` 1/sqrt(max d_i) (paper), ``none`` (default: ``"per_layer"``).
         shared_slices: one matrix whose first d_i columns feed point i, exactly as TinyDFA (default: ``False``).
-        seed: seed of the dedicated generator that draws B; ``None`` takes the run's ``seed_everything`` value, so
-            a seed sweep also varies B as the paper's code did (default: ``None``).
+        seed: seed of the dedicated generator that draws B; ``None`` takes the run's ``seed_everything`` value
+            (plus a number derived from ``name`` when given), so a seed sweep also varies B as the paper's code did
+            (default: ``None``).
         operator: ``dense`` (paper), ``lowrank`` (``B = UV``, rank ``rank``) or ``sparse`` (``nnz`` non-zeros per
             feedback column): the projection's cost (default: ``"dense"``).
         rank, nnz: sizes of the ``lowrank`` and ``sparse`` operators (default: ``64``, ``16``).
@@ -52,6 +53,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             (measured on the probe batch); compiled or CUDA-graph-captured steps always use tokens (default:
             ``"auto"``).
         verbose: print the placement report at fit start (default: ``True``).
+        name: tells several instances apart, e.g. one per network of NeRF's coarse/fine pair, each with its own
+            ``output``, points and B; it keys the instance's state in checkpoints (default: ``None``: one instance).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         projection_dtype: str = "float32",
         receiver: str = "auto",
         verbose: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if method == "fa":
@@ -86,8 +90,14 @@ class FeedbackAlignmentStrategy(pl.Callback):
         )
         self.seed_given = seed is not None
         self.verbose = verbose
+        self.name = name
         self.engine: FeedbackEngine | None = None
         self._loaded: dict[str, torch.Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The checkpoint key of this instance's B: the class name, with ``name`` when several are used."""
+        return self.__class__.__qualname__ if self.name is None else self._generate_state_key(name=self.name)
 
     @property
     def method(self) -> str:
@@ -100,6 +110,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            if self.name is not None:  # named instances (NeRF's coarse and fine) draw different B from one run seed
+                self.config["seed"] += zlib.crc32(self.name.encode()) % 1_000_003
         self.engine = FeedbackEngine(pl_module.model, **self.config)
         if self.method == "bp":
             return
@@ -134,7 +146,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
             self.engine.count_optimizer_state(optimizer_state_bytes(trainer.optimizers))
         self.engine.warm(pl_module.device)  # the model is on its device now: B's copy there, before any step
         if self.verbose:
-            rank_zero_info(self.engine.report())
+            rank_zero_info(self.engine.report() if self.name is None else f"[{self.name}] {self.engine.report()}")
         if self.engine.matrix is not None and trainer.world_size > 1:
             self._assert_same_matrix_on_every_rank(trainer)
 

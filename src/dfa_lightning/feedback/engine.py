@@ -606,7 +606,8 @@ class FeedbackEngine:
         lines.append(f"  above the last point, backprop from the output: {count(above):,} params "
                      f"({', '.join(above) or '-'})")
         if unused:
-            lines.append(f"  not reached by the forward: {', '.join(unused)}")
+            lines.append(f"  outside this rule (not reached from the output's graph: plain backprop where the loss "
+                         f"reaches them, e.g. after the output, or another network's rule): {', '.join(unused)}")
         return "\n".join(lines)
 
     def _projection_text(self) -> str:

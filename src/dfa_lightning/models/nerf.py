@@ -118,6 +118,10 @@ class NeRFMLP(nn.Module):
         in_dims = [d_xyz] + [hidden + (d_xyz if i - 1 == skip else 0) for i in range(1, num_layers)]  # skip: +63
         self.trunk = nn.ModuleList(LinearReLU(d, hidden) for d in in_dims)
         self.sigma_head = nn.Linear(hidden, 1)
+        # zero bias, as the original NeRF (Keras' default): torch's U(-1/sqrt(H), 1/sqrt(H)) bias outweighs the
+        # spread of the initial densities, and a negative draw puts every sample below the ReLU of volume rendering,
+        # where no gradient flows: the field then renders nothing, for good
+        nn.init.zeros_(self.sigma_head.bias)
         self.feature = LinearReLU(hidden, hidden)
         self.views = nn.ModuleList([LinearReLU(hidden + d_dir, hidden // 2)])
         self.rgb_head = nn.Linear(hidden // 2, 3)
@@ -133,3 +137,38 @@ class NeRFMLP(nn.Module):
         sigma = self.sigma_head(h)  # [..., 1]
         v = self.views[0](torch.cat((self.feature(h), d), dim=-1))  # [..., H/2]
         return torch.cat((self.rgb_head(v), sigma), dim=-1)  # [..., 4]
+
+
+class NeRF(nn.Module):
+    """NeRF's two radiance fields for hierarchical sampling: ``coarse`` is evaluated at stratified samples of each
+    ray, ``fine`` at those plus the samples drawn where the coarse weights are large (Mildenhall et al., §5.2).
+
+    The DFA paper trains each with its own DFA and feedback matrix: two ``FeedbackAlignmentStrategy`` callbacks,
+    ``output: coarse`` with points ``coarse.trunk.*``, ``coarse.feature``, ``coarse.views.0``, and the same for
+    ``fine`` (see ``recipes/nerf_dfa.yaml``). Both fields have the same architecture (the paper's code also builds
+    the coarse one with the fine one's width).
+
+    Args:
+        num_layers, hidden, skip, num_freqs_xyz, num_freqs_dir: as :class:`NeRFMLP` (default: the NeRF paper's
+            8 x 256 with a skip at 4; the DFA paper's released checkpoints are ``num_layers=4, hidden=128,
+            skip=None``).
+        hierarchical: build the ``fine`` field; without it only ``coarse`` exists (default: ``True``).
+
+    Shapes:
+        ``forward(points [..., 3], directions [..., 3], network)`` -> raw ``[..., 4]`` of ``coarse`` or ``fine``.
+    """
+
+    def __init__(self, num_layers: int = 8, hidden: int = 256, skip: int | None = 4, num_freqs_xyz: int = 10,
+                 num_freqs_dir: int = 4, hierarchical: bool = True) -> None:
+        super().__init__()
+        make = lambda: NeRFMLP(num_layers, hidden, skip, num_freqs_xyz, num_freqs_dir)  # noqa: E731
+        self.coarse = make()
+        self.fine = make() if hierarchical else None
+
+    def forward(self, points: Tensor, directions: Tensor, network: str = "coarse") -> Tensor:
+        if network == "coarse":
+            return self.coarse(points, directions)
+        if network == "fine" and self.fine is not None:
+            return self.fine(points, directions)
+        raise ConfigError(f"NeRF has no {network!r} field (hierarchical={self.fine is not None}); fine samples need "
+                          "`hierarchical: true`, or set the task's fine_samples to 0")

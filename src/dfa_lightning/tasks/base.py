@@ -44,8 +44,10 @@ class BatchMean(Metric):
     def update(self, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
         if isinstance(weight, torch.Tensor):
             weight = weight.to(self.weight.device, torch.float64)
-        self.total += value.detach().double() * weight
-        self.weight += weight
+        # out of place: a reset under inference mode (a `trainer.validate` before `fit`) leaves inference tensors,
+        # which an in-place add outside inference mode (validation inside `fit`) may not touch
+        self.total = self.total + value.detach().double() * weight
+        self.weight = self.weight + weight
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.weight).float()
