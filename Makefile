@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -87,6 +87,17 @@ reproduce-graphs: ## paper graph tables (3, 4, A.2, A.4): GRAPH_MODELS x BP/DFA/
 	$(PYTHON) -m dfa_lightning.embedding --hidden $(LOGDIR)/graphs/Cora/gcn_bp/seed0/hidden.pt \
 		$(LOGDIR)/graphs/Cora/gcn_dfa/seed0/hidden.pt $(LOGDIR)/graphs/Cora/gcn_shallow/seed0/hidden.pt \
 		--png benchmarks/results/cora_gcn_hidden_pca.png --logdir $(LOGDIR)/embedding
+
+CRITEO_SEEDS ?= 0 1 2
+
+reproduce-placements: ## is f' needed? GCN on Cora (SEEDS) and DeepFM on the Criteo sample (CRITEO_SEEDS) with points after the block, after the ReLU and before it: accuracy and alignment into benchmarks/results/placements_*.md
+	$(PYTHON) -m dfa_lightning.placements --recipe recipes/gcn_dfa.yaml --seeds $(SEEDS) --metric test/acc \
+		--placements paper=hidden after_relu=hidden.0 before_relu=conv1 \
+		--root $(LOGDIR)/placements --out benchmarks/results/placements_cora_gcn.md -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.placements --recipe recipes/deepfm_dfa.yaml --seeds $(CRITEO_SEEDS) --metric test/auroc \
+		--placements "paper=mlp.*" "after_relu=mlp.*.2" "before_relu=mlp.*.1" \
+		--root $(LOGDIR)/placements --out benchmarks/results/placements_criteo_deepfm.md \
+		-- --config recipes/sample/criteo_10k.yaml $(ARGS)
 
 clean: ## remove logs and checkpoints (not the data cache)
 	rm -rf $(LOGDIR) checkpoints lightning_logs

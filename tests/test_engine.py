@@ -87,6 +87,36 @@ def test_each_layer_gets_hand_computed_dfa_update_with_random_feedback():
     torch.testing.assert_close(model.head.weight.grad, e.T @ torch.tanh(a2).detach(), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_points_before_the_activation_send_b_e_to_the_pre_activation_without_f_prime(projection):
+    """The f' switch is placement: with the points on each block's Linear (``blocks.*.0``), the update is
+    (B_i e) h_{i-1}ᵀ with no activation derivative, and the activation above a point is never differentiated."""
+    torch.manual_seed(4)
+    model = MLP(5, 3, hidden=[8, 6], activation="tanh")
+    engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=3, **PROJECTIONS[projection])
+    x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    draw(engine, x)
+    logits = ran(model(x), projection)
+    F.cross_entropy(logits, y).backward()
+    e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 3)) / 9
+    M = engine.matrix.to(torch.float64)
+    (s0, t0), (s1, t1) = engine._layout.slices
+    W1, W2 = model.blocks[0][0].weight, model.blocks[1][0].weight
+    h1 = torch.tanh(x @ W1.T + model.blocks[0][0].bias).detach()
+    torch.testing.assert_close(W1.grad, (e @ M[:, s0:t0]).T @ x, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(W2.grad, (e @ M[:, s1:t1]).T @ h1, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(model.blocks[1][0].bias.grad, (e @ M[:, s1:t1]).sum(0), atol=1e-10, rtol=1e-8)
+    # the same B after the activation is the paper's rule: it differs by exactly f'(a_i) = 1 - tanh(a_i)^2
+    after = FeedbackEngine(MLP(5, 3, hidden=[8, 6], activation="tanh"), ["blocks.*"], init="gaussian", seed=3)
+    after.model.load_state_dict(model.state_dict())
+    draw(after, x)
+    torch.testing.assert_close(after.matrix, engine.matrix)
+    F.cross_entropy(after.model(x), y).backward()
+    a1 = x @ W1.T + model.blocks[0][0].bias
+    torch.testing.assert_close(after.model.blocks[0][0].weight.grad, ((e @ M[:, s0:t0]) * (1 - torch.tanh(a1) ** 2)).T @ x,
+                               atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("method", ["dfa", "shallow"])
 def test_nothing_above_a_feedback_point_sends_gradient_below_it(method):
     torch.manual_seed(2)

@@ -34,10 +34,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from dfa_lightning.callbacks.final_alignment import FinalAlignment
 from dfa_lightning.errors import UserError
 from dfa_lightning.reference.paper_graphs import PAPER_GRAPHS
 
-__all__ = ["DATASETS", "MODELS", "METHODS", "FinalAlignment", "dataset_args", "run_one", "collect", "render",
+__all__ = ["DATASETS", "MODELS", "METHODS", "GraphFinalAlignment", "dataset_args", "run_one", "collect", "render",
            "main"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,8 +57,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 # ------------------------------------------------------------------------------------------------ end-of-training probe
-class FinalAlignment(pl.Callback):
-    """At the end of ``fit``: DFA-vs-BP alignment on the full graph (all nodes), and the hidden representation.
+class GraphFinalAlignment(FinalAlignment):
+    """:class:`FinalAlignment` on the full graph (all nodes), and the hidden representation for the embedding plot.
 
     Args:
         hidden_point: module name whose output is saved as the hidden representation (None: not saved).
@@ -66,29 +67,15 @@ class FinalAlignment(pl.Callback):
     """
 
     def __init__(self, hidden_point: str | None = None, hidden_path: str | None = None, all_nodes: bool = True):
-        super().__init__()
-        self.hidden_point, self.hidden_path, self.all_nodes = hidden_point, hidden_path, all_nodes
-        self.alignment: dict[str, float] = {}
-        self.deepest: str | None = None
+        super().__init__(all_nodes=all_nodes)
+        self.hidden_point, self.hidden_path = hidden_point, hidden_path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from dfa_lightning.callbacks import AlignmentMonitor, FeedbackAlignmentStrategy
-
-        batch = next(iter(trainer.datamodule.train_dataloader())).to(pl_module.device)
-        strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
-        strategy = strategies[0] if strategies else None
-        if strategy is not None and strategy.method == "dfa" and strategy.engine is not None:
-            probe = batch.clone()
-            if self.all_nodes and hasattr(probe, "train_mask"):
-                probe.train_mask = torch.ones_like(probe.train_mask)
-            was_training = pl_module.training
-            pl_module.train()
-            self.alignment = AlignmentMonitor().measure(pl_module, strategy, probe)
-            pl_module.train(was_training)
-            names = [p.name for p in strategy.engine.points if f"align/signal_cos/{p.name}" in self.alignment]
-            self.deepest = names[-1] if names else None
-        if self.hidden_point and self.hidden_path and hasattr(batch, "y"):
-            self._save_hidden(pl_module, batch)
+        super().on_train_end(trainer, pl_module)
+        if self.hidden_point and self.hidden_path:
+            batch = self.first_batch(trainer, pl_module)
+            if hasattr(batch, "y"):
+                self._save_hidden(pl_module, batch)
 
     @torch.no_grad()
     def _save_hidden(self, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -142,7 +129,7 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
                               "overrides": list(extra)}
     if save_hidden is None:
         save_hidden = seed == 0 and model not in LINK_MODELS
-    probe = "dfa_lightning.graphs_reproduce.FinalAlignment"
+    probe = "dfa_lightning.graphs_reproduce.GraphFinalAlignment"
     args = ["fit", "--config", str(recipe), "--seed_everything", str(seed), *QUIET,
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
             *dataset_args(model, dataset), *DATASET_OVERRIDES.get((recipe.stem, dataset), []),
@@ -159,7 +146,7 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
         result["error"] = str(err).splitlines()[0]
     else:
         # by name: under `python -m` this file is __main__ and the CLI's callback comes from the importable module
-        final = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == FinalAlignment.__name__]
+        final = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == GraphFinalAlignment.__name__]
         result["metrics"] = {k: float(v) for k, v in cli.test_results.items()}
         result["alignment"] = final[0].alignment if final else {}
         result["deepest"] = final[0].deepest if final else None
@@ -384,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run from the importable module, not from __main__: the CLI instantiates the FinalAlignment callback from
+    # run from the importable module, not from __main__: the CLI instantiates the GraphFinalAlignment callback from
     # "dfa_lightning.graphs_reproduce", and run_one must recognise that very class
     from dfa_lightning.graphs_reproduce import main as _main
 

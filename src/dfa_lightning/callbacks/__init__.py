@@ -1,5 +1,6 @@
 """Lightning callbacks: the DFA engine and its diagnostics."""
 from dfa_lightning.callbacks.alignment_monitor import AlignmentMonitor
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
+from dfa_lightning.callbacks.final_alignment import FinalAlignment
 
-__all__ = ["AlignmentMonitor", "FeedbackAlignmentStrategy"]
+__all__ = ["AlignmentMonitor", "FeedbackAlignmentStrategy", "FinalAlignment"]

@@ -1,0 +1,58 @@
+"""DFA-vs-BP alignment of the trained model, measured once when ``fit`` ends."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import move_data_to_device
+
+from dfa_lightning.callbacks.alignment_monitor import AlignmentMonitor
+from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
+
+
+class FinalAlignment(pl.Callback):
+    """At the end of ``fit``, :meth:`AlignmentMonitor.measure` on the first training batch, for every DFA rule.
+
+    Why a separate callback: a table of runs wants one alignment per run, of the final weights, measured the same way
+    for every run, not the last of a monitor's periodic values. It runs in training mode (the same dropout masks in
+    the DFA and the BP pass) and leaves the model as it found it.
+
+    After ``fit``: ``alignment`` holds ``align/signal_cos/<point>``, ``align/update_cos/<point>`` and
+    ``align/update_ratio/<point>``; ``points`` the feedback points in forward order; ``deepest`` the last of them
+    (the paper's Table A.2 reports the deepest point). Empty where no DFA rule runs (BP, shallow).
+
+    Args:
+        all_nodes: graph batches (with a ``train_mask``): score every node in the alignment loss, as the paper's
+            ``alignment.py`` (default: True); False keeps the training mask.
+    """
+
+    def __init__(self, all_nodes: bool = True) -> None:
+        super().__init__()
+        self.all_nodes = all_nodes
+        self.alignment: dict[str, float] = {}
+        self.points: list[str] = []
+        self.deepest: str | None = None
+
+    def first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """The first training batch, on the module's device."""
+        return move_data_to_device(next(iter(trainer.datamodule.train_dataloader())), pl_module.device)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)
+                      and cb.method == "dfa" and cb.engine is not None]
+        if not strategies:
+            return
+        probe = self.first_batch(trainer, pl_module)
+        if self.all_nodes and hasattr(probe, "train_mask"):
+            probe = probe.clone()
+            probe.train_mask = torch.ones_like(probe.train_mask)
+        was_training = pl_module.training
+        pl_module.train()
+        try:
+            monitor = AlignmentMonitor()
+            for strategy in strategies:
+                self.alignment.update(monitor.measure(pl_module, strategy, probe))
+        finally:
+            pl_module.train(was_training)
+        self.points = [p.name for s in strategies for p in s.engine.points
+                       if f"align/signal_cos/{p.name}" in self.alignment]
+        self.deepest = self.points[-1] if self.points else None

@@ -1,0 +1,185 @@
+"""One DFA recipe, several feedback placements: what moving the points does to the test metric and to alignment.
+
+``python -m dfa_lightning.placements --recipe recipes/gcn_dfa.yaml --placements paper=hidden after_relu=hidden.0
+before_relu=conv1 --seeds 0 1 2 3 4 --metric test/acc --out benchmarks/results/placements_cora_gcn.md
+[-- extra CLI args for every run]``
+
+Why: the paper's reviewers asked whether DFA needs the activation derivative f' at the points (R4: with ReLU it is a
+0/1 gate, "perhaps the reason the method works at all") and where local backprop still happens (R3). Both are
+questions of placement, and placement is configuration: a point after the activation sends ``B_i e`` through
+``f'(a_i)`` (and through dropout's mask when the block ends with dropout) on its way to the weights; a point before
+the activation sends ``B_i e`` to the pre-activation itself, with no f'. The model is not edited: each placement
+overrides ``feedback_points`` of the recipe's FeedbackAlignmentStrategy (the last entry of ``trainer.callbacks``).
+
+Each run is a normal ``fit`` (then test at the recipe's best checkpoint) in this process, with a
+:class:`~dfa_lightning.callbacks.FinalAlignment` that measures, when ``fit`` ends, the cosine between ``B_i e`` and
+the true gradient at every point and between the DFA and BP updates of every point's segment (graphs: over all
+nodes, as the paper's ``alignment.py``). A run writes ``<root>/<label>/seed<k>/result.json`` and is not trained again
+while that file exists (``--rerun`` forces it), so an interrupted study resumes. The table (``--out``, a JSON
+beside it) gives, per placement, the metric's mean ± std over seeds and each point's alignment averaged over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dfa_lightning.errors import ConfigError, UserError
+
+__all__ = ["parse_placement", "check_recipe", "run_one", "render", "main"]
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+PROBE = "dfa_lightning.callbacks.FinalAlignment"
+
+
+def parse_placement(spec: str) -> tuple[str, list[str]]:
+    """``label=pattern[,pattern...]`` (or just the patterns, which then name it) -> (label, patterns)."""
+    label, sep, patterns = spec.partition("=")
+    if not sep:
+        label, patterns = spec, spec
+    points = [p.strip() for p in patterns.split(",") if p.strip()]
+    if not label.strip() or not points or "/" in label:
+        raise ConfigError(f"--placements {spec!r}: expected LABEL=PATTERN[,PATTERN...] (globs on named_modules() or "
+                          "module types), with a label free of '/'")
+    return label.strip(), points
+
+
+def check_recipe(recipe: str, extra: list[str] = ()) -> None:
+    """Refuse, before any training, a recipe whose last callback is not one DFA FeedbackAlignmentStrategy: the
+    placement override ``--trainer.callbacks.feedback_points`` goes to the last callback."""
+    from dfa_lightning.cli import run
+
+    cli = run(["--config", recipe, *extra], run=False)
+    callbacks = cli.config.get("trainer", {}).get("callbacks") or []
+    last = callbacks[-1] if callbacks else None
+    rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+    if last is None or not str(getattr(last, "class_path", "")).endswith("FeedbackAlignmentStrategy") or len(rules) != 1:
+        raise ConfigError(f"{recipe}: trainer.callbacks must end with the recipe's one FeedbackAlignmentStrategy "
+                          f"(found {len(rules)}, last {getattr(last, 'class_path', None)}): the placements replace "
+                          "its feedback_points")
+    method = getattr(last.init_args, "method", "dfa")
+    if method != "dfa":
+        raise ConfigError(f"{recipe}: its FeedbackAlignmentStrategy has method {method!r}; placements compare DFA "
+                          "feedback points (use a *_dfa recipe)")
+
+
+def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | Path, extra: list[str] = (),
+            rerun: bool = False) -> dict[str, Any]:
+    """Train ``recipe`` with ``points`` as its feedback points and ``seed``; returns (and caches) the result:
+    ``{"label", "points", "seed", "metrics": {test/...}, "alignment": {align/...}, "order": [points], "seconds"}``."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
+    from dfa_lightning.cli import run
+
+    run_dir = Path(root) / label / f"seed{seed}"
+    out = run_dir / "result.json"
+    if out.is_file() and not rerun:
+        cached = json.loads(out.read_text())
+        if cached.get("points") == points and cached.get("recipe") == recipe:
+            return cached
+    args = ["fit", "--config", recipe, "--seed_everything", str(seed), *QUIET,
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+            *extra, "--trainer.callbacks.feedback_points", json.dumps(points), f"--trainer.callbacks+={PROBE}"]
+    start = time.perf_counter()
+    cli = run(args)
+    rules = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
+    if len(rules) != 1 or rules[0].config["feedback_points"] != points:  # the override must have reached the rule
+        raise ConfigError(f"{recipe}: the run did not use the feedback points {points} (the rule has "
+                          f"{[r.config['feedback_points'] for r in rules]})")
+    final = [cb for cb in cli.trainer.callbacks if isinstance(cb, FinalAlignment)]
+    result = {"recipe": recipe, "label": label, "points": points, "seed": seed, "extra": list(extra),
+              "metrics": {k: float(v) for k, v in cli.test_results.items()},
+              "alignment": final[0].alignment if final else {}, "order": final[0].points if final else [],
+              "seconds": round(time.perf_counter() - start, 1)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+
+
+def _per_point(results: list[dict], kind: str) -> str:
+    """``point value`` for every point of the placement (forward order), averaged over the seeds' runs."""
+    order = results[0]["order"] if results else []
+    cells = []
+    for point in order:
+        values = [r["alignment"][f"align/{kind}/{point}"] for r in results if f"align/{kind}/{point}" in r["alignment"]]
+        if values:
+            cells.append(f"{point} {statistics.fmean(values):.2f}")
+    return ", ".join(cells) or "n/a"
+
+
+def render(results: list[dict], metric: str, command: str) -> str:
+    """Markdown: one row per placement (in the order given), the metric over seeds and the alignment per point."""
+    by_label: dict[str, list[dict]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], []).append(r)
+    lines = [f"Command: `{command}`", "",
+             f"`{metric}` at the recipe's best checkpoint, mean ± std over the seeds (n). Alignment of the final "
+             "weights at the end of fit (one training batch; graphs: every node), averaged over the seeds: `signal` "
+             "is the cosine between B_i e and the true gradient at the point (per sample, then averaged), `update` "
+             "the cosine between the DFA and the BP update of the parameters the point trains (its segment).", "",
+             f"| placement | feedback points | {metric} | n | update cosine per point | signal cosine per point |",
+             "|---|---|---|---|---|---|"]
+    for label, runs in by_label.items():
+        values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
+        lines.append(f"| {label} | {', '.join(f'`{p}`' for p in runs[0]['points'])} | {_mean_std(values)} | "
+                     f"{len(values)} | {_per_point(runs, 'update_cos')} | {_per_point(runs, 'signal_cos')} |")
+    seconds = sum(r["seconds"] for r in results)
+    lines += ["", f"Wall time of the runs (fit + test): {seconds:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m dfa_lightning.placements", *argv])
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="a DFA recipe (its last callback is the rule)")
+    parser.add_argument("--placements", nargs="+", required=True, metavar="LABEL=PATTERN[,PATTERN]",
+                        help="feedback points per placement, e.g. paper=hidden before_relu=conv1")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--metric", default="test/acc")
+    parser.add_argument("--out", required=True, help="markdown table (a .json beside it)")
+    parser.add_argument("--root", default="logs/placements", help="where each run writes logs and result.json")
+    parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
+    opts = parser.parse_args(argv)
+    try:
+        placements = [parse_placement(p) for p in opts.placements]
+        labels = [label for label, _ in placements]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"--placements: labels must differ (got {labels})")
+        check_recipe(opts.recipe, extra)
+        results = []
+        root = Path(opts.root) / Path(opts.recipe).stem
+        for label, points in placements:
+            for seed in opts.seeds:
+                r = run_one(opts.recipe, label, points, seed, root, extra, opts.rerun)
+                results.append(r)
+                print(f"PLACEMENT {label} seed={seed} ({r['seconds']} s): {opts.metric}="
+                      f"{r['metrics'].get(opts.metric, float('nan')):.4f}", flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = render(results, opts.metric, command)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The placement study (`python -m dfa_lightning.placements`): one DFA recipe, several feedback placements, on Cora."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dfa_lightning import placements
+from dfa_lightning.callbacks import FinalAlignment
+from dfa_lightning.errors import ConfigError
+
+from tests.helpers import adam, build, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_placement_trains_with_its_own_points_and_reports_their_alignment(cora_root, tmp_path):
+    out = tmp_path / "placements.md"
+    extra = ["--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+             "--trainer.max_epochs", "60"]
+    argv = ["--recipe", str(REPO / "recipes/gcn_dfa.yaml"), "--placements", "paper=hidden", "before_relu=conv1",
+            "--seeds", "0", "--out", str(out), "--root", str(tmp_path / "runs"), "--", *extra]
+    assert placements.main(argv) == 0
+    results = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["results"]}
+    assert results["paper"]["points"] == ["hidden"] and results["before_relu"]["points"] == ["conv1"]
+    for label, point in (("paper", "hidden"), ("before_relu", "conv1")):
+        r = results[label]
+        assert r["order"] == [point]
+        assert r["metrics"]["test/acc"] > 0.5  # 60 epochs of DFA on Cora learn (the largest class is 32 % of the test nodes)
+        assert -1 <= r["alignment"][f"align/signal_cos/{point}"] <= 1
+        assert -1 <= r["alignment"][f"align/update_cos/{point}"] <= 1
+    text = out.read_text()
+    assert "| paper | `hidden` |" in text and "| before_relu | `conv1` |" in text and "conv1 " in text
+    # a second call finds every result.json and trains nothing again
+    stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "runs").rglob("result.json")}
+    assert len(stamps) == 2
+    assert placements.main(argv) == 0
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "runs").rglob("result.json")} == stamps
+    assert json.loads(out.with_suffix(".json").read_text())["results"] == list(results.values())
+
+
+def test_a_recipe_without_a_dfa_rule_last_is_refused_before_training(tmp_path, capsys):
+    argv = ["--recipe", str(REPO / "recipes/gcn_bp.yaml"), "--placements", "conv1", "--seeds", "0",
+            "--out", str(tmp_path / "x.md"), "--root", str(tmp_path / "runs")]
+    assert placements.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "gcn_bp.yaml" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("spec", ["=conv1", "a/b=conv1", "label=", "label=,"])
+def test_a_malformed_placement_names_itself(spec):
+    with pytest.raises(ConfigError, match="--placements"):
+        placements.parse_placement(spec)
+
+
+def test_placement_labels_default_to_their_patterns():
+    assert placements.parse_placement("blocks.*.0") == ("blocks.*.0", ["blocks.*.0"])
+    assert placements.parse_placement("pre=mlp.*.1, head") == ("pre", ["mlp.*.1", "head"])
+
+
+def test_final_alignment_measures_tuple_batches_at_the_end_of_fit(tmp_path):
+    module, data, strategy = build("dfa", optimizer=adam)
+    final = FinalAlignment()
+    trainer(tmp_path, [strategy, final], max_epochs=1).fit(module, datamodule=data)
+    assert final.points == ["blocks.0", "blocks.1"] and final.deepest == "blocks.1"
+    for point in final.points:
+        assert 0 < final.alignment[f"align/update_ratio/{point}"]
+        assert -1 <= final.alignment[f"align/signal_cos/{point}"] <= 1
