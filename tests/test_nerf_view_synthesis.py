@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 from dfa_lightning.data import nerf as nd
@@ -238,6 +239,36 @@ def test_a_coarse_only_task_with_fine_samples_asks_for_the_fine_field():
         ViewSynthesis(8, 8).step(model, batch, "train")
     with pytest.raises(ConfigError, match=r"expected rays \[R, 9\]"):
         ViewSynthesis(8, 0).step(model, {**batch, "rays": rays[:, :6]}, "train")
+
+
+def test_dual_render_averages_both_fields_raw_outputs_at_the_fine_samples_in_evaluation_only():
+    """The paper's NeRF-Dual: evaluation renders 0.5 (fine + coarse) raw at the fine samples; training is unchanged."""
+    torch.manual_seed(0)
+    model = NeRF(num_layers=2, hidden=16, skip=None, num_freqs_xyz=4, num_freqs_dir=2)
+    with torch.no_grad():  # some density in both fields (a fresh field starts empty), unequal between them
+        model.coarse.sigma_head.bias.fill_(0.5)
+        model.fine.sigma_head.bias.fill_(2.0)
+
+    class Averaged(nn.Module):  # the same two fields, with the fine one replaced by the 0.5/0.5 mix
+        def forward(self, points, viewdirs, network):
+            raw = model(points, viewdirs, "coarse")
+            return raw if network == "coarse" else 0.5 * (raw + model(points, viewdirs, "fine"))
+
+    rays = torch.cat([torch.randn(6, 3) * 0.1, torch.tensor([[0.0, 0.0, -1.0]]).expand(6, 3),
+                      torch.tensor([[0.0, 0.0, -1.0]]).expand(6, 3)], -1)
+    batch = {"rays": rays, "rgb": torch.rand(6, 3), "near": 2.0, "far": 6.0, "white_background": False}
+    with torch.no_grad():
+        dual = ViewSynthesis(8, 8, dual=True).step(model, batch, "test").output
+        plain = ViewSynthesis(8, 8).step(model, batch, "test").output
+        mixed = ViewSynthesis(8, 8).step(Averaged(), batch, "test").output
+        torch.testing.assert_close(dual, mixed)
+        assert not torch.allclose(dual, plain)
+        torch.manual_seed(1)
+        train_dual = ViewSynthesis(8, 8, dual=True).step(model, batch, "train").output
+        torch.manual_seed(1)
+        assert torch.equal(train_dual, ViewSynthesis(8, 8).step(model, batch, "train").output)
+    with pytest.raises(ConfigError, match="needs fine_samples > 0"):
+        ViewSynthesis(8, 0, dual=True)
 
 
 def test_the_example_archive_is_unpacked_into_the_cache_and_checked(shared_data, lego, tmp_path, monkeypatch):

@@ -233,3 +233,31 @@ def test_validating_before_fit_leaves_metrics_that_fit_can_update(tmp_path):
     tr.fit(module, datamodule=data)
     after = tr.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     assert before > 0 and after > 0 and after != before
+
+
+def test_a_dfa_checkpoint_is_tested_by_a_fresh_trainer_whatever_the_runs_seed(tmp_path):
+    """`python -m dfa_lightning test --ckpt_path …` on a DFA run: evaluation uses no B, so the rule (``seed: null``,
+    as every recipe) accepts the checkpoint outside fit, even under another run seed; resuming fit still checks."""
+    import pytorch_lightning as pl
+
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.errors import ConfigError
+
+    def rule():
+        return FeedbackAlignmentStrategy(method="dfa", feedback_points=["blocks.*"], verbose=False)
+
+    module, data, _ = build("dfa", optimizer=adam)
+    pl.seed_everything(3, verbose=False)
+    t = trainer(tmp_path, [rule()], max_epochs=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "dfa.ckpt"
+    t.save_checkpoint(ckpt)
+    expected = t.test(module, data, verbose=False)[0]
+    pl.seed_everything(5, verbose=False)  # another run seed
+    fresh, data, _ = build("dfa", optimizer=adam)
+    tested = trainer(tmp_path, [rule()]).test(fresh, data, ckpt_path=str(ckpt), verbose=False)[0]
+    assert tested == expected
+    assert trainer(tmp_path, [rule()], limit_val_batches=1.0).validate(fresh, data, ckpt_path=str(ckpt), verbose=False)
+    pl.seed_everything(5, verbose=False)
+    with pytest.raises(ConfigError, match=r"other feedback settings: \['seed'\]"):
+        trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))

@@ -93,6 +93,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self.name = name
         self.engine: FeedbackEngine | None = None
         self._loaded: dict[str, torch.Tensor] | None = None
+        self._fitting = True  # set by setup(); a checkpoint loaded outside fit is not checked against the recipe
 
     @property
     def state_key(self) -> str:
@@ -105,6 +106,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"  # setup runs before Lightning restores a checkpoint into the callbacks
         if self.engine is not None or stage != "fit":
             return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
@@ -169,7 +171,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config", {})
-        if saved.get("method") == "dfa" and self.method == "dfa":
+        # only training uses B: `test`/`validate`/`predict` from a checkpoint accept any feedback settings (the run's
+        # seed, which a rule with `seed: null` has not even resolved outside fit)
+        if self._fitting and saved.get("method") == "dfa" and self.method == "dfa":
             keys = ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz")
             changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
             if changed:

@@ -12,6 +12,10 @@ paper reports). The checkpoint monitor is ``val/psnr`` (max).
 
 Evaluation renders without jitter or density noise, as NeRF evaluates. The DFA paper's ``test_nerf.py`` rendered
 its test views with the training sampling (jittered samples; density noise 1.0 on LLFF), a quirk not reproduced.
+
+``dual: true`` is the paper's NeRF-Dual (``test_nerf.py --dual-render``; reference/paper.md §2.1), in validation and
+test only: the coarse field is evaluated again at the fine samples and its raw output averaged 0.5/0.5 with the fine
+field's before volume rendering. Training is unchanged, so a trained checkpoint can be tested both ways.
 """
 from __future__ import annotations
 
@@ -35,19 +39,24 @@ class ViewSynthesis(Task):
         noise_std: std of the noise added to the density in training (paper: 1.0 on LLFF, 0 on Blender)
             (default: ``0.0``).
         chunk: rays rendered at once in validation and test (bounds their memory) (default: ``4096``).
+        dual: validation and test render the mean of both fields' raw outputs at the fine samples (the paper's
+            NeRF-Dual; training unchanged) (default: ``False``).
     """
 
     monitor = "val/psnr"
     monitor_mode = "max"
 
     def __init__(self, coarse_samples: int = 64, fine_samples: int = 128, perturb: bool = True,
-                 noise_std: float = 0.0, chunk: int = 4096) -> None:
+                 noise_std: float = 0.0, chunk: int = 4096, dual: bool = False) -> None:
         if coarse_samples < 2 or fine_samples < 0 or chunk < 1:
             raise ConfigError(f"ViewSynthesis: need coarse_samples >= 2, fine_samples >= 0 and chunk >= 1, got "
                               f"{coarse_samples}, {fine_samples}, {chunk}")
+        if dual and not fine_samples:
+            raise ConfigError("ViewSynthesis: `dual: true` averages the coarse and the fine field at the fine samples; "
+                              "it needs fine_samples > 0")
         super().__init__()
         self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
-        self.perturb, self.noise_std, self.chunk = perturb, noise_std, chunk
+        self.perturb, self.noise_std, self.chunk, self.dual = perturb, noise_std, chunk, dual
 
     def make_metrics(self) -> dict[str, nn.Module]:
         return {"psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2))}
@@ -65,7 +74,10 @@ class ViewSynthesis(Task):
         extra = vr.importance_depths(depths, weights, self.fine_samples, perturb)
         depths = torch.sort(torch.cat([depths, extra], -1), -1).values
         points, viewdirs = vr.sample_points(rays, depths)
-        rgb_fine, _ = vr.composite(model(points, viewdirs, "fine"), depths, rays[:, 3:6], white, noise)
+        raw = model(points, viewdirs, "fine")
+        if self.dual and not train:
+            raw = 0.5 * (raw + model(points, viewdirs, "coarse"))
+        rgb_fine, _ = vr.composite(raw, depths, rays[:, 3:6], white, noise)
         return rgb_coarse, rgb_fine
 
     def step(self, model: nn.Module, batch: Any, stage: str) -> StepOutput:
