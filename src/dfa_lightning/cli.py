@@ -124,6 +124,15 @@ def run(args: list[str] | None = None, run: bool = True) -> DFALightningCLI:
     )
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``[own args] -- [CLI args for every run]`` -> (own, passthrough), for the tools that launch runs (sweep,
+    graphs_reproduce, placements)."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def main(args: list[str] | None = None) -> int:
     try:
         run(args)

@@ -35,6 +35,7 @@ import pytorch_lightning as pl
 import torch
 
 from dfa_lightning.callbacks.final_alignment import FinalAlignment
+from dfa_lightning.cli import split_passthrough
 from dfa_lightning.errors import UserError
 from dfa_lightning.reference.paper_graphs import PAPER_GRAPHS
 
@@ -313,10 +314,7 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m dfa_lightning.graphs_reproduce", *argv])
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["Cora"], choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=[m for m in MODELS], choices=list(MODELS))

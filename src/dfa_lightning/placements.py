@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
+from dfa_lightning.cli import run, split_passthrough
 from dfa_lightning.errors import ConfigError, UserError
 
 __all__ = ["parse_placement", "check_recipe", "run_one", "render", "main"]
@@ -51,8 +53,6 @@ def parse_placement(spec: str) -> tuple[str, list[str]]:
 def check_recipe(recipe: str, extra: list[str] = ()) -> None:
     """Refuse, before any training, a recipe whose last callback is not one DFA FeedbackAlignmentStrategy: the
     placement override ``--trainer.callbacks.feedback_points`` goes to the last callback."""
-    from dfa_lightning.cli import run
-
     cli = run(["--config", recipe, *extra], run=False)
     callbacks = cli.config.get("trainer", {}).get("callbacks") or []
     last = callbacks[-1] if callbacks else None
@@ -71,9 +71,6 @@ def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | P
             rerun: bool = False) -> dict[str, Any]:
     """Train ``recipe`` with ``points`` as its feedback points and ``seed``; returns (and caches) the result:
     ``{"label", "points", "seed", "metrics": {test/...}, "alignment": {align/...}, "order": [points], "seconds"}``."""
-    from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
-    from dfa_lightning.cli import run
-
     run_dir = Path(root) / label / f"seed{seed}"
     out = run_dir / "result.json"
     if out.is_file() and not rerun:
@@ -141,10 +138,7 @@ def render(results: list[dict], metric: str, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m dfa_lightning.placements", *argv])
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True, help="a DFA recipe (its last callback is the rule)")
     parser.add_argument("--placements", nargs="+", required=True, metavar="LABEL=PATTERN[,PATTERN]",

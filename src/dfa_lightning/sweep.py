@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from dfa_lightning.cli import run
+from dfa_lightning.cli import run, split_passthrough
 
 
 def run_seed(recipe: str, seed: int, extra: list[str], root: str) -> dict[str, float]:
@@ -37,10 +37,7 @@ def summarize(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipes", nargs="+", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
