@@ -157,3 +157,13 @@ def test_the_llff_override_switches_a_nerf_recipe_to_fern_with_the_papers_llff_s
     data, task = cli.datamodule, cli.model.task
     assert (data.dataset, data.scene, data.rays_per_batch, data.precrop_steps) == ("llff", "fern", 4096, 0)
     assert task.noise_std == 1.0 and cli.trainer.max_steps == 200_000
+
+
+def test_the_cpu_sized_fern_override_keeps_the_llff_settings_and_shrinks_the_run():
+    cli = run(["--config", str(REPO / "recipes/nerf_dfa.yaml"), "--config", str(REPO / "recipes/sample/nerf_llff_fern.yaml"),
+               "--config", str(REPO / "recipes/sample/nerf_llff_fern_cpu.yaml")], run=False)
+    data, task, model = cli.datamodule, cli.model.task, cli.model.model
+    assert (data.dataset, data.scene, data.rays_per_batch, data.precrop_steps, data.val_views) == ("llff", "fern", 1024, 0, 1)
+    assert task.noise_std == 1.0 and (task.coarse_samples, task.fine_samples) == (32, 32)
+    assert len(model.coarse.trunk) == 4 and model.coarse.sigma_head.in_features == 128
+    assert cli.trainer.max_steps == 1000
