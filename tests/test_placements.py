@@ -60,10 +60,16 @@ def test_placement_labels_default_to_their_patterns():
     assert placements.parse_placement("pre=mlp.*.1, head") == ("pre", ["mlp.*.1", "head"])
 
 
-def test_final_alignment_measures_tuple_batches_at_the_end_of_fit(tmp_path):
+@pytest.mark.parametrize("given", ["datamodule", "loader"])
+def test_final_alignment_measures_tuple_batches_at_the_end_of_fit(tmp_path, given):
     module, data, strategy = build("dfa", optimizer=adam)
     final = FinalAlignment()
-    trainer(tmp_path, [strategy, final], max_epochs=1).fit(module, datamodule=data)
+    fit = trainer(tmp_path, [strategy, final], max_epochs=1).fit
+    if given == "datamodule":
+        fit(module, datamodule=data)
+    else:
+        data.setup("fit")
+        fit(module, train_dataloaders=data.train_dataloader())
     assert final.points == ["blocks.0", "blocks.1"] and final.deepest == "blocks.1"
     for point in final.points:
         assert 0 < final.alignment[f"align/update_ratio/{point}"]

@@ -33,8 +33,9 @@ class FinalAlignment(pl.Callback):
         self.deepest: str | None = None
 
     def first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        """The first training batch, on the module's device."""
-        return move_data_to_device(next(iter(trainer.datamodule.train_dataloader())), pl_module.device)
+        """The first training batch, on the module's device (from the datamodule, or the loader given to fit)."""
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        return move_data_to_device(next(iter(loader)), pl_module.device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)
