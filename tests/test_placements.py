@@ -55,6 +55,14 @@ def test_a_malformed_placement_names_itself(spec):
         placements.parse_placement(spec)
 
 
+def test_a_cached_run_is_reused_only_with_the_same_recipe_points_and_arguments():
+    cached = {"recipe": "r.yaml", "points": ["conv1"], "extra": ["--trainer.max_epochs", "60"]}
+    assert placements.reusable(cached, "r.yaml", ["conv1"], ["--trainer.max_epochs", "60"])
+    assert not placements.reusable(cached, "r.yaml", ["conv1"], ["--trainer.max_epochs", "250"])
+    assert not placements.reusable(cached, "r.yaml", ["hidden"], ["--trainer.max_epochs", "60"])
+    assert not placements.reusable(cached, "other.yaml", ["conv1"], ["--trainer.max_epochs", "60"])
+
+
 def test_placement_labels_default_to_their_patterns():
     assert placements.parse_placement("blocks.*.0") == ("blocks.*.0", ["blocks.*.0"])
     assert placements.parse_placement("pre=mlp.*.1, head") == ("pre", ["mlp.*.1", "head"])

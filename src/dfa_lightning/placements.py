@@ -32,7 +32,7 @@ from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
 from dfa_lightning.cli import run, split_passthrough
 from dfa_lightning.errors import ConfigError, UserError
 
-__all__ = ["parse_placement", "check_recipe", "run_one", "render", "main"]
+__all__ = ["parse_placement", "check_recipe", "reusable", "run_one", "render", "main"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
@@ -67,6 +67,11 @@ def check_recipe(recipe: str, extra: list[str] = ()) -> None:
                           "feedback points (use a *_dfa recipe)")
 
 
+def reusable(cached: dict, recipe: str, points: list[str], extra: list[str]) -> bool:
+    """A cached result stands for this run only if the recipe, the points and every extra argument are the same."""
+    return (cached.get("recipe"), cached.get("points"), cached.get("extra")) == (recipe, list(points), list(extra))
+
+
 def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | Path, extra: list[str] = (),
             rerun: bool = False) -> dict[str, Any]:
     """Train ``recipe`` with ``points`` as its feedback points and ``seed``; returns (and caches) the result:
@@ -75,7 +80,7 @@ def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | P
     out = run_dir / "result.json"
     if out.is_file() and not rerun:
         cached = json.loads(out.read_text())
-        if cached.get("points") == points and cached.get("recipe") == recipe:
+        if reusable(cached, recipe, points, extra):
             return cached
     args = ["fit", "--config", recipe, "--seed_everything", str(seed), *QUIET,
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),

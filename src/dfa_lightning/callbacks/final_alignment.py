@@ -40,6 +40,7 @@ class FinalAlignment(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)
                       and cb.method == "dfa" and cb.engine is not None]
+        self.alignment, self.points, self.deepest = {}, [], None  # this fit's values only
         if not strategies:
             return
         probe = self.first_batch(trainer, pl_module)
