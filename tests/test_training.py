@@ -261,3 +261,31 @@ def test_a_dfa_checkpoint_is_tested_by_a_fresh_trainer_whatever_the_runs_seed(tm
     pl.seed_everything(5, verbose=False)
     with pytest.raises(ConfigError, match=r"other feedback settings: \['seed'\]"):
         trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_alignment_is_measured_when_nothing_trainable_lies_between_the_last_point_and_the_output(tmp_path, norm):
+    """Post-LN LM with the error before the vocabulary: ``hidden_out`` reads the last block's (cut) output directly,
+    so the raw output holds no graph; the monitor reads e at the output the engine injects into."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
+    from dfa_lightning.models.transformer import TransformerLM
+    from dfa_lightning.module import TaskModule
+    from dfa_lightning.tasks.language_modeling import LanguageModeling
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 50, (64, 8)), torch.randint(0, 50, (64, 8))
+    module = TaskModule(TransformerLM(50, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_len=8, norm=norm),
+                        LanguageModeling())
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*.out"], output="hidden_out", batch_dims=[0, 1],
+                                    verbose=False)
+    final = FinalAlignment()
+    trainer(tmp_path, [dfa, final], max_steps=2).fit(module, train_dataloaders=DataLoader(TensorDataset(x, y),
+                                                                                      batch_size=32))
+    assert final.points == ["blocks.0.out", "blocks.1.out"]
+    for point in final.points:
+        assert -1.0 <= final.alignment[f"align/signal_cos/{point}"] <= 1.0
+        assert -1.0 <= final.alignment[f"align/update_cos/{point}"] <= 1.0
+    # the last point's signal is the true gradient up to B: with one block above nothing, it is B e vs e's own path
+    assert final.alignment["align/update_ratio/blocks.1.out"] > 0

@@ -299,7 +299,10 @@ class FeedbackEngine:
             self.ensure_matrix()
         if self._warm != (out.device, self._token_dtype):  # B's device copy, made here: the backward only reads
             self.warm(out.device)
-        return _InjectFeedback.apply(self, index, kind, out, *tensors)
+        injected = _InjectFeedback.apply(self, index, kind, out, *tensors)
+        if self.capture is not None:  # the error is read at the injected output: the raw one holds no graph when
+            self.capture["__output__"] = injected  # nothing trainable lies between the last point and the output
+        return injected
 
     def _receiver_kind(self, device: torch.device) -> str:
         """How this forward's points feed the output: ``fused`` (their outputs), or per point ``token`` or
