@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -98,6 +98,36 @@ reproduce-placements: ## is f' needed? GCN on Cora (SEEDS) and DeepFM on the Cri
 		--placements "paper=mlp.*" "after_relu=mlp.*.2" "before_relu=mlp.*.1" \
 		--root $(LOGDIR)/placements --out benchmarks/results/placements_criteo_deepfm.md \
 		-- --config recipes/sample/criteo_10k.yaml $(ARGS)
+
+MAP_SEEDS ?= 0 1 2
+STACK := recipes/gcn_stack_bp.yaml recipes/gcn_stack_dfa.yaml recipes/gcn_stack_shallow.yaml
+STACK_ARGS := model.model.init_args
+
+failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm, then graph x width, then where the feedback lands around BatchNorm (MAP_SEEDS): gap to BP and alignment per layer into benchmarks/results/failure_map_cora_*.md
+	$(PYTHON) -m dfa_lightning.failure_map --recipes $(STACK) --seeds $(MAP_SEEDS) --metric test/acc \
+		--axis depth=$(STACK_ARGS).num_layers:2,4,8 --axis skip=$(STACK_ARGS).residual:false,true \
+		--axis norm=$(STACK_ARGS).norm:none,layer,batch \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_depth.md -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes $(STACK) --seeds $(MAP_SEEDS) --metric test/acc \
+		--axis graph=$(STACK_ARGS).conv:gcn,linear --axis depth=$(STACK_ARGS).num_layers:2,4 \
+		--axis width=$(STACK_ARGS).hidden:16,64 \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_graph.md -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes $(STACK) --seeds $(MAP_SEEDS) --metric test/acc \
+		--axis depth=$(STACK_ARGS).num_layers:2,4,8 --axis skip=$(STACK_ARGS).residual:false,true \
+		--axis dropout=$(STACK_ARGS).dropout:0.1 \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_same_dropout.md -- $(ARGS)
+	for depth in 2 8; do $(PYTHON) -m dfa_lightning.placements --recipe recipes/gcn_stack_dfa.yaml --seeds $(MAP_SEEDS) \
+		--metric test/acc --placements "after_block=blocks.*" "after_norm=blocks.*.norm" "before_norm=blocks.*.conv" \
+		--root $(LOGDIR)/placements/depth$$depth --out benchmarks/results/failure_map_cora_batchnorm_depth$$depth.md \
+		-- --model.model.init_args.norm batch --model.model.init_args.num_layers $$depth $(ARGS) || exit 1; done
+
+LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
+
+failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, seed 0 (about 50 min on one core) into benchmarks/results/failure_map_lm.md
+	$(PYTHON) -m dfa_lightning.failure_map --recipes $(LM_MAP) --seeds 0 --metric test/ppl \
+		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm.md \
+		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
 
 clean: ## remove logs and checkpoints (not the data cache)
 	rm -rf $(LOGDIR) checkpoints lightning_logs

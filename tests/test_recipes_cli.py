@@ -167,3 +167,16 @@ def test_the_cpu_sized_fern_override_keeps_the_llff_settings_and_shrinks_the_run
     assert task.noise_std == 1.0 and (task.coarse_samples, task.fine_samples) == (32, 32)
     assert len(model.coarse.trunk) == 4 and model.coarse.sigma_head.in_features == 128
     assert cli.trainer.max_steps == 1000
+
+
+@pytest.mark.parametrize("recipe", ["lm_bp", "lm_dfa_macro", "lm_dfa_micro", "lm_dfa_macro_after_vocab", "lm_shallow"])
+def test_the_cpu_sized_lm_override_shrinks_every_lm_recipe_and_keeps_its_rule(recipe):
+    base = run(["--config", str(REPO / f"recipes/{recipe}.yaml")], run=False)
+    cli = run(["--config", str(REPO / f"recipes/{recipe}.yaml"), "--config",
+               str(REPO / "recipes/sample/lm_wikitext2_cpu.yaml")], run=False)
+    model, data = cli.model.model, cli.datamodule
+    assert (len(model.blocks), model.decoder.in_features, model.decoder.out_features) == (2, 128, 8000)
+    assert (data.tokenizer, data.bpe_vocab_size, data.streams, data.seq_len) == ("bpe", 8000, 16, 64)
+    assert cli.trainer.max_steps == 1000 and cli.trainer.val_check_interval == 250
+    rule = lambda c: [cb for cb in c.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"][0].config
+    assert rule(cli) == rule(base)  # the override changes the size, never the learning rule

@@ -24,19 +24,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from dfa_lightning.callbacks import FeedbackAlignmentStrategy, FinalAlignment
+from dfa_lightning import studies
+from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 from dfa_lightning.cli import run, split_passthrough
 from dfa_lightning.errors import ConfigError, UserError
+from dfa_lightning.studies import mean_std
 
 __all__ = ["parse_placement", "check_recipe", "reusable", "run_one", "render", "main"]
-
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-PROBE = "dfa_lightning.callbacks.FinalAlignment"
-
 
 def parse_placement(spec: str) -> tuple[str, list[str]]:
     """``label=pattern[,pattern...]`` (or just the patterns, which then name it) -> (label, patterns)."""
@@ -69,43 +66,23 @@ def check_recipe(recipe: str, extra: list[str] = ()) -> None:
 
 def reusable(cached: dict, recipe: str, points: list[str], extra: list[str]) -> bool:
     """A cached result stands for this run only if the recipe, the points and every extra argument are the same."""
-    return (cached.get("recipe"), cached.get("points"), cached.get("extra")) == (recipe, list(points), list(extra))
+    return studies.reusable(cached, {"recipe": recipe, "points": list(points), "extra": list(extra)})
 
 
 def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | Path, extra: list[str] = (),
             rerun: bool = False) -> dict[str, Any]:
     """Train ``recipe`` with ``points`` as its feedback points and ``seed``; returns (and caches) the result:
     ``{"label", "points", "seed", "metrics": {test/...}, "alignment": {align/...}, "order": [points], "seconds"}``."""
-    run_dir = Path(root) / label / f"seed{seed}"
-    out = run_dir / "result.json"
-    if out.is_file() and not rerun:
-        cached = json.loads(out.read_text())
-        if reusable(cached, recipe, points, extra):
-            return cached
-    args = ["fit", "--config", recipe, "--seed_everything", str(seed), *QUIET,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-            *extra, "--trainer.callbacks.feedback_points", json.dumps(points), f"--trainer.callbacks+={PROBE}"]
-    start = time.perf_counter()
-    cli = run(args)
-    rules = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
-    if len(rules) != 1 or rules[0].config["feedback_points"] != points:  # the override must have reached the rule
-        raise ConfigError(f"{recipe}: the run did not use the feedback points {points} (the rule has "
-                          f"{[r.config['feedback_points'] for r in rules]})")
-    final = [cb for cb in cli.trainer.callbacks if isinstance(cb, FinalAlignment)]
-    result = {"recipe": recipe, "label": label, "points": points, "seed": seed, "extra": list(extra),
-              "metrics": {k: float(v) for k, v in cli.test_results.items()},
-              "alignment": final[0].alignment if final else {}, "order": final[0].points if final else [],
-              "seconds": round(time.perf_counter() - start, 1)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return result
 
+    def check(cli) -> None:  # the override must have reached the rule
+        rules = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
+        if len(rules) != 1 or rules[0].config["feedback_points"] != points:
+            raise ConfigError(f"{recipe}: the run did not use the feedback points {points} (the rule has "
+                              f"{[r.config['feedback_points'] for r in rules]})")
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+    key = {"recipe": recipe, "label": label, "points": list(points), "seed": seed, "extra": list(extra)}
+    overrides = ["--seed_everything", str(seed), *extra, "--trainer.callbacks.feedback_points", json.dumps(points)]
+    return studies.run_cached(Path(root) / label / f"seed{seed}", key, recipe, overrides, check, rerun)
 
 
 def _per_point(results: list[dict], kind: str) -> str:
@@ -133,7 +110,7 @@ def render(results: list[dict], metric: str, command: str) -> str:
              "|---|---|---|---|---|---|"]
     for label, runs in by_label.items():
         values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
-        lines.append(f"| {label} | {', '.join(f'`{p}`' for p in runs[0]['points'])} | {_mean_std(values)} | "
+        lines.append(f"| {label} | {', '.join(f'`{p}`' for p in runs[0]['points'])} | {mean_std(values)} | "
                      f"{len(values)} | {_per_point(runs, 'update_cos')} | {_per_point(runs, 'signal_cos')} |")
     seconds = sum(r["seconds"] for r in results)
     lines += ["", f"Wall time of the runs (fit + test): {seconds:.0f} s.", ""]

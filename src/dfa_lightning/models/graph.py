@@ -40,6 +40,8 @@ __all__ = [
     "DNA",
     "GCNEncoder",
     "GraphAutoEncoder",
+    "GCNBlock",
+    "GCNStack",
     "spline_available",
 ]
 
@@ -53,6 +55,7 @@ FEEDBACK_POINTS: dict[str, list[str]] = {
     "gat": ["hidden"],  # ELU after conv1 (64 wide), before the hidden dropout
     "dna": ["lin1_act", "acts.*"],  # Linear+ReLU, then the ReLU after each of the DNAConvs
     "gae": ["encoder.hidden"],  # ReLU after the encoder's conv1 (32 wide)
+    "gcn_stack": ["blocks.*"],  # every block's output (not the paper's: the failure map's deep GCN)
 }
 
 
@@ -319,6 +322,81 @@ class GraphAutoEncoder(GAE):
         return self.encoder(x, edge_index)
 
 
+NORMS = ("none", "batch", "layer")
+CONVS = ("gcn", "linear")
+
+
+class GCNBlock(nn.Module):
+    """``conv → norm → ReLU → dropout``, plus the block's input when ``residual``: one feedback point per block.
+
+    The block's output is the only path from its input onward (the skip included), so a point on the block cuts
+    every path through it. ``conv: linear`` drops the graph (``nn.Linear`` on each node's features).
+    """
+
+    def __init__(self, d_in: int, d_out: int, conv: str, norm: str, dropout: float, residual: bool,
+                 cached: bool) -> None:
+        super().__init__()
+        if residual and d_in != d_out:
+            raise ConfigError(f"GCNBlock: a residual block needs equal widths, got {d_in} -> {d_out}")
+        self.conv = GCNConv(d_in, d_out, cached=cached) if conv == "gcn" else nn.Linear(d_in, d_out)
+        self.norm = {"none": nn.Identity, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[norm](d_out)
+        self.act = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.residual = residual
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        h = self.conv(x, edge_index, edge_weight) if isinstance(self.conv, GCNConv) else self.conv(x)
+        h = self.act(self.norm(h))
+        return x + h if self.residual else h
+
+
+class GCNStack(_GraphModel):
+    """A GCN whose depth, width, skips, normalisation and graph use are arguments: the model of the failure map.
+
+    ``blocks.0 … blocks.{L-2}`` (:class:`GCNBlock`, F→H then H→H) then ``head`` (a conv H→C, logits). Feedback points:
+    ``blocks.*`` (every block's output). With ``num_layers: 2`` and the defaults it is the paper's :class:`GCN`,
+    parameter for parameter and in the same initialisation order (``blocks.0`` is ``conv1`` and ``hidden``, ``head``
+    is ``conv2``), so the same seed gives the same run.
+
+    Why its own blocks rather than PyG's ``BasicGNN``: that one applies one activation module to every layer and has
+    no per-block output module, so no glob could place a feedback point on each layer, and it has no residual option.
+
+    Args:
+        in_channels: node features F.
+        out_channels: classes C.
+        hidden: block width H (default: 16).
+        num_layers: number of convs L, the head included (>= 2; default: 2).
+        dropout: after each block's ReLU (default: 0.5).
+        residual: add each block's input to its output, from the second block on (the first changes width)
+            (default: False).
+        norm: ``none``, ``batch`` (BatchNorm1d over the nodes) or ``layer`` (LayerNorm per node), between the conv
+            and the ReLU (default: ``"none"``).
+        conv: ``gcn`` (GCNConv) or ``linear`` (no graph: an MLP on the node features) (default: ``"gcn"``).
+        cached: cache the normalised adjacency (transductive, full batch) (default: True).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, num_layers: int = 2,
+                 dropout: float = 0.5, residual: bool = False, norm: str = "none", conv: str = "gcn",
+                 cached: bool = True) -> None:
+        super().__init__()
+        if int(num_layers) < 2:
+            raise ConfigError(f"GCNStack: num_layers must be >= 2 (one block and the head), got {num_layers}")
+        if norm not in NORMS:
+            raise ConfigError(f"GCNStack: norm must be one of {NORMS}, got {norm!r}")
+        if conv not in CONVS:
+            raise ConfigError(f"GCNStack: conv must be one of {CONVS}, got {conv!r}")
+        widths = [in_channels] + [hidden] * (int(num_layers) - 1)
+        self.blocks = nn.ModuleList(
+            GCNBlock(d_in, d_out, conv, norm, dropout, residual and i > 0, cached)
+            for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])))
+        self.head = GCNConv(hidden, out_channels, cached=cached) if conv == "gcn" else nn.Linear(hidden, out_channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+        w = _edge_weight(edge_attr, "gcn_stack")
+        for block in self.blocks:
+            x = block(x, edge_index, w)
+        return self.head(x, edge_index, w) if isinstance(self.head, GCNConv) else self.head(x)
+
+
 #: Short names used by :data:`FEEDBACK_POINTS`.
 GRAPH_MODELS: dict[str, type[nn.Module]] = {
     "gcn": GCN,
@@ -327,4 +405,5 @@ GRAPH_MODELS: dict[str, type[nn.Module]] = {
     "gat": GAT,
     "dna": DNA,
     "gae": GraphAutoEncoder,
+    "gcn_stack": GCNStack,
 }

@@ -1,0 +1,72 @@
+"""What the study tools share (``placements``, ``failure_map``): one cached, probed training run, and the summaries.
+
+A study trains many variants of a recipe in this process. Each run is a normal ``fit`` (then ``test`` at the recipe's
+best checkpoint) with a :class:`~dfa_lightning.callbacks.FinalAlignment` appended to the callbacks, so that every DFA
+run reports the alignment of its final weights, measured the same way. A run writes ``<run_dir>/result.json`` and is
+not trained again while that file describes the same run (same key: recipe, overrides, extra arguments), so an
+interrupted study resumes and a study with other arguments never reuses a stale result.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dfa_lightning.callbacks import FinalAlignment
+from dfa_lightning.cli import DFALightningCLI, run
+
+__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of"]
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+PROBE = "dfa_lightning.callbacks.FinalAlignment"
+
+
+def reusable(cached: dict, key: dict) -> bool:
+    """A cached result stands for a run only if every field of the run's key is the same."""
+    return all(cached.get(name) == value for name, value in key.items())
+
+
+def run_cached(run_dir: str | Path, key: dict[str, Any], recipe: str, overrides: list[str],
+               check: Callable[[DFALightningCLI], None] | None = None, rerun: bool = False) -> dict[str, Any]:
+    """``python -m dfa_lightning fit --config <recipe> <overrides>`` with the alignment probe, logging into
+    ``run_dir``, or its cached result.
+
+    ``key`` (JSON values) identifies the run and is stored in the result; ``check(cli)`` may refuse a finished run
+    (e.g. an override that did not reach the callback it meant). Returns ``{**key, "metrics": {test/...},
+    "alignment": {align/...}, "order": [points in forward order], "seconds"}``.
+    """
+    out = Path(run_dir) / "result.json"
+    if out.is_file() and not rerun:
+        cached = json.loads(out.read_text())
+        if reusable(cached, key):
+            return cached
+    args = ["fit", "--config", recipe, *QUIET, "--trainer.default_root_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", str(run_dir), *overrides, f"--trainer.callbacks+={PROBE}"]
+    start = time.perf_counter()
+    cli = run(args)
+    if check is not None:
+        check(cli)
+    final = [cb for cb in cli.trainer.callbacks if isinstance(cb, FinalAlignment)]
+    result = {**key, "metrics": {k: float(v) for k, v in cli.test_results.items()},
+              "alignment": final[0].alignment if final else {}, "order": final[0].points if final else [],
+              "seconds": round(time.perf_counter() - start, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± std`` (sample std; 0 for one value), or ``n/a``."""
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def rules_of(recipe: str, extra: list[str] = ()) -> list:
+    """The recipe's FeedbackAlignmentStrategy entries (``class_path``/``init_args`` namespaces), parsed, not built."""
+    cli = run(["--config", recipe, *extra], run=False)
+    callbacks = cli.config.get("trainer", {}).get("callbacks") or []
+    return [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
