@@ -20,9 +20,7 @@ table from the cache. Output: markdown (one row per cell, then each axis's margi
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import re
 import statistics
 import sys
@@ -32,7 +30,7 @@ from typing import Any
 import yaml
 
 from dfa_lightning import studies
-from dfa_lightning.cli import run, split_passthrough
+from dfa_lightning.cli import run
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.studies import mean_std, rules_of
 
@@ -223,27 +221,21 @@ def render(rows: list[dict], axes: list[Axis], metric: str, command: str, second
                              f"{_mean([_mean(r['dfa']) for r in sel]):.4f} | "
                              f"{_mean([r['gap_to_bp'] for r in sel]):+.4f} | "
                              f"{(f'{_mean(cos):.2f}' if cos else 'n/a')} |")
-    lines += ["", f"Axes: " + "; ".join(f"`{a.label}` = `--{a.key}`" for a in axes) + ".",
+    lines += ["", "Axes: " + "; ".join(f"`{a.label}` = `--{a.key}`" for a in axes) + ".",
               f"Wall time of the runs (fit + test): {seconds:.0f} s.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["python -m dfa_lightning.failure_map", *argv])
-    argv, extra = split_passthrough(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser, command, argv, extra = studies.study_arguments("failure_map", __doc__, argv, [0, 1, 2],
+                                                           "logs/failure_map")
     parser.add_argument("--recipes", nargs="+", required=True,
                         help="one bp recipe, one or more dfa recipes, at most one shallow (same model and data)")
     parser.add_argument("--axis", action="append", required=True, metavar="LABEL=KEY:V1,V2",
                         help="an architecture knob: a recipe key and its values (repeat for a grid)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--metric", default="test/acc")
     parser.add_argument("--mode", choices=["max", "min"], help="is a higher or a lower metric better "
                         "(default: min for */loss and */ppl, else max)")
     parser.add_argument("--out", help="markdown table (a .json beside it); without it, runs only (to share work)")
-    parser.add_argument("--root", default="logs/failure_map", help="where each run writes logs and result.json")
-    parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     opts = parser.parse_args(argv)
     try:
         axes = [parse_axis(spec) for spec in opts.axis]
@@ -267,12 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarise(results, methods, axes, opts.metric)
         text = render(rows, axes, opts.metric, command, sum(r["seconds"] for r in results),
                       opts.mode or default_mode(opts.metric))
-        out = Path(opts.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "methods": methods, "rows": rows,
-                                                        "results": results}, indent=2))
-        print(text)
+        studies.write_outputs(opts.out, text, {"command": command, "methods": methods, "rows": rows,
+                                               "results": results})
     return 0
 
 

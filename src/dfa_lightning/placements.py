@@ -20,7 +20,6 @@ beside it) gives, per placement, the metric's mean ± std over seeds and each po
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 from dfa_lightning import studies
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
-from dfa_lightning.cli import run, split_passthrough
+from dfa_lightning.cli import run
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.studies import mean_std
 
@@ -118,18 +117,12 @@ def render(results: list[dict], metric: str, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["python -m dfa_lightning.placements", *argv])
-    argv, extra = split_passthrough(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser, command, argv, extra = studies.study_arguments("placements", __doc__, argv, [0, 1, 2, 3, 4],
+                                                           "logs/placements")
     parser.add_argument("--recipe", required=True, help="a DFA recipe (its last callback is the rule)")
     parser.add_argument("--placements", nargs="+", required=True, metavar="LABEL=PATTERN[,PATTERN]",
                         help="feedback points per placement, e.g. paper=hidden before_relu=conv1")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--metric", default="test/acc")
     parser.add_argument("--out", required=True, help="markdown table (a .json beside it)")
-    parser.add_argument("--root", default="logs/placements", help="where each run writes logs and result.json")
-    parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     opts = parser.parse_args(argv)
     try:
         placements = [parse_placement(p) for p in opts.placements]
@@ -148,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = render(results, opts.metric, command)
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
-    print(text)
+    studies.write_outputs(opts.out, render(results, opts.metric, command), {"command": command, "results": results})
     return 0
 
 

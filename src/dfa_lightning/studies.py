@@ -8,8 +8,10 @@ interrupted study resumes and a study with other arguments never reuses a stale 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +19,7 @@ from typing import Any, Callable
 from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI, run
 
-__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of"]
+__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "write_outputs"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
@@ -70,3 +72,29 @@ def rules_of(recipe: str, extra: list[str] = ()) -> list:
     cli = run(["--config", recipe, *extra], run=False)
     callbacks = cli.config.get("trainer", {}).get("callbacks") or []
     return [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+
+
+def study_arguments(tool: str, doc: str, argv: list[str] | None, seeds: list[int], root: str
+                    ) -> tuple[argparse.ArgumentParser, str, list[str], list[str]]:
+    """A study's parser with the options every study shares (``--seeds``, ``--metric``, ``--root``, ``--rerun``),
+    the command line as typed (for the table), the study's own arguments and the run arguments after ``--``."""
+    from dfa_lightning.cli import split_passthrough
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join([f"python -m dfa_lightning.{tool}", *argv])
+    own, extra = split_passthrough(argv)
+    parser = argparse.ArgumentParser(prog=f"python -m dfa_lightning.{tool}", description=doc.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    parser.add_argument("--metric", default="test/acc")
+    parser.add_argument("--root", default=root, help="where each run writes logs and result.json")
+    parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
+    return parser, command, own, extra
+
+
+def write_outputs(out: str | Path, text: str, payload: dict[str, Any]) -> None:
+    """The markdown table at ``out``, the JSON beside it, and the table on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    print(text)
