@@ -193,6 +193,8 @@ def render(rows: list[dict], axes: list[Axis], metric: str, command: str, second
     """Markdown: the grid (one row per cell and DFA recipe), then each axis's values averaged over the others.
     ``mode``: whether a higher (``max``) or lower (``min``) metric is better, for the ✗ marks."""
     better = 1.0 if mode == "max" else -1.0
+    values = [abs(v) for r in rows for v in (*r["bp"], *r["dfa"], *r["shallow"])]
+    digits = 4 if not values or max(values) < 10 else 1  # accuracies and AUCs to 4 places, perplexities to 1
     several = len({r["dfa_recipe"] for r in rows}) > 1
     head = [a.label for a in axes] + (["DFA recipe"] if several else [])
     lines = [f"Command: `{command}`", "",
@@ -206,10 +208,11 @@ def render(rows: list[dict], axes: list[Axis], metric: str, command: str, second
     for r in rows:
         values = [r["cell"][a.label] for a in axes] + ([r["dfa_recipe"]] if several else [])
         above = r["above_shallow"]
-        above_text = "n/a" if above is None else f"{above:+.4f}{' ✗' if better * above <= 0 else ''}"
+        above_text = "n/a" if above is None else f"{above:+.{digits}f}{' ✗' if better * above <= 0 else ''}"
         cos = " ".join(f"{c:.2f}" for _, c in r["update_cos"]) or "n/a"
-        lines.append("| " + " | ".join(values + [mean_std(r["bp"]), mean_std(r["dfa"]), mean_std(r["shallow"]),
-                                               f"{r['gap_to_bp']:+.4f}", above_text, cos]) + " |")
+        lines.append("| " + " | ".join(values + [mean_std(r["bp"], digits), mean_std(r["dfa"], digits),
+                                               mean_std(r["shallow"], digits), f"{r['gap_to_bp']:+.{digits}f}",
+                                               above_text, cos]) + " |")
     if len(axes) > 1:
         lines += ["", "Each axis's values, averaged over the other axes' cells (means of the cell means):", "",
                   "| axis | value | BP | DFA | DFA − BP | mean update cos |", "|---|---|---|---|---|---|"]
@@ -217,9 +220,9 @@ def render(rows: list[dict], axes: list[Axis], metric: str, command: str, second
             for value in axis.values:
                 sel = [r for r in rows if r["cell"][axis.label] == value]
                 cos = [r["update_cos_mean"] for r in sel if r["update_cos_mean"] is not None]
-                lines.append(f"| {axis.label} | {value} | {_mean([_mean(r['bp']) for r in sel]):.4f} | "
-                             f"{_mean([_mean(r['dfa']) for r in sel]):.4f} | "
-                             f"{_mean([r['gap_to_bp'] for r in sel]):+.4f} | "
+                lines.append(f"| {axis.label} | {value} | {_mean([_mean(r['bp']) for r in sel]):.{digits}f} | "
+                             f"{_mean([_mean(r['dfa']) for r in sel]):.{digits}f} | "
+                             f"{_mean([r['gap_to_bp'] for r in sel]):+.{digits}f} | "
                              f"{(f'{_mean(cos):.2f}' if cos else 'n/a')} |")
     lines += ["", "Axes: " + "; ".join(f"`{a.label}` = `--{a.key}`" for a in axes) + ".",
               f"Wall time of the runs (fit + test): {seconds:.0f} s.", ""]
