@@ -314,3 +314,19 @@ def test_gpu_check_fits_one_device_command_and_brings_back_at_most_eight_files()
     files = [f"{stem}.{ext}" for stem, exts in re.findall(r"(\w+)\.\{(\w+,\w+)\}", listed) for ext in exts.split(",")]
     files += re.findall(r"(\w+\.(?:md|log))\b", listed)
     assert len(files) == 8 and "bench_gpu_compiled.md" in files, files
+
+
+def test_point_scale_reports_each_points_output_rms_and_leaves_the_model_as_it_was():
+    from benchmarks.point_scale import point_rms
+    from dfa_lightning.models.mlp import MLP
+
+    model = MLP(4, 2, hidden=[3, 3]).train()
+    with torch.no_grad():
+        for block, w in zip(model.blocks, (1.0, 10.0)):
+            block[0].weight.fill_(w)
+            block[0].bias.zero_()
+    x = torch.ones(5, 4)
+    rms = point_rms(model, lambda m: m(x), ["blocks.*"])
+    # blocks.0: relu(4 * 1) = 4 everywhere; blocks.1: relu(3 * 4 * 10) = 120 everywhere
+    assert rms == pytest.approx({"blocks.0": 4.0, "blocks.1": 120.0})
+    assert model.training and not model.blocks[0]._forward_hooks
