@@ -3,7 +3,7 @@
 ``python -m dfa_lightning.failure_map --recipes recipes/gcn_stack_bp.yaml recipes/gcn_stack_dfa.yaml
 recipes/gcn_stack_shallow.yaml --axis depth=model.model.init_args.num_layers:2,4,8
 --axis skip=model.model.init_args.residual:false,true --seeds 0 1 2 --metric test/acc
---out benchmarks/results/failure_map_cora.md [-- extra CLI args for every run]``
+--out benchmarks/results/failure_map_cora_depth.md [-- extra CLI args for every run]``
 
 Why: the paper's first reviewer asked which tasks DFA fails on, whether the task or the architecture decides, and
 what minimal change breaks DFA where it works. This tool answers the architecture half on any recipe: each axis is a
@@ -32,12 +32,12 @@ import yaml
 from dfa_lightning import studies
 from dfa_lightning.cli import run
 from dfa_lightning.errors import ConfigError, UserError
+from dfa_lightning.feedback.engine import METHODS
 from dfa_lightning.studies import mean_std, rules_of
 
 __all__ = ["Axis", "parse_axis", "methods_of", "check_axes", "cells", "run_cell", "summarise", "default_mode",
            "render", "main"]
 
-METHODS = ("bp", "dfa", "shallow")
 
 
 class Axis:
