@@ -123,10 +123,15 @@ failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm
 
 LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
 
-failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, seed 0 (about 50 min on one core) into benchmarks/results/failure_map_lm.md
+failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, seed 0 (about 1.5 h of one-core runs) into benchmarks/results/failure_map_lm*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(LM_MAP) --seeds 0 --metric test/ppl \
 		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm.md \
+		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml \
+		recipes/lm_dfa_micro.yaml recipes/lm_shallow.yaml --seeds 0 --metric test/ppl \
+		--axis heads=$(STACK_ARGS).n_heads:1,4 \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_attention.md \
 		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
 
 clean: ## remove logs and checkpoints (not the data cache)
