@@ -287,5 +287,4 @@ def test_alignment_is_measured_when_nothing_trainable_lies_between_the_last_poin
     for point in final.points:
         assert -1.0 <= final.alignment[f"align/signal_cos/{point}"] <= 1.0
         assert -1.0 <= final.alignment[f"align/update_cos/{point}"] <= 1.0
-    # the last point's signal is the true gradient up to B: with one block above nothing, it is B e vs e's own path
-    assert final.alignment["align/update_ratio/blocks.1.out"] > 0
+    assert all(final.alignment[f"align/update_ratio/{p}"] > 0 for p in final.points)  # both passes produced updates

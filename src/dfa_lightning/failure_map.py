@@ -200,7 +200,8 @@ def render(rows: list[dict], axes: list[Axis], metric: str, command: str, second
     lines = [f"Command: `{command}`", "",
              f"`{metric}` at each recipe's best checkpoint, mean ± std over the seeds. `DFA − BP` is the gap of the "
              "means; `DFA − shallow` what DFA's feedback taught the layers beyond training the head alone (no better "
-             f"than shallow, i.e. {'≤' if mode == 'max' else '≥'} 0: DFA failed, marked ✗). `update cos`: cosine between the DFA and the BP update of each feedback point's "
+             f"than shallow, i.e. {'≤' if mode == 'max' else '≥'} 0: DFA failed, marked ✗). `update cos`: cosine "
+             "between the DFA and the BP update of each feedback point's "
              "segment for the final weights (one training batch; graphs: every node), averaged over the seeds, "
              "listed from the first point to the last.", "",
              "| " + " | ".join(head + ["BP", "DFA", "shallow", "DFA − BP", "DFA − shallow", "update cos per point"])

@@ -34,6 +34,7 @@ from dfa_lightning.studies import mean_std
 
 __all__ = ["parse_placement", "check_recipe", "reusable", "run_one", "render", "main"]
 
+
 def parse_placement(spec: str) -> tuple[str, list[str]]:
     """``label=pattern[,pattern...]`` (or just the patterns, which then name it) -> (label, patterns)."""
     label, sep, patterns = spec.partition("=")
