@@ -15,7 +15,6 @@ import argparse
 import sys
 
 import torch
-from pytorch_lightning.utilities import move_data_to_device
 from torch import nn
 
 from dfa_lightning.cli import run
@@ -52,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     cli = run([arg for config in opts.configs for arg in ("--config", config)] + extra, run=False)
     model, task, data = cli.model.model, cli.model.task, cli.datamodule
     data.setup("fit")
-    batch = move_data_to_device(next(iter(data.val_dataloader())), "cpu")
-    print("| checkpoint | " + " | ".join(["point", "output RMS"]) + " |\n|---|---|---|")
+    batch = next(iter(data.val_dataloader()))
+    print("| checkpoint | point | output RMS |\n|---|---|---|")
     for spec in opts.ckpt:
         label, _, path = spec.partition("=")
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

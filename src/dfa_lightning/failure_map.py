@@ -252,10 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells(axes):
             for recipe in opts.recipes:
                 for seed in opts.seeds:
-                    r = run_cell(recipe, axes, cell, seed, opts.root, extra, opts.rerun)
-                    results.append(r)
-                    print(f"CELL {_cell_dir(cell)} {Path(recipe).stem} seed={seed} ({r['seconds']} s): {opts.metric}="
-                          f"{r['metrics'].get(opts.metric, float('nan')):.4f}", flush=True)
+                    results.append(run_cell(recipe, axes, cell, seed, opts.root, extra, opts.rerun))
+                    studies.report("CELL", f"{_cell_dir(cell)} {Path(recipe).stem}", results[-1], opts.metric)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -135,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(opts.root) / Path(opts.recipe).stem
         for label, points in placements:
             for seed in opts.seeds:
-                r = run_one(opts.recipe, label, points, seed, root, extra, opts.rerun)
-                results.append(r)
-                print(f"PLACEMENT {label} seed={seed} ({r['seconds']} s): {opts.metric}="
-                      f"{r['metrics'].get(opts.metric, float('nan')):.4f}", flush=True)
+                results.append(run_one(opts.recipe, label, points, seed, root, extra, opts.rerun))
+                studies.report("PLACEMENT", label, results[-1], opts.metric)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

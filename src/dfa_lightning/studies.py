@@ -19,7 +19,8 @@ from typing import Any, Callable
 from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI, run
 
-__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "write_outputs"]
+__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
+           "write_outputs"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
@@ -89,6 +90,12 @@ def study_arguments(tool: str, doc: str, argv: list[str] | None, seeds: list[int
     parser.add_argument("--root", default=root, help="where each run writes logs and result.json")
     parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     return parser, command, own, extra
+
+
+def report(tag: str, what: str, result: dict[str, Any], metric: str) -> None:
+    """One progress line per finished (or cached) run: ``TAG what seed=k (s): metric=value``."""
+    print(f"{tag} {what} seed={result['seed']} ({result['seconds']} s): {metric}="
+          f"{result['metrics'].get(metric, float('nan')):.4f}", flush=True)
 
 
 def write_outputs(out: str | Path, text: str, payload: dict[str, Any]) -> None:
