@@ -76,6 +76,12 @@ def test_unknown_recipe_key_names_the_file_and_suggests_the_key(tmp_path, capsys
     assert str(bad) in line and "'trainer.max_epoch'" in line and "did you mean 'trainer.max_epochs'" in line
 
 
+def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):
+    missing = tmp_path / "gcn_dfa_typo.yaml"
+    assert main(["fit", "--config", str(missing)]) == 2
+    assert _one_line_error(capsys) == f"error: {missing}: recipe file not found (from {Path.cwd()})"
+
+
 def test_unknown_model_argument_names_the_class(capsys):
     assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--model.model.init_args.hiden", "3"]) == 2
     line = _one_line_error(capsys)

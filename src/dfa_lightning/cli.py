@@ -22,6 +22,10 @@ from dfa_lightning.module import TaskModule
 class RecipeArgumentParser(LightningArgumentParser):
     """Turn jsonargparse's usage wall into one :class:`ConfigError` line naming the recipe and the key."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_dir = Path.cwd()  # jsonargparse enters a recipe's folder while parsing it: paths are relative here
+
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         if not self.exit_on_error:  # an inner, tentative parse: jsonargparse catches this one itself
             return super().error(message, ex)
@@ -35,6 +39,10 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
     argv = list(getattr(parser, "args", None) or sys.argv)
     recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     where = f"{', '.join(recipes)}: " if recipes else ""
+    start = getattr(parser, "start_dir", None) or Path.cwd()
+    missing = [r for r in recipes if r.endswith((".yaml", ".yml")) and not (start / r).is_file()]
+    if missing:
+        return f"{', '.join(missing)}: recipe file not found (from {start})"
     top = re.search(r"does not accept (?:option|nested key) '([^']+)'", lines[0])
     if top:
         key = top.group(1)
