@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm transport-map clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -133,6 +133,21 @@ failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-
 		--axis heads=$(STACK_ARGS).n_heads:1,4 \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_attention.md \
 		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+
+rules = $(foreach m,$(2),recipes/$(1)_$(m).yaml)
+transport-map: ## where is W^T still used? one audited training step per recipe (BP, DFA, shallow of every task): tables and model diagrams into benchmarks/results/weight_transport_*.md (about 5 min; SplineConv audited with its plain-PyTorch kernels: the same layer)
+	$(PYTHON) -m dfa_lightning.transport_map --out benchmarks/results/weight_transport_graphs.md --recipes \
+		$(call rules,gcn,bp dfa shallow) $(call rules,gat,bp dfa) $(call rules,cheb,bp dfa) \
+		$(call rules,dna,bp dfa) $(call rules,gae,bp dfa) -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.transport_map --out benchmarks/results/weight_transport_spline.md --recipes \
+		$(call rules,spline,bp dfa) -- --model.model.init_args.kernels torch $(ARGS)
+	$(PYTHON) -m dfa_lightning.transport_map --out benchmarks/results/weight_transport_ctr.md --recipes \
+		$(call rules,deepfm,bp dfa) $(call rules,deepcross,bp dfa) $(call rules,autoint,bp dfa) \
+		$(call rules,afn,bp dfa) -- --config recipes/sample/criteo_10k.yaml $(ARGS)
+	$(PYTHON) -m dfa_lightning.transport_map --out benchmarks/results/weight_transport_lm.md --recipes \
+		$(call rules,lm,bp dfa_macro dfa_micro dfa_macro_after_vocab shallow) -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.transport_map --out benchmarks/results/weight_transport_nerf.md --recipes \
+		$(call rules,nerf,bp dfa shallow) -- --data.init_args.folder nerf_synthetic_100px $(ARGS)
 
 clean: ## remove logs and checkpoints (not the data cache)
 	rm -rf $(LOGDIR) checkpoints lightning_logs
