@@ -517,6 +517,22 @@ def test_quantised_errors_send_only_sign_information(error):
     torch.testing.assert_close(got, q @ engine.matrix)
 
 
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_centered_error_feeds_back_no_component_shared_by_the_batch_and_leaves_unlabelled_rows_silent(projection):
+    torch.manual_seed(0)
+    model = MLP(5, 3, hidden=[8])
+    engine = FeedbackEngine(model, ["blocks.*.0"], error="centered", init="gaussian", **PROJECTIONS[projection])
+    x = torch.randn(4, 5)
+    draw(engine, x)
+    e = torch.tensor([[0.3, -0.1, 0.2], [0.0, 0.0, 0.0], [-0.2, 0.5, 0.4], [0.1, 0.1, 0.1]])  # row 1: no label
+    ran(model(x), projection).backward(e)
+    labelled = [0, 2, 3]
+    sent = torch.zeros(4, 8)
+    sent[labelled] = (e[labelled] - e[labelled].mean(dim=0)) @ engine.matrix.to(torch.float64)[:, :8]
+    torch.testing.assert_close(model.blocks[0][0].weight.grad, sent.T @ x, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(model.blocks[0][0].bias.grad, torch.zeros(8), atol=1e-10, rtol=0)  # B ē is gone
+
+
 def test_fused_projection_casts_every_signal_to_the_points_dtype_in_one_copy():
     """Under bf16 autocast the fp32 projection goes to the bf16 points: one cast of [N, K], not one per point (a
     launch each on a GPU, where small steps are host-bound); the values are those of a cast per point."""

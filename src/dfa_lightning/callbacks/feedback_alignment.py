@@ -37,7 +37,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         operator: ``dense`` (paper), ``lowrank`` (``B = UV``, rank ``rank``) or ``sparse`` (``nnz`` non-zeros per
             feedback column): the projection's cost (default: ``"dense"``).
         rank, nnz: sizes of the ``lowrank`` and ``sparse`` operators (default: ``64``, ``16``).
-        error: ``exact``, ``sign`` or ``ternary`` error sent through B (default: ``"exact"``).
+        error: ``exact``, ``sign``, ``ternary`` or ``centered`` (minus its batch mean) error sent through B
+            (default: ``"exact"``).
         projection: ``fused``: all ``B_i e`` from one operator call when the backward reaches the output;
             ``per_point``: ``e`` is prepared once and each ``B_i e`` is computed when the backward reaches point i,
             so only one feedback signal is alive at a time (the same FLOPs, plus ``receiver``'s thin forward

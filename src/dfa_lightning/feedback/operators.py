@@ -25,7 +25,7 @@ from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback import matrices
 
 OPERATORS = ("dense", "lowrank", "sparse")
-ERRORS = ("exact", "sign", "ternary")
+ERRORS = ("exact", "sign", "ternary", "centered")
 
 
 class FeedbackOperator:
@@ -207,8 +207,16 @@ def from_state(state: dict[str, torch.Tensor], kind: str) -> FeedbackOperator:
 
 
 def transform_error(e: torch.Tensor, error: str) -> torch.Tensor:
+    """``e`` ([N, d_out]) as the feedback sends it: exact; its sign or ternarisation at the mean magnitude (what a
+    low-precision or optical co-processor sends); or centred: minus its mean over the rows that carry error, so that
+    a component shared by the whole batch (which every step would add to each point along one fixed direction
+    ``B_i ē``) is not fed back."""
     if error == "exact":
         return e
+    if error == "centered":
+        carries = (e != 0).any(dim=1, keepdim=True)  # rows without a label (masked nodes, padding) stay zero
+        mean = e.sum(dim=0, keepdim=True) / carries.sum().clamp_min(1)
+        return torch.where(carries, e - mean, e)
     magnitude = e.abs()
     nonzero = magnitude > 0
     # mean over the entries that carry error: rows without a label (masked nodes, padding) must not dilute it
