@@ -29,6 +29,21 @@ def test_every_recipe_parses_and_instantiates(recipe):
         assert len({cb.state_key for cb in strategies}) == len(strategies)
 
 
+FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.stem for f in FRAGMENTS])
+def test_every_callback_fragment_names_a_class_that_takes_its_arguments(fragment):
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load(fragment.read_text())
+    module, name = spec["class_path"].rsplit(".", 1)
+    callback = getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
+    assert type(callback).__name__ == name
+
+
 def _fit(recipe: str, tmp_path: Path, *extra: str) -> int:
     return main(["fit", "--config", str(REPO / recipe), *QUIET, "--trainer.default_root_dir", str(tmp_path),
                  "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra])
