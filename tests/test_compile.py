@@ -33,6 +33,8 @@ SETTINGS = {
     "per_point tokens lowrank shared matmul receivers": dict(projection="per_point", batch_dims=[0, 1],
                                                              operator="lowrank", rank=2, shared_slices=True,
                                                              receiver="matmul"),
+    "fused centred, feedback norm": dict(projection="fused", error="centered", feedback_norm="layer"),
+    "per_point tokens, feedback norm": dict(projection="per_point", batch_dims=[0, 1], feedback_norm="layer"),
 }
 
 

@@ -533,6 +533,45 @@ def test_centered_error_feeds_back_no_component_shared_by_the_batch_and_leaves_u
     torch.testing.assert_close(model.blocks[0][0].bias.grad, torch.zeros(8), atol=1e-10, rtol=0)  # B ē is gone
 
 
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_feedback_norm_hands_b_e_to_the_point_through_a_layernorm_backward_so_it_shrinks_as_the_point_grows(projection):
+    """``feedback_norm="layer"``: the point receives (1/σ)(g − mean(g) − y·mean(g·y)), g = B_i e and y the point's
+    output normalised per sample (what a post-LN block's norm does to it); scaling the point's output by 10 divides
+    the signal by 10, where plain DFA hands every scale the same B_i e. The forward is unchanged."""
+    torch.manual_seed(5)
+    x, e = torch.randn(6, 5), torch.randn(6, 3)
+    weights, base = {}, MLP(5, 3, hidden=[8]).state_dict()
+    for gain in (1.0, 10.0):
+        model = MLP(5, 3, hidden=[8])
+        model.load_state_dict(base)
+        with torch.no_grad():
+            model.blocks[0][0].weight.mul_(gain)
+            model.blocks[0][0].bias.mul_(gain)
+        engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=2, feedback_norm="layer",
+                                **PROJECTIONS[projection])
+        draw(engine, x)
+        out = ran(model(x), projection)
+        torch.testing.assert_close(out, FeedbackEngine(model, [], method="bp").model(x))  # the forward is untouched
+        out.backward(e)
+        h = (x @ model.blocks[0][0].weight.T + model.blocks[0][0].bias).detach()
+        sigma = torch.sqrt(h.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+        y = (h - h.mean(dim=1, keepdim=True)) / sigma
+        g = e @ engine.matrix.to(torch.float64)[:, :8]
+        sent = (g - g.mean(dim=1, keepdim=True) - y * (g * y).mean(dim=1, keepdim=True)) / sigma
+        torch.testing.assert_close(model.blocks[0][0].bias.grad, sent.sum(0), atol=1e-10, rtol=1e-8)
+        weights[gain] = model.blocks[0][0].bias.grad.clone()
+    torch.testing.assert_close(weights[10.0], weights[1.0] / 10, atol=1e-6, rtol=1e-4)
+
+
+def test_feedback_norm_normalises_over_the_feature_dims_whichever_dims_are_the_batch():
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], batch_dims=[1], feedback_norm="layer")
+    t = torch.randn(3, 4, 5)
+    expected = F.layer_norm(t.movedim(1, 0), (3, 5)).movedim(0, 1)
+    torch.testing.assert_close(engine.normalise(t), expected)
+    with pytest.raises(ConfigError, match="feedback_norm must be one of"):
+        FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], feedback_norm="batch")
+
+
 def test_fused_projection_casts_every_signal_to_the_points_dtype_in_one_copy():
     """Under bf16 autocast the fp32 projection goes to the bf16 points: one cast of [N, K], not one per point (a
     launch each on a GPU, where small steps are host-bound); the values are those of a cast per point."""

@@ -116,6 +116,38 @@ def test_alignment_is_perfect_when_feedback_equals_the_transposed_top_weight(tmp
     assert out["align/update_ratio/blocks.0"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_the_monitor_measures_the_signal_that_reaches_each_point_through_the_feedback_norm(tmp_path):
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    module, data, _ = build("dfa")
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], feedback_norm="layer", seed=7, verbose=False)
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    batch = next(iter(data.train_dataloader()))
+    engine = dfa.engine
+    engine.capture = {}
+    loss = module.task.step(module.model, batch, "train").loss
+    raw = [engine.capture[p] for p in ("blocks.0", "blocks.1")]
+    engine.capture = None
+    delivered = torch.autograd.grad(loss, raw)  # a DFA backward's only path to each raw point output: the feedback
+    engine.reset()
+    measured, _ = AlignmentMonitor()._pass(module, engine, batch, dict(module.model.named_parameters()), cut=True)
+    for name, got in zip(("blocks.0", "blocks.1"), delivered):
+        torch.testing.assert_close(measured[name], got)
+    plain = engine.project(*_error_and_points(module, engine, batch))
+    assert not torch.allclose(plain[0], delivered[0])  # the norm's backward changed B_i e
+
+
+def _error_and_points(module, engine, batch):
+    engine.capture = {}
+    loss = module.task.step(module.model, batch, "train").loss
+    captured = dict(engine.capture)
+    engine.capture = None
+    (e,) = torch.autograd.grad(loss, captured["__output__"], retain_graph=True)
+    feats = [captured["blocks.0"], captured["blocks.1"]]
+    engine.reset()
+    return e, (0, 1), [f.shape for f in feats], [f.dtype for f in feats]
+
+
 def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 

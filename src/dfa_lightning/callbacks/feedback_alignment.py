@@ -53,6 +53,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
             no Python in the backward), ``auto``: matmul when those matmuls add at most 2% to the step's matmul FLOPs
             (measured on the probe batch); compiled or CUDA-graph-captured steps always use tokens (default:
             ``"auto"``).
+        feedback_norm: ``none`` or ``layer``: ``B_i e`` reaches each point through the backward of a
+            parameter-free LayerNorm of its output (centred, radial component removed, divided by the output's
+            scale), as a post-LN block's own norm passes it on (default: ``"none"``).
         verbose: print the placement report at fit start (default: ``True``).
         name: tells several instances apart, e.g. one per network of NeRF's coarse/fine pair, each with its own
             ``output``, points and B; it keys the instance's state in checkpoints (default: ``None``: one instance).
@@ -75,6 +78,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         projection: str = "auto",
         projection_dtype: str = "float32",
         receiver: str = "auto",
+        feedback_norm: str = "none",
         verbose: bool = True,
         name: str | None = None,
     ) -> None:
@@ -87,7 +91,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
             method=method, feedback_points=list(feedback_points or []), output=output,
             batch_dims=list(batch_dims or [0]), init=init, scale=scale, shared_slices=shared_slices, seed=seed,
             operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
-            projection_dtype=projection_dtype, receiver=receiver,
+            projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm,
         )
         self.seed_given = seed is not None
         self.verbose = verbose

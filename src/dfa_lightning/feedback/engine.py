@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,6 +46,7 @@ METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
 PROJECTION_DTYPES = ("float32", "gradient")
 RECEIVERS = ("auto", "token", "matmul")
+FEEDBACK_NORMS = ("none", "layer")
 AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
 # receiver="auto": matmul receivers while their forward matmuls add at most this fraction to the step's matmul FLOPs
 # (a BP step: 3x the forward's), or at most RECEIVER_FREE_FLOPS per point (below it a matmul costs less host time
@@ -169,6 +171,12 @@ class FeedbackEngine:
             the step's matmul FLOPs (or at most 1 MFLOP per point), else token. A compiled step (``torch.compile``)
             or one captured in a CUDA graph always uses tokens: it has no Python to save. The sparse operator always
             uses tokens (default: ``"auto"``).
+        feedback_norm: ``none``: ``B_i e`` is the point's gradient; ``layer``: it arrives through the backward of
+            a parameter-free LayerNorm of the point's output over its features (centred across features, its
+            component along the normalised output removed, divided by the output's per-sample scale), what a
+            post-LN block's own LayerNorm does to the signal; the forward is unchanged. Why: at a point on an
+            unnormalised stream (pre-LN residual), ``B_i e`` keeps its scale however large the stream grows,
+            while the true gradient there shrinks with it (default: ``"none"``).
     """
 
     def __init__(
@@ -189,6 +197,7 @@ class FeedbackEngine:
         projection: str = "auto",
         projection_dtype: str = "float32",
         receiver: str = "auto",
+        feedback_norm: str = "none",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -206,6 +215,9 @@ class FeedbackEngine:
             raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
         if receiver not in RECEIVERS:
             raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
+        if feedback_norm not in FEEDBACK_NORMS:
+            raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS}, got {feedback_norm!r}")
+        self.feedback_norm = feedback_norm
         if receiver == "matmul" and operator == "sparse":
             raise ConfigError("receiver 'matmul' needs a dense or lowrank operator (the sparse one uses tokens)")
         self.projection, self.projection_dtype, self.receiver_choice = projection, projection_dtype, receiver
@@ -263,15 +275,16 @@ class FeedbackEngine:
                 if not pending.index:  # this forward's first point: per point needs B and the error's width
                     pending.kind = self._receiver_kind(out.device)
                 pending.index.append(index)
+                receives = out if self.feedback_norm == "none" else self.normalise(out)
                 if pending.kind == "matmul":
-                    pending.tensors.append(self._receive(index, out))
+                    pending.tensors.append(self._receive(index, receives))
                 elif pending.kind == "token":  # (a list, not a generator: torch.compile traces it without a break)
                     rows = (out.shape[0] if self.batch_dims == (0,)
                             else math.prod([out.shape[d] for d in self.batch_dims]))
                     pending.tensors.append(_ReceiveFeedback.apply(self, index, rows, self._token_width,
-                                                                  self._token_dtype, out))
+                                                                  self._token_dtype, receives))
                 else:
-                    pending.tensors.append(out)
+                    pending.tensors.append(receives)
             return out.detach()
 
         return hook
@@ -303,6 +316,17 @@ class FeedbackEngine:
         if self.capture is not None:  # the error is read at the injected output: the raw one holds no graph when
             self.capture["__output__"] = injected  # nothing trainable lies between the last point and the output
         return injected
+
+    def normalise(self, out: torch.Tensor) -> torch.Tensor:
+        """``feedback_norm="layer"``: the point's output normalised over its feature dims (those not in
+        ``batch_dims``) per sample, no affine parameters. Only its backward matters: ``B_i e`` is handed to this
+        tensor, and autograd's LayerNorm backward carries it to the point's output."""
+        feature_dims = [d for d in range(out.dim()) if d not in self.batch_dims]
+        if self.batch_dims == tuple(range(len(self.batch_dims))):  # features trailing: the fused kernel
+            return F.layer_norm(out, out.shape[len(self.batch_dims):])
+        mean = out.mean(dim=feature_dims, keepdim=True)
+        var = out.var(dim=feature_dims, keepdim=True, unbiased=False)
+        return (out - mean) * torch.rsqrt(var + 1e-5)
 
     def _receiver_kind(self, device: torch.device) -> str:
         """How this forward's points feed the output: ``fused`` (their outputs), or per point ``token`` or
@@ -595,7 +619,8 @@ class FeedbackEngine:
             f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
             f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}, "
             f"projection={self._projection_text()}"
-            + ("" if self.projection_dtype == "float32" else f", projection_dtype={self.projection_dtype}"),
+            + ("" if self.projection_dtype == "float32" else f", projection_dtype={self.projection_dtype}")
+            + ("" if self.feedback_norm == "none" else f", feedback_norm={self.feedback_norm}"),
         ]
         for p in self.points:
             seg = self.segments.get(p.name, [])
