@@ -103,7 +103,7 @@ MAP_SEEDS ?= 0 1 2
 STACK := recipes/gcn_stack_bp.yaml recipes/gcn_stack_dfa.yaml recipes/gcn_stack_shallow.yaml
 STACK_ARGS := model.model.init_args
 
-failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm, then graph x width, then where the feedback lands around BatchNorm (MAP_SEEDS): gap to BP and alignment per layer into benchmarks/results/failure_map_cora_*.md
+failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm, then graph x width, then where the feedback lands around BatchNorm, then the feedback-norm rescue (MAP_SEEDS): gap to BP and alignment per layer into benchmarks/results/failure_map_cora_*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(STACK) --seeds $(MAP_SEEDS) --metric test/acc \
 		--axis depth=$(STACK_ARGS).num_layers:2,4,8 --axis skip=$(STACK_ARGS).residual:false,true \
 		--axis norm=$(STACK_ARGS).norm:none,layer,batch \
@@ -120,10 +120,14 @@ failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm
 		--metric test/acc --placements "after_block=blocks.*" "after_norm=blocks.*.norm" "before_norm=blocks.*.conv" \
 		--root $(LOGDIR)/placements/depth$$depth --out benchmarks/results/failure_map_cora_batchnorm_depth$$depth.md \
 		-- --model.model.init_args.norm batch --model.model.init_args.num_layers $$depth $(ARGS) || exit 1; done
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/gcn_stack_bp.yaml \
+		benchmarks/recipes/gcn_stack_dfa_feedback_norm.yaml --seeds $(MAP_SEEDS) --metric test/acc \
+		--axis depth=$(STACK_ARGS).num_layers:2,8 --axis norm=$(STACK_ARGS).norm:none,batch \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_feedback_norm.md -- $(ARGS)
 
 LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
 
-failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, seed 0 (about 1.5 h of one-core runs) into benchmarks/results/failure_map_lm*.md
+failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, then the feedback-norm rescue, seed 0 (about 2 h of one-core runs) into benchmarks/results/failure_map_lm*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(LM_MAP) --seeds 0 --metric test/ppl \
 		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm.md \
@@ -132,6 +136,10 @@ failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-
 		recipes/lm_dfa_micro.yaml recipes/lm_shallow.yaml --seeds 0 --metric test/ppl \
 		--axis heads=$(STACK_ARGS).n_heads:1,4 \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_attention.md \
+		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/lm_bp.yaml benchmarks/recipes/lm_dfa_macro_feedback_norm.yaml \
+		--seeds 0 --metric test/ppl --axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_feedback_norm.md \
 		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
 
 rules = $(foreach m,$(2),recipes/$(1)_$(m).yaml)
