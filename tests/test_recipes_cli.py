@@ -29,6 +29,22 @@ def test_every_recipe_parses_and_instantiates(recipe):
         assert len({cb.state_key for cb in strategies}) == len(strategies)
 
 
+VARIANTS = sorted((REPO / "benchmarks" / "recipes").glob("*.yaml"))
+VARIANT_SETTINGS = {"centered": ("error", "centered"), "feedback_norm": ("feedback_norm", "layer"),
+                    "sign": ("error", "sign"), "ternary": ("error", "ternary"), "lowrank": ("operator", "lowrank"),
+                    "sparse": ("operator", "sparse")}
+
+
+@pytest.mark.parametrize("recipe", VARIANTS, ids=[r.stem for r in VARIANTS])
+def test_every_benchmark_variant_instantiates_with_the_setting_its_name_promises(recipe):
+    cli = run(["--config", str(recipe)], run=False)
+    (rule,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
+    promised = [setting for word, setting in VARIANT_SETTINGS.items() if word in recipe.stem]
+    assert promised, f"{recipe.name}: name a setting in VARIANT_SETTINGS"
+    for key, value in promised:
+        assert rule.config[key] == value
+
+
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
 
 
