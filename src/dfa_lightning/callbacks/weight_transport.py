@@ -32,7 +32,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
 
-__all__ = ["WeightTransportAudit", "ModuleUse"]
+__all__ = ["WeightTransportAudit", "ModuleUse", "transported_parameters"]
 
 
 @dataclass
@@ -44,9 +44,9 @@ class ModuleUse:
     matrix_params: int  # trainable parameters with >= 2 dims (what W^T would transport)
     elementwise_params: int  # trainable 1-D ``weight`` (a norm's scale)
     other_params: int  # biases and other 1-D parameters: never used by an input gradient
-    transported: bool  # the gradient w.r.t. its input was computed in the backward
+    transported: bool  # a matrix or scale of it carried error: the backward read it for another tensor's gradient
     trained: bool  # at least one of its parameters received a gradient
-    segment: str | None  # DFA/shallow: the point whose feedback trains it, "__output__" (above the last point)
+    segment: str | None  # DFA/shallow: the point whose feedback trains it, "__output__" (no point on its path)
 
 
 # autograd nodes that only reshape, view, cast or copy their one input: a parameter seen through them is still itself
