@@ -187,7 +187,6 @@ class WeightTransportAudit(pl.Callback):
                 kind = "matrix" if p.dim() >= 2 else "elementwise" if n == "weight" else "other"
                 entry = self._params.setdefault(id(p), {"numel": p.numel(), "kind": kind, "transported": False,
                                                         "trained": p.grad is not None})
-                entry["kind"] = "matrix" if "matrix" in (entry["kind"], kind) else entry["kind"]
                 entry["transported"] |= id(p) in self._used
         if self.verbose:
             rank_zero_info(self.summary())
