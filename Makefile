@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm transport-map clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm feedback-norm-parts transport-map clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -103,7 +103,7 @@ MAP_SEEDS ?= 0 1 2
 STACK := recipes/gcn_stack_bp.yaml recipes/gcn_stack_dfa.yaml recipes/gcn_stack_shallow.yaml
 STACK_ARGS := model.model.init_args
 
-failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm, then graph x width, then where the feedback lands around BatchNorm, then the feedback-norm rescue (MAP_SEEDS): gap to BP and alignment per layer into benchmarks/results/failure_map_cora_*.md
+failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm, then graph x width, then where the feedback lands around BatchNorm, then the feedback-norm rescues, layer and orthogonal (MAP_SEEDS): gap to BP and alignment per layer into benchmarks/results/failure_map_cora_*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(STACK) --seeds $(MAP_SEEDS) --metric test/acc \
 		--axis depth=$(STACK_ARGS).num_layers:2,4,8 --axis skip=$(STACK_ARGS).residual:false,true \
 		--axis norm=$(STACK_ARGS).norm:none,layer,batch \
@@ -124,10 +124,17 @@ failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm
 		benchmarks/recipes/gcn_stack_dfa_feedback_norm.yaml --seeds $(MAP_SEEDS) --metric test/acc \
 		--axis depth=$(STACK_ARGS).num_layers:2,8 --axis norm=$(STACK_ARGS).norm:none,batch \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_feedback_norm.md -- $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/gcn_stack_bp.yaml \
+		benchmarks/recipes/gcn_stack_dfa_feedback_orthogonal.yaml --seeds $(MAP_SEEDS) --metric test/acc \
+		--axis depth=$(STACK_ARGS).num_layers:2,8 --axis norm=$(STACK_ARGS).norm:none,batch \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_cora_feedback_orthogonal.md -- $(ARGS)
+
+feedback-norm-parts: ## which part of LayerNorm's backward (centring, removing the radial component, 1/scale) makes feedback_norm rescue DFA on Cora with BatchNorm and hurt the deep plain stack? 6 parts x 4 cells x 3 seeds (about 25 min on 2 cores) into benchmarks/results/feedback_norm_parts_cora.md
+	$(PYTHON) -m benchmarks.feedback_norm_parts --seeds $(MAP_SEEDS) --root $(LOGDIR)/feedback_norm_parts $(ARGS)
 
 LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
 
-failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, then the feedback-norm rescue, seed 0 (about 2 h of one-core runs) into benchmarks/results/failure_map_lm*.md
+failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, then the feedback-norm rescues (layer, orthogonal), seed 0 (about 2.5 h of one-core runs) into benchmarks/results/failure_map_lm*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(LM_MAP) --seeds 0 --metric test/ppl \
 		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm.md \
@@ -140,6 +147,11 @@ failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-
 	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/lm_bp.yaml benchmarks/recipes/lm_dfa_macro_feedback_norm.yaml \
 		--seeds 0 --metric test/ppl --axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_feedback_norm.md \
+		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/lm_bp.yaml \
+		benchmarks/recipes/lm_dfa_macro_feedback_orthogonal.yaml --seeds 0 --metric test/ppl \
+		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_feedback_orthogonal.md \
 		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
 
 rules = $(foreach m,$(2),recipes/$(1)_$(m).yaml)

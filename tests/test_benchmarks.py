@@ -330,3 +330,42 @@ def test_point_scale_reports_each_points_output_rms_and_leaves_the_model_as_it_w
     # blocks.0: relu(4 * 1) = 4 everywhere; blocks.1: relu(3 * 4 * 10) = 120 everywhere
     assert rms == pytest.approx({"blocks.0": 4.0, "blocks.1": 120.0})
     assert model.training and not model.blocks[0]._forward_hooks
+
+
+@pytest.mark.parametrize("part", ["center", "scale", "center_scale", "orthogonal", "layer"])
+def test_each_feedback_norm_part_hands_b_e_to_the_point_through_that_part_alone(part):
+    """benchmarks/feedback_norm_parts.py splits LayerNorm's backward (1/σ)(g − mean g − y·mean(g·y)) into its parts;
+    each swapped-in function must pass g through its part and nothing else (the engine's own options for the rest)."""
+    from benchmarks.feedback_norm_parts import PARTS
+    from dfa_lightning.feedback.engine import FeedbackEngine
+    from dfa_lightning.models.mlp import MLP
+
+    torch.manual_seed(0)
+    out, g = (3 * torch.randn(4, 8, dtype=torch.float64)).requires_grad_(), torch.randn(4, 8, dtype=torch.float64)
+    feedback_norm, swap = PARTS[part]
+    if swap is None:
+        swap = FeedbackEngine(MLP(2, 2, hidden=[8]), ["blocks.*"], feedback_norm=feedback_norm).normalise
+    (got,) = torch.autograd.grad(swap(out), out, g)
+    sigma = torch.sqrt(out.detach().var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+    centred = g - g.mean(dim=1, keepdim=True)
+    y = (out.detach() - out.detach().mean(dim=1, keepdim=True)) / sigma
+    orthogonal = centred - y * (g * y).mean(dim=1, keepdim=True)
+    expected = {"center": centred, "scale": g / sigma, "center_scale": centred / sigma, "orthogonal": orthogonal,
+                "layer": orthogonal / sigma}[part]
+    torch.testing.assert_close(got, expected)
+
+
+def test_feedback_norm_parts_puts_the_engine_back_after_a_failed_run(tmp_path, monkeypatch):
+    import benchmarks.feedback_norm_parts as parts
+    from dfa_lightning.feedback.engine import FeedbackEngine
+
+    original = FeedbackEngine.normalise
+
+    def failing(args, run=False):
+        assert FeedbackEngine.normalise is not original  # the part is swapped in while the run builds and trains
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(parts, "run", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        parts.train("center", 2, "none", 0, tmp_path)
+    assert FeedbackEngine.normalise is original and not list(tmp_path.rglob("*.json"))

@@ -563,11 +563,46 @@ def test_feedback_norm_hands_b_e_to_the_point_through_a_layernorm_backward_so_it
     torch.testing.assert_close(weights[10.0], weights[1.0] / 10, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_orthogonal_feedback_norm_removes_the_component_that_would_rescale_the_point_and_keeps_b_e_scale(projection):
+    """``feedback_norm="orthogonal"``: the point receives g − mean(g) − y·mean(g·y), LayerNorm's backward without its
+    1/σ. Per sample the signal is centred and orthogonal to the centred output (it cannot grow or shrink the point
+    to first order), and unlike ``layer`` it does not depend on the point's scale."""
+    torch.manual_seed(5)
+    x, e = torch.randn(6, 5), torch.randn(6, 3)
+    weights, base = {}, MLP(5, 3, hidden=[8]).state_dict()
+    for gain in (1.0, 10.0):
+        model = MLP(5, 3, hidden=[8])
+        model.load_state_dict(base)
+        with torch.no_grad():
+            model.blocks[0][0].weight.mul_(gain)
+            model.blocks[0][0].bias.mul_(gain)
+        engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=2, feedback_norm="orthogonal",
+                                **PROJECTIONS[projection])
+        draw(engine, x)
+        out = ran(model(x), projection)
+        torch.testing.assert_close(out, FeedbackEngine(model, [], method="bp").model(x))  # the forward is untouched
+        out.backward(e)
+        h = (x @ model.blocks[0][0].weight.T + model.blocks[0][0].bias).detach()
+        centred = h - h.mean(dim=1, keepdim=True)
+        y = centred / torch.sqrt(h.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+        g = e @ engine.matrix.to(torch.float64)[:, :8]
+        sent = g - g.mean(dim=1, keepdim=True) - y * (g * y).mean(dim=1, keepdim=True)
+        torch.testing.assert_close(model.blocks[0][0].bias.grad, sent.sum(0), atol=1e-10, rtol=1e-8)
+        along = (sent * centred).sum(dim=1).abs() / (g.norm(dim=1) * centred.norm(dim=1))  # cosine, but for LN's eps
+        assert along.max() < 1e-4 and sent.sum(dim=1).abs().max() < 1e-8
+        weights[gain] = model.blocks[0][0].bias.grad.clone()
+    torch.testing.assert_close(weights[10.0], weights[1.0], atol=1e-5, rtol=1e-3)
+
+
 def test_feedback_norm_normalises_over_the_feature_dims_whichever_dims_are_the_batch():
     engine = FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], batch_dims=[1], feedback_norm="layer")
     t = torch.randn(3, 4, 5)
     expected = F.layer_norm(t.movedim(1, 0), (3, 5)).movedim(0, 1)
     torch.testing.assert_close(engine.normalise(t), expected)
+    engine.feedback_norm = "orthogonal"  # the same backward, times the (constant) per-sample scale
+    scale = torch.sqrt(t.var(dim=(0, 2), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(engine.normalise(t), expected * scale)
     with pytest.raises(ConfigError, match="feedback_norm must be one of"):
         FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], feedback_norm="batch")
 

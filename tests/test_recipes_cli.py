@@ -31,6 +31,7 @@ def test_every_recipe_parses_and_instantiates(recipe):
 
 VARIANTS = sorted((REPO / "benchmarks" / "recipes").glob("*.yaml"))
 VARIANT_SETTINGS = {"centered": ("error", "centered"), "feedback_norm": ("feedback_norm", "layer"),
+                    "feedback_orthogonal": ("feedback_norm", "orthogonal"),
                     "sign": ("error", "sign"), "ternary": ("error", "ternary"), "lowrank": ("operator", "lowrank"),
                     "sparse": ("operator", "sparse")}
 

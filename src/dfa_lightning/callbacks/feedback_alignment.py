@@ -53,9 +53,11 @@ class FeedbackAlignmentStrategy(pl.Callback):
             no Python in the backward), ``auto``: matmul when those matmuls add at most 2% to the step's matmul FLOPs
             (measured on the probe batch); compiled or CUDA-graph-captured steps always use tokens (default:
             ``"auto"``).
-        feedback_norm: ``none`` or ``layer``: ``B_i e`` reaches each point through the backward of a
-            parameter-free LayerNorm of its output (centred, radial component removed, divided by the output's
-            scale), as a post-LN block's own norm passes it on (default: ``"none"``).
+        feedback_norm: ``none``, ``layer`` or ``orthogonal``: ``layer``: ``B_i e`` reaches each point through
+            the backward of a parameter-free LayerNorm of its output (centred, radial component removed, divided
+            by the output's scale), as a post-LN block's own norm passes it on; ``orthogonal``: the same without
+            dividing by the scale. For points whose downstream is scale-invariant (pre-LN streams, blocks before a
+            BatchNorm), not plain stacks (default: ``"none"``).
         verbose: print the placement report at fit start (default: ``True``).
         name: tells several instances apart, e.g. one per network of NeRF's coarse/fine pair, each with its own
             ``output``, points and B; it keys the instance's state in checkpoints (default: ``None``: one instance).

@@ -46,7 +46,7 @@ METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
 PROJECTION_DTYPES = ("float32", "gradient")
 RECEIVERS = ("auto", "token", "matmul")
-FEEDBACK_NORMS = ("none", "layer")
+FEEDBACK_NORMS = ("none", "layer", "orthogonal")
 AUTO_FUSED_BUDGET = 0.10  # projection="auto": fused while its signals add at most this fraction to a step's memory
 # receiver="auto": matmul receivers while their forward matmuls add at most this fraction to the step's matmul FLOPs
 # (a BP step: 3x the forward's), or at most RECEIVER_FREE_FLOPS per point (below it a matmul costs less host time
@@ -176,7 +176,12 @@ class FeedbackEngine:
             component along the normalised output removed, divided by the output's per-sample scale), what a
             post-LN block's own LayerNorm does to the signal; the forward is unchanged. Why: at a point on an
             unnormalised stream (pre-LN residual), ``B_i e`` keeps its scale however large the stream grows,
-            while the true gradient there shrinks with it (default: ``"none"``).
+            while the true gradient there shrinks with it; ``orthogonal``: the same backward without the
+            ``1/scale`` (centred, the component along the centred output removed; ``B_i e`` keeps its scale). The
+            removed component is the one that grows or shrinks the point's output: the true gradient has none where
+            what follows is scale-invariant (a LayerNorm or BatchNorm downstream), and removing it is what rescues
+            DFA there; on a plain stack it freezes the activations' scale at its initial value (measured: README,
+            "Where DFA fails") (default: ``"none"``).
     """
 
     def __init__(
@@ -319,14 +324,21 @@ class FeedbackEngine:
 
     def normalise(self, out: torch.Tensor) -> torch.Tensor:
         """``feedback_norm="layer"``: the point's output normalised over its feature dims (those not in
-        ``batch_dims``) per sample, no affine parameters. Only its backward matters: ``B_i e`` is handed to this
-        tensor, and autograd's LayerNorm backward carries it to the point's output."""
+        ``batch_dims``) per sample, no affine parameters; ``"orthogonal"``: the same times its per-sample scale,
+        held constant. Only the backward matters: ``B_i e`` is handed to this tensor, and autograd's LayerNorm
+        backward carries it to the point's output (times the scale: without the ``1/scale``)."""
         feature_dims = [d for d in range(out.dim()) if d not in self.batch_dims]
         if self.batch_dims == tuple(range(len(self.batch_dims))):  # features trailing: the fused kernel
-            return F.layer_norm(out, out.shape[len(self.batch_dims):])
+            normed = F.layer_norm(out, out.shape[len(self.batch_dims):])
+            if self.feedback_norm == "layer":
+                return normed
+            var = out.detach().var(dim=feature_dims, keepdim=True, unbiased=False)
+            return normed * torch.sqrt(var + 1e-5)
         mean = out.mean(dim=feature_dims, keepdim=True)
         var = out.var(dim=feature_dims, keepdim=True, unbiased=False)
-        return (out - mean) * torch.rsqrt(var + 1e-5)
+        if self.feedback_norm == "layer":
+            return (out - mean) * torch.rsqrt(var + 1e-5)
+        return (out - mean) * torch.rsqrt(var + 1e-5) * torch.sqrt(var.detach() + 1e-5)
 
     def _receiver_kind(self, device: torch.device) -> str:
         """How this forward's points feed the output: ``fused`` (their outputs), or per point ``token`` or
