@@ -369,3 +369,91 @@ def test_feedback_norm_parts_puts_the_engine_back_after_a_failed_run(tmp_path, m
     with pytest.raises(RuntimeError, match="boom"):
         parts.train("center", 2, "none", 0, tmp_path)
     assert FeedbackEngine.normalise is original and not list(tmp_path.rglob("*.json"))
+
+
+def test_labelled_nodes_splits_each_block_output_by_the_train_mask_in_eval_mode():
+    """benchmarks/labelled_nodes.py: the RMS on the labelled nodes and on the rest come from each block's eval-mode
+    output (no dropout), and the accuracy and loss per split are the task's own on that forward."""
+    from torch_geometric.data import Data
+
+    from benchmarks.labelled_nodes import labelled_rms, node_split
+    from dfa_lightning.models.graph import GCNStack
+    from dfa_lightning.tasks.graph import NodeClassification
+
+    out, mask = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([True, False, False])
+    assert labelled_rms(out, mask) == pytest.approx({"labelled": 12.5 ** 0.5, "other": 0.5 ** 0.5, "ratio": 5.0})
+
+    torch.manual_seed(0)
+    n = 12
+    masks = torch.arange(n) % 3
+    batch = Data(x=torch.randn(n, 5), edge_index=torch.randint(0, n, (2, 30)), y=torch.randint(0, 3, (n,)),
+                 train_mask=masks == 0, val_mask=masks == 1, test_mask=masks == 2)
+    model, task = GCNStack(5, 3, hidden=4, num_layers=3, dropout=0.9, norm="batch").train(), NodeClassification(3)
+    split = node_split(model, task, batch)
+    assert model.training  # the mode is put back
+    with torch.no_grad():
+        model.eval()
+        h = model.blocks[0](batch.x, batch.edge_index, None)
+        logits = model(batch.x, batch.edge_index)
+    assert len(split["points"]) == 2
+    assert split["points"][0] == pytest.approx(labelled_rms(h, batch.train_mask))
+    for stage in ("train", "val", "test"):
+        m = getattr(batch, f"{stage}_mask")
+        assert split[f"{stage}_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits[m], batch.y[m])))
+        assert split[f"{stage}_acc"] == pytest.approx(float((logits[m].argmax(-1) == batch.y[m]).float().mean()))
+
+
+@pytest.mark.parametrize("rule", ["bp", "dfa", "orthogonal", "dfa_frozen_norm"])
+def test_labelled_nodes_rules_build_the_runs_they_name(rule):
+    """Each rule of benchmarks/labelled_nodes.py instantiates on the BatchNorm stack; the frozen-norm rule puts the
+    norms' scale and shift, and nothing else, at learning rate 0 and keeps the paper's weight decay on the first conv."""
+    from benchmarks.labelled_nodes import RULES
+    from dfa_lightning.cli import run
+
+    recipe, extra = RULES[rule]
+    cli = run(["--config", recipe, "--model.model.init_args.num_layers", "3", "--model.model.init_args.norm", "batch",
+               *extra], run=False)
+    (strategy,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
+    assert strategy.method == ("bp" if rule == "bp" else "dfa")
+    assert strategy.config.get("feedback_norm", "none") == ("orthogonal" if rule == "orthogonal" else "none")
+    names = {id(p): n for n, p in cli.model.model.named_parameters()}
+    for group in cli.model.parameter_groups():
+        for p in group["params"]:
+            frozen = rule == "dfa_frozen_norm" and ".norm." in names[id(p)]
+            assert (group.get("lr") == 0.0) == frozen, names[id(p)]
+            if names[id(p)].startswith("blocks.0.conv"):  # the paper's weight decay on the first layer stays
+                assert group["weight_decay"] == (5.0e-4 if rule == "bp" else 1.0e-4)
+
+
+def test_batch_statistics_accuracy_normalises_by_the_graph_and_leaves_the_model_alone():
+    """The check that BatchNorm's running statistics are not what fails: the copy normalises by the full graph's own
+    statistics (so it scores like the training-mode forward without dropout), and the model keeps its running ones."""
+    import copy
+
+    from torch_geometric.data import Data
+
+    from benchmarks.labelled_nodes import batch_statistics_accuracy
+    from dfa_lightning.models.graph import GCNStack
+    from dfa_lightning.tasks.graph import NodeClassification
+
+    torch.manual_seed(0)
+    n = 40
+    masks = torch.arange(n) % 2 == 0
+    batch = Data(x=torch.randn(n, 5), edge_index=torch.randint(0, n, (2, 80)), y=torch.randint(0, 3, (n,)),
+                 train_mask=masks, val_mask=~masks, test_mask=~masks)
+    task = NodeClassification(3)
+    model = GCNStack(5, 3, hidden=4, num_layers=3, dropout=0.0, norm="batch")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):  # running statistics far from the graph's
+            m.running_mean.fill_(5.0)
+            m.running_var.fill_(0.01)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # dropout 0: the batch statistics are the training forward's only difference
+        train_mode = copy.deepcopy(model).train()(batch.x, batch.edge_index)
+        eval_mode = model(batch.x, batch.edge_index)
+    expected = float((train_mode[~masks].argmax(-1) == batch.y[~masks]).float().mean())
+    assert expected != float((eval_mode[~masks].argmax(-1) == batch.y[~masks]).float().mean())  # the check can tell
+    assert batch_statistics_accuracy(model, task, batch) == pytest.approx(expected)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert batch_statistics_accuracy(GCNStack(5, 3, hidden=4, norm="none"), task, batch) is None

@@ -1,0 +1,203 @@
+"""Why one BatchNorm breaks DFA on Cora: do the labelled nodes' block outputs run away from the other nodes'?
+
+``python -m benchmarks.labelled_nodes [--rules bp dfa orthogonal] [--cells 2:none 2:layer 2:batch 8:none 8:batch]
+[--seeds 0 1 2] [--split public | dna_kfold] --root logs/labelled_nodes
+--out benchmarks/results/labelled_nodes_cora.md``
+
+Why: on full-batch Cora the error ``e`` is zero outside the 140 labelled (training) nodes, so ``B_i e`` pushes only
+those nodes' block outputs, and its radial component pushes them outwards. Without a norm, the cheapest way for a
+block to grow some nodes' outputs is to grow every node's (scale its weights). BatchNorm divides that scale out, per
+feature over all nodes, so what is left is to grow the labelled nodes *relative to the rest*: to single them out. The
+reading this script tests: plain DFA with BatchNorm memorises the labels (train loss near 0) with labelled outputs far
+larger than the others', and removing the radial component (``feedback_norm: orthogonal``, the rescue) shrinks that
+gap. A prediction follows: with more labelled nodes (``--split dna_kfold``: 20 % of the nodes, 542, against the
+public split's 140) there is less to single out, and BatchNorm should cost DFA less.
+
+It trains the failure map's GCN stack (``recipes/gcn_stack_{bp,dfa}.yaml``) per rule, cell and seed and measures, at
+the final weights in eval mode (one full-graph forward):
+
+- the block outputs' RMS on the labelled nodes over their RMS on all other nodes (mean over the blocks);
+- train accuracy and loss (on the labelled nodes), test loss and accuracy; with BatchNorm, the test accuracy again
+  with the full graph's own statistics in place of the running ones (are those what fails?);
+
+beside the test accuracy at the best validation accuracy (the failure map's metric). A run writes
+``<root>/<split>/<rule>/d<depth>_<norm>_s<seed>.json`` and is reused while it describes the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfa_lightning.cli import run
+from dfa_lightning.studies import QUIET, mean_std, reusable, write_outputs
+
+__all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "node_split", "train", "main"]
+
+#: rule -> (recipe, extra CLI arguments). ``dfa_frozen_norm``: plain DFA with the norms' own parameters (BatchNorm's
+#: scale and shift) held at their initial values (learning rate 0; the first matching group wins), to tell their
+#: training by feedback apart from the signal's way through the norm's backward. It needs a norm: cells without one
+#: are skipped.
+RULES: dict[str, tuple[str, list[str]]] = {
+    "bp": ("recipes/gcn_stack_bp.yaml", []),
+    "dfa": ("recipes/gcn_stack_dfa.yaml", []),
+    "orthogonal": ("recipes/gcn_stack_dfa.yaml", ["--trainer.callbacks.init_args.feedback_norm", "orthogonal"]),
+    "dfa_frozen_norm": ("recipes/gcn_stack_dfa.yaml", [
+        "--model.param_groups",
+        '[{"params": "blocks.*.norm.**", "lr": 0.0}, {"params": "blocks.0.**", "weight_decay": 1.0e-4}]']),
+}
+NEEDS_NORM = {"dfa_frozen_norm"}
+MEASURES = 2  # the version of what a run records: a cached run with other measures is trained again
+
+
+def labelled_rms(output: Tensor, labelled: Tensor) -> dict[str, float]:
+    """RMS of ``output``'s rows on the ``labelled`` nodes and on the rest, and their ratio."""
+    output = output.detach().float()
+    inside, outside = output[labelled].pow(2).mean().sqrt(), output[~labelled].pow(2).mean().sqrt()
+    return {"labelled": float(inside), "other": float(outside), "ratio": float(inside / outside)}
+
+
+@torch.no_grad()
+def batch_statistics_accuracy(model: nn.Module, task: Any, batch: Any, stage: str = "test") -> float | None:
+    """``stage`` accuracy of a copy of ``model`` whose BatchNorms normalise by the full graph's own statistics in eval
+    mode, not their running ones: tells whether a gap between training and evaluation comes from those. None without
+    a BatchNorm."""
+    model = copy.deepcopy(model).eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return None
+    for norm in norms:
+        norm.track_running_stats, norm.running_mean, norm.running_var = False, None, None
+    step = task.step(model, batch, stage)
+    return float((step.output[task.mask(batch, stage)].argmax(-1) == step.target).float().mean())
+
+
+@torch.no_grad()
+def node_split(model: nn.Module, task: Any, batch: Any) -> dict[str, Any]:
+    """One eval-mode forward of the full graph: each block output's labelled/other RMS, accuracy and loss per split."""
+    outputs: list[Tensor] = []
+    handles = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for block in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        steps = {stage: task.step(model, batch, stage) for stage in ("train", "val", "test")}
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    labelled = task.mask(batch, "train")
+    if labelled.dtype != torch.bool:
+        labelled = torch.zeros(batch.num_nodes, dtype=torch.bool, device=labelled.device).index_fill_(0, labelled, True)
+    blocks = outputs[: len(model.blocks)]  # the train forward's; the val and test forwards are the same graph
+    return {"points": [labelled_rms(out, labelled) for out in blocks],
+            **{f"{stage}_loss": float(step.loss) for stage, step in steps.items()},
+            **{f"{stage}_acc": float((step.output[task.mask(batch, stage)].argmax(-1) == step.target).float().mean())
+               for stage, step in steps.items()},
+            "test_acc_batch_stats": batch_statistics_accuracy(model, task, batch)}
+
+
+def train(rule: str, depth: int, norm: str, seed: int, root: Path, split: str = "public") -> dict:
+    """One run (or its cached result): test accuracy at the best validation accuracy, and the final weights' split."""
+    recipe, extra = RULES[rule]
+    key = {"rule": rule, "depth": depth, "norm": norm, "seed": seed, "split": split, "recipe": recipe, "extra": extra,
+           "measures": MEASURES}
+    out = root / split / rule / f"d{depth}_{norm}_s{seed}.json"
+    if out.is_file():
+        cached = json.loads(out.read_text())
+        if reusable(cached, key):
+            return cached
+    run_dir = out.with_suffix("")
+    args = ["--config", recipe, *QUIET, "--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", str(run_dir), "--model.model.init_args.num_layers", str(depth),
+            "--model.model.init_args.norm", norm, "--data.init_args.split", split, *extra]
+    start = time.perf_counter()
+    cli = run(args, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    batch = next(iter(cli.datamodule.train_dataloader())).to(cli.model.device)
+    final = node_split(cli.model.model, cli.model.task, batch)
+    (metrics,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
+    result = {**key, "test": {k: float(v) for k, v in metrics.items()}, "final": final,
+              "seconds": round(time.perf_counter() - start, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], split: str, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"Cora ({split} split), the failure map's GCN stack (`recipes/gcn_stack_{{bp,dfa}}.yaml`, no skips). "
+             "Per rule and cell, mean over the seeds: test accuracy (%, at the best validation accuracy; ± std); "
+             "at the final weights (eval mode, full graph): train accuracy (%) and loss on the labelled nodes, test "
+             "loss, test accuracy (%; with BatchNorm, also with the full graph's own statistics in place of the "
+             "running ones), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** (mean over "
+             "the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held at 1 and 0.", "",
+             "| rule | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
+             "|---|" + "---|" * len(cells)]
+    for rule in rules:
+        row = []
+        for depth, norm in cells:
+            runs = [r for r in results if (r["rule"], r["depth"], r["norm"]) == (rule, depth, norm)]
+            if not runs:
+                row.append("n/a")
+                continue
+
+            def mean(field: str) -> float:
+                return statistics.fmean(r["final"][field] for r in runs)
+
+            ratio = statistics.fmean(statistics.fmean(p["ratio"] for p in r["final"]["points"]) for r in runs)
+            row.append(f"{mean_std([100 * r['test']['test/acc'] for r in runs], digits=1)}<br>"
+                       f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} "
+                       f"(test {mean('test_loss'):.2f})<br>final test {100 * mean('test_acc'):.1f}" + (
+                           f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics)"
+                           if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
+                       + f"<br>**labelled/other RMS {ratio:.2f}×**")
+        lines.append(f"| `{rule}` | " + " | ".join(row) + " |")
+    lines += ["", f"Wall time of the runs (fit + test): {sum(r['seconds'] for r in results):.0f} s over "
+              f"{len(results)} runs.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.labelled_nodes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--cells", nargs="+", default=["2:none", "2:layer", "2:batch", "8:none", "8:batch"],
+                        help="depth:norm (norm: none | batch | layer)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--split", default="public", choices=["public", "dna_kfold"],
+                        help="public: 140 labelled nodes; dna_kfold: 20 %% of the nodes (542)")
+    parser.add_argument("--root", default="logs/labelled_nodes")
+    parser.add_argument("--out", default="benchmarks/results/labelled_nodes_cora.md")
+    args = parser.parse_args(argv)
+    cells = []
+    for cell in args.cells:
+        depth, _, norm = cell.partition(":")
+        if not depth.isdigit() or norm not in ("none", "batch", "layer"):
+            parser.error(f"--cells: {cell!r} is not depth:norm, e.g. 2:batch")
+        cells.append((int(depth), norm))
+    results = []
+    for rule in args.rules:
+        for depth, norm in cells:
+            if rule in NEEDS_NORM and norm == "none":
+                continue
+            for seed in args.seeds:
+                result = train(rule, depth, norm, seed, Path(args.root), args.split)
+                print(f"{rule} depth={depth} norm={norm} seed={seed}: test/acc={result['test']['test/acc']:.4f} "
+                      f"train/loss={result['final']['train_loss']:.4f}", flush=True)
+                results.append(result)
+    command = " ".join(["python -m benchmarks.labelled_nodes", *argv])
+    write_outputs(args.out, render(results, args.rules, cells, args.split, command),
+                  {"command": command, "runs": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
