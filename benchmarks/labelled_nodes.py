@@ -18,7 +18,8 @@ the final weights in eval mode (one full-graph forward):
 
 - the block outputs' RMS on the labelled nodes over their RMS on all other nodes (mean over the blocks);
 - train accuracy and loss (on the labelled nodes), test loss and accuracy; with BatchNorm, the test accuracy again
-  with the full graph's own statistics in place of the running ones (are those what fails?);
+  with the full graph's own statistics in place of the running ones (are those what fails?), and how far the running
+  statistics are from the graph's (mean gap in standard deviations, variance ratio);
 
 beside the test accuracy at the best validation accuracy (the failure map's metric). A run writes
 ``<root>/<split>/<rule>/d<depth>_<norm>_s<seed>.json`` and is reused while it describes the same run.
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 from dfa_lightning.cli import run
 from dfa_lightning.studies import QUIET, mean_std, reusable, write_outputs
 
-__all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "node_split", "train", "main"]
+__all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "running_statistics_gap",
+           "node_split", "train", "main"]
 
 #: rule -> (recipe, extra CLI arguments). ``dfa_frozen_norm``: plain DFA with the norms' own parameters (BatchNorm's
 #: scale and shift) held at their initial values (learning rate 0; the first matching group wins), to tell their
@@ -55,7 +57,7 @@ RULES: dict[str, tuple[str, list[str]]] = {
         '[{"params": "blocks.*.norm.**", "lr": 0.0}, {"params": "blocks.0.**", "weight_decay": 1.0e-4}]']),
 }
 NEEDS_NORM = {"dfa_frozen_norm"}
-MEASURES = 2  # the version of what a run records: a cached run with other measures is trained again
+MEASURES = 3  # the version of what a run records: a cached run with other measures is trained again
 
 
 def labelled_rms(output: Tensor, labelled: Tensor) -> dict[str, float]:
@@ -80,11 +82,25 @@ def batch_statistics_accuracy(model: nn.Module, task: Any, batch: Any, stage: st
     return float((step.output[task.mask(batch, stage)].argmax(-1) == step.target).float().mean())
 
 
+def running_statistics_gap(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> dict[str, float]:
+    """How far a BatchNorm's running statistics are from the full graph's own, on its input ``x`` [nodes, features]:
+    the mean over features of |batch mean − running mean| in batch standard deviations, and of batch var / running
+    var (1 and 0 where they agree)."""
+    x = x.detach().float()
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    return {"mean_gap_sd": float(((mean - norm.running_mean).abs() / (var + norm.eps).sqrt()).mean()),
+            "var_ratio": float(((var + norm.eps) / (norm.running_var + norm.eps)).mean())}
+
+
 @torch.no_grad()
 def node_split(model: nn.Module, task: Any, batch: Any) -> dict[str, Any]:
     """One eval-mode forward of the full graph: each block output's labelled/other RMS, accuracy and loss per split."""
     outputs: list[Tensor] = []
     handles = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for block in model.blocks]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    gaps: list[dict[str, float]] = []
+    handles += [m.register_forward_hook(lambda m, args, _out: gaps.append(running_statistics_gap(m, args[0])))
+                for m in norms]
     was_training = model.training
     model.eval()
     try:
@@ -101,7 +117,8 @@ def node_split(model: nn.Module, task: Any, batch: Any) -> dict[str, Any]:
             **{f"{stage}_loss": float(step.loss) for stage, step in steps.items()},
             **{f"{stage}_acc": float((step.output[task.mask(batch, stage)].argmax(-1) == step.target).float().mean())
                for stage, step in steps.items()},
-            "test_acc_batch_stats": batch_statistics_accuracy(model, task, batch)}
+            "test_acc_batch_stats": batch_statistics_accuracy(model, task, batch),
+            "running_statistics_gap": gaps[: len(norms)]}
 
 
 def train(rule: str, depth: int, norm: str, seed: int, root: Path, split: str = "public") -> dict:
@@ -131,14 +148,21 @@ def train(rule: str, depth: int, norm: str, seed: int, root: Path, split: str = 
     return result
 
 
+def _gap(runs: list[dict], field: str) -> float:
+    """``field`` of the running-statistics gap, averaged over the BatchNorms and the runs."""
+    return statistics.fmean(statistics.fmean(g[field] for g in r["final"]["running_statistics_gap"]) for r in runs)
+
+
 def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], split: str, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Cora ({split} split), the failure map's GCN stack (`recipes/gcn_stack_{{bp,dfa}}.yaml`, no skips). "
              "Per rule and cell, mean over the seeds: test accuracy (%, at the best validation accuracy; ± std); "
              "at the final weights (eval mode, full graph): train accuracy (%) and loss on the labelled nodes, test "
              "loss, test accuracy (%; with BatchNorm, also with the full graph's own statistics in place of the "
-             "running ones), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** (mean over "
-             "the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held at 1 and 0.", "",
+             "running ones, and how far the running mean and variance are from the graph's, averaged over the norms "
+             "and features), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** "
+             "(mean over the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held at 1 and 0.",
+             "",
              "| rule | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
              "|---|" + "---|" * len(cells)]
     for rule in rules:
@@ -156,7 +180,8 @@ def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], 
             row.append(f"{mean_std([100 * r['test']['test/acc'] for r in runs], digits=1)}<br>"
                        f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} "
                        f"(test {mean('test_loss'):.2f})<br>final test {100 * mean('test_acc'):.1f}" + (
-                           f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics)"
+                           f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics; running mean off by "
+                           f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f})"
                            if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
                        + f"<br>**labelled/other RMS {ratio:.2f}×**")
         lines.append(f"| `{rule}` | " + " | ".join(row) + " |")

@@ -457,3 +457,17 @@ def test_batch_statistics_accuracy_normalises_by_the_graph_and_leaves_the_model_
     assert batch_statistics_accuracy(model, task, batch) == pytest.approx(expected)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert batch_statistics_accuracy(GCNStack(5, 3, hidden=4, norm="none"), task, batch) is None
+
+
+def test_running_statistics_gap_is_zero_where_they_agree_and_counts_in_batch_standard_deviations():
+    from benchmarks.labelled_nodes import running_statistics_gap
+
+    torch.manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(500, 4)
+    norm = torch.nn.BatchNorm1d(4, eps=0.0)
+    norm.running_mean.copy_(x.mean(0))
+    norm.running_var.copy_(x.var(0, unbiased=False))
+    assert running_statistics_gap(norm, x) == pytest.approx({"mean_gap_sd": 0.0, "var_ratio": 1.0}, abs=1e-6)
+    norm.running_mean.add_(0.5 * x.std(0, unbiased=False))  # half a standard deviation off
+    norm.running_var.mul_(4.0)
+    assert running_statistics_gap(norm, x) == pytest.approx({"mean_gap_sd": 0.5, "var_ratio": 0.25}, abs=1e-6)
