@@ -100,7 +100,7 @@ def train(part: str, depth: int, norm: str, seed: int, root: Path) -> dict:
             "--model.model.init_args.norm", norm, "--trainer.callbacks.init_args.feedback_norm", feedback_norm]
     original = FeedbackEngine.normalise
     if swap is not None:
-        FeedbackEngine.normalise = lambda self, tensor: swap(tensor)
+        FeedbackEngine.normalise = lambda self, tensor, mode=None: swap(tensor)
     try:
         start = time.perf_counter()
         cli = run(args, run=False)

@@ -36,6 +36,8 @@ SETTINGS = {
     "fused centred, feedback norm": dict(projection="fused", error="centered", feedback_norm="layer"),
     "per_point tokens, feedback norm": dict(projection="per_point", batch_dims=[0, 1], feedback_norm="layer"),
     "fused, orthogonal feedback norm": dict(projection="fused", batch_dims=[0, 1], feedback_norm="orthogonal"),
+    "per_point tokens, feedback norm per point": dict(projection="per_point", batch_dims=[0, 1],
+                                                      feedback_norm={"blocks.1": "orthogonal", "blocks.2": "layer"}),
 }
 
 

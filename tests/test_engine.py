@@ -595,6 +595,36 @@ def test_orthogonal_feedback_norm_removes_the_component_that_would_rescale_the_p
     torch.testing.assert_close(weights[10.0], weights[1.0], atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_feedback_norm_per_point_normalises_the_matched_points_and_hands_the_rest_plain_b_e(projection):
+    """``feedback_norm: {glob: mode}``: a point the glob matches gets what the engine-wide mode would give it, every
+    other point what plain DFA gives it, from the same B and error, in the same one backward."""
+    torch.manual_seed(3)
+    x, e = torch.randn(6, 5), torch.randn(6, 3)
+    base = MLP(5, 3, hidden=[8, 8, 8]).state_dict()
+    got = {}
+    for norm in ("none", "orthogonal", {"blocks.1": "orthogonal", "blocks.*": "none"}):
+        model = MLP(5, 3, hidden=[8, 8, 8])
+        model.load_state_dict(base)
+        engine = FeedbackEngine(model, ["blocks.*"], seed=4, feedback_norm=norm, **PROJECTIONS[projection])
+        draw(engine, x)
+        ran(model(x), projection).backward(e)
+        got[str(norm)] = grads(model)
+    mixed, plain, ortho = got[str({"blocks.1": "orthogonal", "blocks.*": "none"})], got["none"], got["orthogonal"]
+    for name, grad in mixed.items():
+        expected = ortho[name] if name.startswith("blocks.1.") else plain[name]
+        torch.testing.assert_close(grad, expected, msg=name)
+    assert not torch.allclose(ortho["blocks.1.0.bias"], plain["blocks.1.0.bias"])  # the test can tell them apart
+
+
+def test_feedback_norm_per_point_names_a_glob_that_matches_no_point_and_a_bad_mode():
+    with pytest.raises(ConfigError, match=r"feedback_norm: pattern 'block\.\*' matches no feedback point; points: "
+                                          r"blocks\.0, blocks\.1"):
+        FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], feedback_norm={"block.*": "layer"})
+    with pytest.raises(ConfigError, match="feedback_norm must be one of .* or a mapping"):
+        FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], feedback_norm={"blocks.*": "batch"})
+
+
 def test_feedback_norm_normalises_over_the_feature_dims_whichever_dims_are_the_batch():
     engine = FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], batch_dims=[1], feedback_norm="layer")
     t = torch.randn(3, 4, 5)

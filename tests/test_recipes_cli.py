@@ -32,6 +32,9 @@ def test_every_recipe_parses_and_instantiates(recipe):
 VARIANTS = sorted((REPO / "benchmarks" / "recipes").glob("*.yaml"))
 VARIANT_SETTINGS = {"centered": ("error", "centered"), "feedback_norm": ("feedback_norm", "layer"),
                     "feedback_orthogonal": ("feedback_norm", "orthogonal"),
+                    "ffn_orthogonal": ("feedback_norm", {"blocks.*.ffn.act": "orthogonal"}),
+                    "residual_orthogonal": ("feedback_norm", {"blocks.*.attn_out": "orthogonal",
+                                                              "blocks.*.out": "orthogonal"}),
                     "sign": ("error", "sign"), "ternary": ("error", "ternary"), "lowrank": ("operator", "lowrank"),
                     "sparse": ("operator", "sparse")}
 

@@ -116,11 +116,12 @@ def test_alignment_is_perfect_when_feedback_equals_the_transposed_top_weight(tmp
     assert out["align/update_ratio/blocks.0"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_the_monitor_measures_the_signal_that_reaches_each_point_through_the_feedback_norm(tmp_path):
+@pytest.mark.parametrize("norm", ["layer", {"blocks.1": "layer"}], ids=["every point", "one point"])
+def test_the_monitor_measures_the_signal_that_reaches_each_point_through_the_feedback_norm(tmp_path, norm):
     from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 
     module, data, _ = build("dfa")
-    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], feedback_norm="layer", seed=7, verbose=False)
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], feedback_norm=norm, seed=7, verbose=False)
     trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
     batch = next(iter(data.train_dataloader()))
     engine = dfa.engine
@@ -134,7 +135,9 @@ def test_the_monitor_measures_the_signal_that_reaches_each_point_through_the_fee
     for name, got in zip(("blocks.0", "blocks.1"), delivered):
         torch.testing.assert_close(measured[name], got)
     plain = engine.project(*_error_and_points(module, engine, batch))
-    assert not torch.allclose(plain[0], delivered[0])  # the norm's backward changed B_i e
+    assert not torch.allclose(plain[1], delivered[1])  # the norm's backward changed B_i e
+    # with the norm on blocks.1 only, blocks.0 gets B_0 e as it is
+    assert torch.allclose(plain[0], delivered[0]) == isinstance(norm, dict)
 
 
 def _error_and_points(module, engine, batch):

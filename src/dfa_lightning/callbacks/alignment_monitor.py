@@ -98,9 +98,11 @@ class AlignmentMonitor(pl.Callback):
                     idx = [i for i, p in enumerate(engine.points) if p.name in names]
                     feats = [captured[n] for n in names]
                     signals = engine.project(e, idx, [f.shape for f in feats], [f.dtype for f in feats])
-                    if engine.feedback_norm != "none":  # what reaches the point: B_i e through the norm's backward
-                        signals = [torch.autograd.grad(engine.normalise(f), f, s, retain_graph=True)[0]
-                                   for f, s in zip(feats, signals)]
+                    # what reaches each point: B_i e through its feedback norm's backward, where it has one
+                    modes = [engine.point_norms.get(n, "none") for n in names]
+                    signals = [s if m == "none" else
+                               torch.autograd.grad(engine.normalise(f, m), f, s, retain_graph=True)[0]
+                               for f, s, m in zip(feats, signals, modes)]
                     signal = dict(zip(names, signals))
                     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 else:

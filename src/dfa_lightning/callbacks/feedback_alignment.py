@@ -57,7 +57,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             the backward of a parameter-free LayerNorm of its output (centred, radial component removed, divided
             by the output's scale), as a post-LN block's own norm passes it on; ``orthogonal``: the same without
             dividing by the scale. For points whose downstream is scale-invariant (pre-LN streams, blocks before a
-            BatchNorm), not plain stacks (default: ``"none"``).
+            BatchNorm), not plain stacks. A mapping ``{point glob: mode}`` sets it per point (first matching glob;
+            unmatched points: ``none``), e.g. ``{"blocks.*.ffn.act": orthogonal}`` (default: ``"none"``).
         verbose: print the placement report at fit start (default: ``True``).
         name: tells several instances apart, e.g. one per network of NeRF's coarse/fine pair, each with its own
             ``output``, points and B; it keys the instance's state in checkpoints (default: ``None``: one instance).
@@ -80,7 +81,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         projection: str = "auto",
         projection_dtype: str = "float32",
         receiver: str = "auto",
-        feedback_norm: str = "none",
+        feedback_norm: str | dict[str, str] = "none",
         verbose: bool = True,
         name: str | None = None,
     ) -> None:

@@ -30,7 +30,7 @@ Shapes:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback import matrices, operators
-from dfa_lightning.feedback.points import resolve_output, resolve_points
+from dfa_lightning.feedback.points import glob_match, resolve_output, resolve_points
 
 METHODS = ("bp", "dfa", "shallow")
 PROJECTIONS = ("auto", "fused", "per_point")
@@ -181,7 +181,9 @@ class FeedbackEngine:
             removed component is the one that grows or shrinks the point's output: the true gradient has none where
             what follows is scale-invariant (a LayerNorm or BatchNorm downstream), and removing it is what rescues
             DFA there; on a plain stack it freezes the activations' scale at its initial value (measured: README,
-            "Where DFA fails") (default: ``"none"``).
+            "Where DFA fails"). A mapping ``{point glob: mode}`` sets it per point (the first glob that matches a
+            point wins; points no glob matches get ``none``), e.g. ``{"blocks.*.ffn.act": "orthogonal"}`` for the
+            only unnormalised points of a post-LN micro placement (default: ``"none"``).
     """
 
     def __init__(
@@ -202,7 +204,7 @@ class FeedbackEngine:
         projection: str = "auto",
         projection_dtype: str = "float32",
         receiver: str = "auto",
-        feedback_norm: str = "none",
+        feedback_norm: str | Mapping[str, str] = "none",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -220,9 +222,12 @@ class FeedbackEngine:
             raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
         if receiver not in RECEIVERS:
             raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
-        if feedback_norm not in FEEDBACK_NORMS:
-            raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS}, got {feedback_norm!r}")
-        self.feedback_norm = feedback_norm
+        modes = feedback_norm.values() if isinstance(feedback_norm, Mapping) else [feedback_norm]
+        if not all(isinstance(m, str) and m in FEEDBACK_NORMS for m in modes):
+            raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS} or a mapping of point globs to one of "
+                              f"them, got {feedback_norm!r}")
+        self.feedback_norm = dict(feedback_norm) if isinstance(feedback_norm, Mapping) else feedback_norm
+        self.point_norms: dict[str, str] = {}  # point name -> its feedback_norm mode
         if receiver == "matmul" and operator == "sparse":
             raise ConfigError("receiver 'matmul' needs a dense or lowrank operator (the sparse one uses tokens)")
         self.projection, self.projection_dtype, self.receiver_choice = projection, projection_dtype, receiver
@@ -255,9 +260,21 @@ class FeedbackEngine:
             self.output_name, output_module = resolve_output(model, output)
             if any(p.module is output_module for p in self.points):
                 raise ConfigError(f"module {self.output_name!r} is both the output and a feedback point")
+            self.point_norms = self._resolve_point_norms()
             for i, p in enumerate(self.points):
                 self._handles.append(p.module.register_forward_hook(self._point_hook(i)))
             self._handles.append(output_module.register_forward_hook(self._output_hook))
+
+    def _resolve_point_norms(self) -> dict[str, str]:
+        """Each point's ``feedback_norm`` mode; a glob of the mapping that matches no point is a typo: named."""
+        names = [p.name for p in self.points]
+        if isinstance(self.feedback_norm, str):
+            return dict.fromkeys(names, self.feedback_norm)
+        for pattern in self.feedback_norm:
+            if not any(glob_match(n, pattern) for n in names):
+                raise ConfigError(f"feedback_norm: pattern {pattern!r} matches no feedback point; points: "
+                                  f"{', '.join(names)}")
+        return {n: next((m for g, m in self.feedback_norm.items() if glob_match(n, g)), "none") for n in names}
 
     # ------------------------------------------------------------------ hooks
     def _point_hook(self, index: int):
@@ -280,7 +297,8 @@ class FeedbackEngine:
                 if not pending.index:  # this forward's first point: per point needs B and the error's width
                     pending.kind = self._receiver_kind(out.device)
                 pending.index.append(index)
-                receives = out if self.feedback_norm == "none" else self.normalise(out)
+                mode = self.point_norms[info.name]
+                receives = out if mode == "none" else self.normalise(out, mode)
                 if pending.kind == "matmul":
                     pending.tensors.append(self._receive(index, receives))
                 elif pending.kind == "token":  # (a list, not a generator: torch.compile traces it without a break)
@@ -322,21 +340,25 @@ class FeedbackEngine:
             self.capture["__output__"] = injected  # nothing trainable lies between the last point and the output
         return injected
 
-    def normalise(self, out: torch.Tensor) -> torch.Tensor:
-        """``feedback_norm="layer"``: the point's output normalised over its feature dims (those not in
-        ``batch_dims``) per sample, no affine parameters; ``"orthogonal"``: the same times its per-sample scale,
-        held constant. Only the backward matters: ``B_i e`` is handed to this tensor, and autograd's LayerNorm
-        backward carries it to the point's output (times the scale: without the ``1/scale``)."""
+    def normalise(self, out: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``mode="layer"``: the point's output normalised over its feature dims (those not in ``batch_dims``)
+        per sample, no affine parameters; ``"orthogonal"``: the same times its per-sample scale, held constant.
+        Only the backward matters: ``B_i e`` is handed to this tensor, and autograd's LayerNorm backward carries
+        it to the point's output (times the scale: without the ``1/scale``). ``mode`` None: the engine's
+        ``feedback_norm`` (a string)."""
+        mode = self.feedback_norm if mode is None else mode
+        if mode not in ("layer", "orthogonal"):
+            raise ValueError(f"normalise: mode must be 'layer' or 'orthogonal', got {mode!r}")
         feature_dims = [d for d in range(out.dim()) if d not in self.batch_dims]
         if self.batch_dims == tuple(range(len(self.batch_dims))):  # features trailing: the fused kernel
             normed = F.layer_norm(out, out.shape[len(self.batch_dims):])
-            if self.feedback_norm == "layer":
+            if mode == "layer":
                 return normed
             var = out.detach().var(dim=feature_dims, keepdim=True, unbiased=False)
             return normed * torch.sqrt(var + 1e-5)
         mean = out.mean(dim=feature_dims, keepdim=True)
         var = out.var(dim=feature_dims, keepdim=True, unbiased=False)
-        if self.feedback_norm == "layer":
+        if mode == "layer":
             return (out - mean) * torch.rsqrt(var + 1e-5)
         return (out - mean) * torch.rsqrt(var + 1e-5) * torch.sqrt(var.detach() + 1e-5)
 
