@@ -140,7 +140,7 @@ labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block o
 
 LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
 
-failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, then the feedback-norm rescues (layer, orthogonal) on macro and on micro feedback (every point, then per point), seed 0 (about 3 h of one-core runs) into benchmarks/results/failure_map_lm*.md
+failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-2 LM (recipes/sample/lm_wikitext2_cpu.yaml) over depth x LayerNorm placement, then heads x macro/micro feedback, then the feedback-norm rescues (layer, orthogonal) on macro and on micro feedback (every point, then per point), seed 0, and the pre-LN rescue at seed 1 (about 3.3 h of one-core runs) into benchmarks/results/failure_map_lm*.md
 	$(PYTHON) -m dfa_lightning.failure_map --recipes $(LM_MAP) --seeds 0 --metric test/ppl \
 		--axis depth=$(STACK_ARGS).n_layers:2,4 --axis norm=$(STACK_ARGS).norm:post,pre \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm.md \
@@ -168,6 +168,11 @@ failure-map-lm: ## where does DFA fail on a Transformer? the CPU-sized WikiText-
 		benchmarks/recipes/lm_dfa_micro_residual_orthogonal.yaml --seeds 0 --metric test/ppl \
 		--axis heads=$(STACK_ARGS).n_heads:4 \
 		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_micro_feedback_norm_per_point.md \
+		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+	$(PYTHON) -m dfa_lightning.failure_map --recipes recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml \
+		benchmarks/recipes/lm_dfa_macro_feedback_norm.yaml benchmarks/recipes/lm_dfa_macro_feedback_orthogonal.yaml \
+		--seeds 1 --metric test/ppl --axis depth=$(STACK_ARGS).n_layers:2 --axis norm=$(STACK_ARGS).norm:pre \
+		--root $(LOGDIR)/failure_map --out benchmarks/results/failure_map_lm_pre_ln_seed1.md \
 		-- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
 
 rules = $(foreach m,$(2),recipes/$(1)_$(m).yaml)
