@@ -35,7 +35,7 @@ import torch
 
 from dfa_lightning.cli import run
 from dfa_lightning.feedback.engine import FeedbackEngine
-from dfa_lightning.studies import QUIET, mean_std, write_outputs
+from dfa_lightning.studies import QUIET, add_cora_cell_arguments, mean_std, write_outputs
 
 __all__ = ["PARTS", "PointStats", "train", "main"]
 
@@ -154,18 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.feedback_norm_parts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--cells", nargs="+", default=["8:none", "2:batch", "8:batch", "2:none"],
-                        help="depth:norm (norm: none | batch | layer)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--root", default="logs/feedback_norm_parts")
-    parser.add_argument("--out", default="benchmarks/results/feedback_norm_parts_cora.md")
+    add_cora_cell_arguments(parser, ["8:none", "2:batch", "8:batch", "2:none"], root="logs/feedback_norm_parts",
+                            out="benchmarks/results/feedback_norm_parts_cora.md")
     args = parser.parse_args(argv)
-    cells = []
-    for cell in args.cells:
-        depth, _, norm = cell.partition(":")
-        if not depth.isdigit() or norm not in ("none", "batch", "layer"):
-            parser.error(f"--cells: {cell!r} is not depth:norm, e.g. 8:none")
-        cells.append((int(depth), norm))
+    cells = args.cells
     results = []
     for part in args.parts:
         for depth, norm in cells:

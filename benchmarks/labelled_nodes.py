@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from dfa_lightning.cli import run
-from dfa_lightning.studies import QUIET, mean_std, reusable, write_outputs
+from dfa_lightning.studies import QUIET, add_cora_cell_arguments, mean_std, reusable, write_outputs
 
 __all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "running_statistics_gap",
            "node_split", "train", "main"]
@@ -194,20 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.labelled_nodes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--cells", nargs="+", default=["2:none", "2:layer", "2:batch", "8:none", "8:batch"],
-                        help="depth:norm (norm: none | batch | layer)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--split", default="public", choices=["public", "dna_kfold"],
                         help="public: 140 labelled nodes; dna_kfold: 20 %% of the nodes (542)")
-    parser.add_argument("--root", default="logs/labelled_nodes")
-    parser.add_argument("--out", default="benchmarks/results/labelled_nodes_cora.md")
+    add_cora_cell_arguments(parser, ["2:none", "2:layer", "2:batch", "8:none", "8:batch"], root="logs/labelled_nodes",
+                            out="benchmarks/results/labelled_nodes_cora.md")
     args = parser.parse_args(argv)
-    cells = []
-    for cell in args.cells:
-        depth, _, norm = cell.partition(":")
-        if not depth.isdigit() or norm not in ("none", "batch", "layer"):
-            parser.error(f"--cells: {cell!r} is not depth:norm, e.g. 2:batch")
-        cells.append((int(depth), norm))
+    cells = args.cells
     results = []
     for rule in args.rules:
         for depth, norm in cells:

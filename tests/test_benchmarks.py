@@ -471,3 +471,13 @@ def test_running_statistics_gap_is_zero_where_they_agree_and_counts_in_batch_sta
     norm.running_mean.add_(0.5 * x.std(0, unbiased=False))  # half a standard deviation off
     norm.running_var.mul_(4.0)
     assert running_statistics_gap(norm, x) == pytest.approx({"mean_gap_sd": 0.5, "var_ratio": 0.25}, abs=1e-6)
+
+
+@pytest.mark.parametrize("module", ["labelled_nodes", "feedback_norm_parts"])
+def test_the_cora_studies_name_a_malformed_cell_before_training(module, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit):
+        main(["--cells", "2:none", "2:bogus", "--root", "/nonexistent"])
+    assert "argument --cells: '2:bogus' is not depth:norm" in capsys.readouterr().err

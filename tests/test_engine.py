@@ -533,34 +533,41 @@ def test_centered_error_feeds_back_no_component_shared_by_the_batch_and_leaves_u
     torch.testing.assert_close(model.blocks[0][0].bias.grad, torch.zeros(8), atol=1e-10, rtol=0)  # B ē is gone
 
 
-@pytest.mark.parametrize("projection", list(PROJECTIONS))
-def test_feedback_norm_hands_b_e_to_the_point_through_a_layernorm_backward_so_it_shrinks_as_the_point_grows(projection):
-    """``feedback_norm="layer"``: the point receives (1/σ)(g − mean(g) − y·mean(g·y)), g = B_i e and y the point's
-    output normalised per sample (what a post-LN block's norm does to it); scaling the point's output by 10 divides
-    the signal by 10, where plain DFA hands every scale the same B_i e. The forward is unchanged."""
+def _feedback_norm_bias_grads(projection: str, mode: str) -> dict[float, tuple[torch.Tensor, ...]]:
+    """One DFA backward with ``feedback_norm=mode`` on the first layer's output, scaled by 1 and by 10: per gain, that
+    layer's bias gradient, its output h and g = B e. Also checks that the forward is untouched."""
     torch.manual_seed(5)
     x, e = torch.randn(6, 5), torch.randn(6, 3)
-    weights, base = {}, MLP(5, 3, hidden=[8]).state_dict()
+    results, base = {}, MLP(5, 3, hidden=[8]).state_dict()
     for gain in (1.0, 10.0):
         model = MLP(5, 3, hidden=[8])
         model.load_state_dict(base)
         with torch.no_grad():
             model.blocks[0][0].weight.mul_(gain)
             model.blocks[0][0].bias.mul_(gain)
-        engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=2, feedback_norm="layer",
+        engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=2, feedback_norm=mode,
                                 **PROJECTIONS[projection])
         draw(engine, x)
         out = ran(model(x), projection)
         torch.testing.assert_close(out, FeedbackEngine(model, [], method="bp").model(x))  # the forward is untouched
         out.backward(e)
         h = (x @ model.blocks[0][0].weight.T + model.blocks[0][0].bias).detach()
+        results[gain] = (model.blocks[0][0].bias.grad.clone(), h, e @ engine.matrix.to(torch.float64)[:, :8])
+    return results
+
+
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_feedback_norm_hands_b_e_to_the_point_through_a_layernorm_backward_so_it_shrinks_as_the_point_grows(projection):
+    """``feedback_norm="layer"``: the point receives (1/σ)(g − mean(g) − y·mean(g·y)), g = B_i e and y the point's
+    output normalised per sample (what a post-LN block's norm does to it); scaling the point's output by 10 divides
+    the signal by 10, where plain DFA hands every scale the same B_i e. The forward is unchanged."""
+    results = _feedback_norm_bias_grads(projection, "layer")
+    for grad, h, g in results.values():
         sigma = torch.sqrt(h.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
         y = (h - h.mean(dim=1, keepdim=True)) / sigma
-        g = e @ engine.matrix.to(torch.float64)[:, :8]
         sent = (g - g.mean(dim=1, keepdim=True) - y * (g * y).mean(dim=1, keepdim=True)) / sigma
-        torch.testing.assert_close(model.blocks[0][0].bias.grad, sent.sum(0), atol=1e-10, rtol=1e-8)
-        weights[gain] = model.blocks[0][0].bias.grad.clone()
-    torch.testing.assert_close(weights[10.0], weights[1.0] / 10, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(grad, sent.sum(0), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(results[10.0][0], results[1.0][0] / 10, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("projection", list(PROJECTIONS))
@@ -568,31 +575,15 @@ def test_orthogonal_feedback_norm_removes_the_component_that_would_rescale_the_p
     """``feedback_norm="orthogonal"``: the point receives g − mean(g) − y·mean(g·y), LayerNorm's backward without its
     1/σ. Per sample the signal is centred and orthogonal to the centred output (it cannot grow or shrink the point
     to first order), and unlike ``layer`` it does not depend on the point's scale."""
-    torch.manual_seed(5)
-    x, e = torch.randn(6, 5), torch.randn(6, 3)
-    weights, base = {}, MLP(5, 3, hidden=[8]).state_dict()
-    for gain in (1.0, 10.0):
-        model = MLP(5, 3, hidden=[8])
-        model.load_state_dict(base)
-        with torch.no_grad():
-            model.blocks[0][0].weight.mul_(gain)
-            model.blocks[0][0].bias.mul_(gain)
-        engine = FeedbackEngine(model, ["blocks.*.0"], init="gaussian", seed=2, feedback_norm="orthogonal",
-                                **PROJECTIONS[projection])
-        draw(engine, x)
-        out = ran(model(x), projection)
-        torch.testing.assert_close(out, FeedbackEngine(model, [], method="bp").model(x))  # the forward is untouched
-        out.backward(e)
-        h = (x @ model.blocks[0][0].weight.T + model.blocks[0][0].bias).detach()
+    results = _feedback_norm_bias_grads(projection, "orthogonal")
+    for grad, h, g in results.values():
         centred = h - h.mean(dim=1, keepdim=True)
         y = centred / torch.sqrt(h.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
-        g = e @ engine.matrix.to(torch.float64)[:, :8]
         sent = g - g.mean(dim=1, keepdim=True) - y * (g * y).mean(dim=1, keepdim=True)
-        torch.testing.assert_close(model.blocks[0][0].bias.grad, sent.sum(0), atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(grad, sent.sum(0), atol=1e-10, rtol=1e-8)
         along = (sent * centred).sum(dim=1).abs() / (g.norm(dim=1) * centred.norm(dim=1))  # cosine, but for LN's eps
         assert along.max() < 1e-4 and sent.sum(dim=1).abs().max() < 1e-8
-        weights[gain] = model.blocks[0][0].bias.grad.clone()
-    torch.testing.assert_close(weights[10.0], weights[1.0], atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(results[10.0][0], results[1.0][0], atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("projection", list(PROJECTIONS))

@@ -20,7 +20,7 @@ from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI, run
 
 __all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
-           "write_outputs"]
+           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
@@ -58,6 +58,24 @@ def run_cached(run_dir: str | Path, key: dict[str, Any], recipe: str, overrides:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def depth_norm_cell(spec: str) -> tuple[int, str]:
+    """One ``depth:norm`` cell of the GCN stack (``8:none``, ``2:batch``; norm none | batch | layer), as the Cora
+    studies under ``benchmarks/`` take them; a malformed one is an argparse error that names it."""
+    depth, _, norm = spec.partition(":")
+    if not depth.isdigit() or norm not in ("none", "batch", "layer"):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not depth:norm, e.g. 8:none or 2:batch")
+    return int(depth), norm
+
+
+def add_cora_cell_arguments(parser: argparse.ArgumentParser, cells: list[str], root: str, out: str) -> None:
+    """The arguments every Cora study under ``benchmarks/`` takes: ``--cells``, ``--seeds``, ``--root``, ``--out``."""
+    parser.add_argument("--cells", nargs="+", type=depth_norm_cell, default=[depth_norm_cell(c) for c in cells],
+                        help="depth:norm (norm: none | batch | layer)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", default=root)
+    parser.add_argument("--out", default=out)
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
