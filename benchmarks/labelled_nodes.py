@@ -19,7 +19,8 @@ the final weights in eval mode (one full-graph forward):
 - the block outputs' RMS on the labelled nodes over their RMS on all other nodes (mean over the blocks);
 - train accuracy and loss (on the labelled nodes), test loss and accuracy; with BatchNorm, the test accuracy again
   with the full graph's own statistics in place of the running ones (are those what fails?), and how far the running
-  statistics are from the graph's (mean gap in standard deviations, variance ratio);
+  statistics are from the graph's (mean gap in standard deviations, variance ratio) and how far the pre-norm batch
+  mean moves per training step late in training (:class:`PreNormDrift`: what the running averages must follow);
 
 beside the test accuracy at the best validation accuracy (the failure map's metric). A run writes
 ``<root>/<split>/<rule>/d<depth>_<norm>_s<seed>.json`` and is reused while it describes the same run.
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +44,7 @@ from dfa_lightning.cli import run
 from dfa_lightning.studies import QUIET, add_cora_cell_arguments, mean_std, reusable, write_outputs
 
 __all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "running_statistics_gap",
-           "node_split", "train", "main"]
+           "PreNormDrift", "node_split", "train", "main"]
 
 #: rule -> (recipe, extra CLI arguments). ``dfa_frozen_norm``: plain DFA with the norms' own parameters (BatchNorm's
 #: scale and shift) held at their initial values (learning rate 0; the first matching group wins), to tell their
@@ -57,7 +59,7 @@ RULES: dict[str, tuple[str, list[str]]] = {
         '[{"params": "blocks.*.norm.**", "lr": 0.0}, {"params": "blocks.0.**", "weight_decay": 1.0e-4}]']),
 }
 NEEDS_NORM = {"dfa_frozen_norm"}
-MEASURES = 3  # the version of what a run records: a cached run with other measures is trained again
+MEASURES = 4  # the version of what a run records: a cached run with other measures is trained again
 
 
 def labelled_rms(output: Tensor, labelled: Tensor) -> dict[str, float]:
@@ -90,6 +92,43 @@ def running_statistics_gap(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> 
     mean, var = x.mean(0), x.var(0, unbiased=False)
     return {"mean_gap_sd": float(((mean - norm.running_mean).abs() / (var + norm.eps).sqrt()).mean()),
             "var_ratio": float(((var + norm.eps) / (norm.running_var + norm.eps)).mean())}
+
+
+class PreNormDrift(pl.Callback):
+    """In every training forward, how far each BatchNorm's batch mean moved since the last step, in that step's batch
+    standard deviations, and that standard deviation: a running average with momentum 0.1 trails a mean that moves
+    ``d`` per step by about ``9 d``. Summary: both over the last ``window`` steps, averaged over norms and features."""
+
+    def __init__(self, window: int = 50) -> None:
+        self.window, self.steps, self.handles = window, [], []
+        self._last: dict[int, Tensor] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.handles = [m.register_forward_hook(self._record(i)) for i, m in enumerate(norms)]
+
+    def _record(self, index: int):
+        def hook(module, args, _out):
+            if not module.training:
+                return
+            x = args[0].detach().float()
+            mean, sd = x.mean(0), x.std(0, unbiased=False)
+            if index in self._last:
+                self.steps.append((float(((mean - self._last[index]).abs() / (sd + 1e-12)).mean()), float(sd.mean())))
+            self._last[index] = mean
+        return hook
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.steps:
+            return None
+        late = self.steps[-self.window * max(1, len(self.handles)):]
+        return {"late_mean_step_sd": statistics.fmean(s for s, _ in late),
+                "late_sd": statistics.fmean(sd for _, sd in late),
+                "early_sd": statistics.fmean(sd for _, sd in self.steps[: max(1, len(self.handles))])}
 
 
 @torch.no_grad()
@@ -137,11 +176,13 @@ def train(rule: str, depth: int, norm: str, seed: int, root: Path, split: str = 
             "--model.model.init_args.norm", norm, "--data.init_args.split", split, *extra]
     start = time.perf_counter()
     cli = run(args, run=False)
+    drift = PreNormDrift()
+    cli.trainer.callbacks.append(drift)
     cli.trainer.fit(cli.model, cli.datamodule)
     batch = next(iter(cli.datamodule.train_dataloader())).to(cli.model.device)
     final = node_split(cli.model.model, cli.model.task, batch)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
-    result = {**key, "test": {k: float(v) for k, v in metrics.items()}, "final": final,
+    result = {**key, "test": {k: float(v) for k, v in metrics.items()}, "final": final, "drift": drift.summary(),
               "seconds": round(time.perf_counter() - start, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -153,14 +194,19 @@ def _gap(runs: list[dict], field: str) -> float:
     return statistics.fmean(statistics.fmean(g[field] for g in r["final"]["running_statistics_gap"]) for r in runs)
 
 
+def _drift(runs: list[dict], field: str) -> float:
+    return statistics.fmean(r["drift"][field] for r in runs)
+
+
 def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], split: str, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Cora ({split} split), the failure map's GCN stack (`recipes/gcn_stack_{{bp,dfa}}.yaml`, no skips). "
              "Per rule and cell, mean over the seeds: test accuracy (%, at the best validation accuracy; ± std); "
              "at the final weights (eval mode, full graph): train accuracy (%) and loss on the labelled nodes, test "
              "loss, test accuracy (%; with BatchNorm, also with the full graph's own statistics in place of the "
-             "running ones, and how far the running mean and variance are from the graph's, averaged over the norms "
-             "and features), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** "
+             "running ones, how far the running mean and variance are from the graph's, averaged over the norms "
+             "and features, and how far the pre-norm batch mean moves per training step over the last 50 steps, in "
+             "batch standard deviations), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** "
              "(mean over the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held at 1 and 0.",
              "",
              "| rule | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
@@ -181,7 +227,8 @@ def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], 
                        f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} "
                        f"(test {mean('test_loss'):.2f})<br>final test {100 * mean('test_acc'):.1f}" + (
                            f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics; running mean off by "
-                           f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f})"
+                           f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f}; "
+                           f"pre-norm mean moves {_drift(runs, 'late_mean_step_sd'):.3f} sd per step late)"
                            if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
                        + f"<br>**labelled/other RMS {ratio:.2f}×**")
         lines.append(f"| `{rule}` | " + " | ".join(row) + " |")

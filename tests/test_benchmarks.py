@@ -481,3 +481,26 @@ def test_the_cora_studies_name_a_malformed_cell_before_training(module, capsys):
     with pytest.raises(SystemExit):
         main(["--cells", "2:none", "2:bogus", "--root", "/nonexistent"])
     assert "argument --cells: '2:bogus' is not depth:norm" in capsys.readouterr().err
+
+
+def test_pre_norm_drift_measures_the_batch_mean_step_in_batch_standard_deviations_in_training_only():
+    from benchmarks.labelled_nodes import PreNormDrift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[0].weight.data = torch.eye(4, 3)
+    model[0].bias.data.zero_()
+    drift = PreNormDrift(window=2)
+    drift.on_train_start(None, model)
+    x = torch.randn(64, 3)
+    sd = x.std(0, unbiased=False)[0]
+    shifted = x + torch.tensor([0.5, 0.0, 0.0]) * sd  # the first feature's mean moves half a standard deviation
+    with torch.no_grad():
+        model.train()(x)
+        model.eval()(x + 100.0)  # an evaluation forward is not a step
+        model.train()(shifted)
+    drift.on_train_end(None, model)
+    summary = drift.summary()
+    # features: 0.5 sd, 0, 0, and the fourth (no input: constant 0, sd 0) 0
+    assert summary["late_mean_step_sd"] == pytest.approx(0.5 / 4, rel=1e-4)
+    assert len(drift.steps) == 1 and not model[1]._forward_hooks
