@@ -35,7 +35,7 @@ import torch
 
 from dfa_lightning.cli import run
 from dfa_lightning.feedback.engine import FeedbackEngine
-from dfa_lightning.studies import QUIET, add_cora_cell_arguments, mean_std, write_outputs
+from dfa_lightning.studies import QUIET, add_cora_cell_arguments, cell_table, mean_std, write_outputs
 
 __all__ = ["PARTS", "PointStats", "train", "main"]
 
@@ -127,21 +127,15 @@ def render(results: list[dict], parts: list[str], cells: list[tuple[int, str]], 
              "Cora test accuracy (%, at the best validation accuracy; mean ± std over the seeds) of the GCN stack "
              f"(`{RECIPE}`) trained by DFA with `B_i e` handed to each block output through one part of LayerNorm's "
              "backward. Under each: the block outputs' RMS and fraction of zero entries (ReLU and dropout) at step "
-             "225 of 250, averaged over the points and seeds.", "",
-             "| part | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
-             "|---|" + "---|" * len(cells)]
-    for part in parts:
-        row = []
-        for depth, norm in cells:
-            runs = [r for r in results if (r["part"], r["depth"], r["norm"]) == (part, depth, norm)]
-            if not runs:
-                row.append("n/a")
-                continue
-            acc = mean_std([100 * r["test"]["test/acc"] for r in runs], digits=1)
-            rms = statistics.fmean(_last(r["stats"], "rms") for r in runs)
-            zeros = statistics.fmean(_last(r["stats"], "zeros") for r in runs)
-            row.append(f"{acc}<br>RMS {rms:.3g}, zeros {zeros:.2f}")
-        lines.append(f"| `{part}` | " + " | ".join(row) + " |")
+             "225 of 250, averaged over the points and seeds.", ""]
+
+    def describe(runs: list[dict]) -> str:
+        acc = mean_std([100 * r["test"]["test/acc"] for r in runs], digits=1)
+        rms = statistics.fmean(_last(r["stats"], "rms") for r in runs)
+        zeros = statistics.fmean(_last(r["stats"], "zeros") for r in runs)
+        return f"{acc}<br>RMS {rms:.3g}, zeros {zeros:.2f}"
+
+    lines += cell_table(results, "part", parts, cells, describe)
     timed = [r["seconds"] for r in results if r.get("seconds") is not None]
     untimed = len(results) - len(timed)
     lines += ["", f"Wall time of the runs (fit + test): {sum(timed):.0f} s over {len(timed)} runs"
@@ -152,7 +146,8 @@ def render(results: list[dict], parts: list[str], cells: list[tuple[int, str]], 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.feedback_norm_parts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.feedback_norm_parts",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     add_cora_cell_arguments(parser, ["8:none", "2:batch", "8:batch", "2:none"], root="logs/feedback_norm_parts",
                             out="benchmarks/results/feedback_norm_parts_cora.md")

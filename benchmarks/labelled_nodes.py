@@ -8,10 +8,11 @@ Why: on full-batch Cora the error ``e`` is zero outside the 140 labelled (traini
 those nodes' block outputs, and its radial component pushes them outwards. Without a norm, the cheapest way for a
 block to grow some nodes' outputs is to grow every node's (scale its weights). BatchNorm divides that scale out, per
 feature over all nodes, so what is left is to grow the labelled nodes *relative to the rest*: to single them out. The
-reading this script tests: plain DFA with BatchNorm memorises the labels (train loss near 0) with labelled outputs far
-larger than the others', and removing the radial component (``feedback_norm: orthogonal``, the rescue) shrinks that
-gap. A prediction follows: with more labelled nodes (``--split dna_kfold``: 20 % of the nodes, 542, against the
-public split's 140) there is less to single out, and BatchNorm should cost DFA less.
+reading this script tests: under plain DFA with BatchNorm the labelled nodes' outputs grow far larger than the
+others' and the network fits them without generalising, and removing the radial component (``feedback_norm:
+orthogonal``, the rescue) shrinks that gap. A prediction follows: with more labelled nodes (``--split dna_kfold``:
+20 % of the nodes, 542, against the public split's 140) there is less to single out, and BatchNorm should cost DFA
+less.
 
 It trains the failure map's GCN stack (``recipes/gcn_stack_{bp,dfa}.yaml``) per rule, cell and seed and measures, at
 the final weights in eval mode (one full-graph forward):
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from dfa_lightning.cli import run
-from dfa_lightning.studies import QUIET, add_cora_cell_arguments, mean_std, reusable, write_outputs
+from dfa_lightning.studies import QUIET, add_cora_cell_arguments, cell_table, mean_std, reusable, write_outputs
 
 __all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "running_statistics_gap",
            "PreNormDrift", "node_split", "train", "main"]
@@ -195,6 +196,7 @@ def _gap(runs: list[dict], field: str) -> float:
 
 
 def _drift(runs: list[dict], field: str) -> float:
+    """``field`` of the pre-norm drift summary, averaged over the runs."""
     return statistics.fmean(r["drift"][field] for r in runs)
 
 
@@ -206,32 +208,24 @@ def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], 
              "loss, test accuracy (%; with BatchNorm, also with the full graph's own statistics in place of the "
              "running ones, how far the running mean and variance are from the graph's, averaged over the norms "
              "and features, and how far the pre-norm batch mean moves per training step over the last 50 steps, in "
-             "batch standard deviations), and **the block outputs' RMS on the labelled nodes over their RMS on the other nodes** "
-             "(mean over the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held at 1 and 0.",
-             "",
-             "| rule | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
-             "|---|" + "---|" * len(cells)]
-    for rule in rules:
-        row = []
-        for depth, norm in cells:
-            runs = [r for r in results if (r["rule"], r["depth"], r["norm"]) == (rule, depth, norm)]
-            if not runs:
-                row.append("n/a")
-                continue
+             "batch standard deviations), and **the block outputs' RMS on the labelled nodes over their RMS on the "
+             "other nodes** (mean over the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held "
+             "at 1 and 0.", ""]
 
-            def mean(field: str) -> float:
-                return statistics.fmean(r["final"][field] for r in runs)
+    def describe(runs: list[dict]) -> str:
+        def mean(field: str) -> float:
+            return statistics.fmean(r["final"][field] for r in runs)
 
-            ratio = statistics.fmean(statistics.fmean(p["ratio"] for p in r["final"]["points"]) for r in runs)
-            row.append(f"{mean_std([100 * r['test']['test/acc'] for r in runs], digits=1)}<br>"
-                       f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} "
-                       f"(test {mean('test_loss'):.2f})<br>final test {100 * mean('test_acc'):.1f}" + (
-                           f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics; running mean off by "
-                           f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f}; "
-                           f"pre-norm mean moves {_drift(runs, 'late_mean_step_sd'):.3f} sd per step late)"
-                           if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
-                       + f"<br>**labelled/other RMS {ratio:.2f}×**")
-        lines.append(f"| `{rule}` | " + " | ".join(row) + " |")
+        ratio = statistics.fmean(statistics.fmean(p["ratio"] for p in r["final"]["points"]) for r in runs)
+        norm_stats = (f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics; running mean off by "
+                      f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f}; "
+                      f"pre-norm mean moves {_drift(runs, 'late_mean_step_sd'):.3f} sd per step late)"
+                      if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
+        return (f"{mean_std([100 * r['test']['test/acc'] for r in runs], digits=1)}<br>"
+                f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} (test {mean('test_loss'):.2f})"
+                f"<br>final test {100 * mean('test_acc'):.1f}{norm_stats}<br>**labelled/other RMS {ratio:.2f}×**")
+
+    lines += cell_table(results, "rule", rules, cells, describe)
     lines += ["", f"Wall time of the runs (fit + test): {sum(r['seconds'] for r in results):.0f} s over "
               f"{len(results)} runs.", ""]
     return "\n".join(lines)

@@ -504,3 +504,14 @@ def test_pre_norm_drift_measures_the_batch_mean_step_in_batch_standard_deviation
     # features: 0.5 sd, 0, 0, and the fourth (no input: constant 0, sd 0) 0
     assert summary["late_mean_step_sd"] == pytest.approx(0.5 / 4, rel=1e-4)
     assert len(drift.steps) == 1 and not model[1]._forward_hooks
+
+
+def test_cell_table_puts_each_row_and_cells_runs_in_its_entry_and_n_a_where_none_ran():
+    from dfa_lightning.studies import cell_table
+
+    results = [{"rule": "dfa", "depth": 2, "norm": "batch", "acc": a} for a in (1, 2)]
+    results.append({"rule": "bp", "depth": 8, "norm": "none", "acc": 5})
+    lines = cell_table(results, "rule", ["dfa", "bp"], [(2, "batch"), (8, "none")],
+                       lambda runs: str(sum(r["acc"] for r in runs)))
+    assert lines == ["| rule | depth 2, norm batch | depth 8, norm none |", "|---|---|---|",
+                     "| `dfa` | 3 | n/a |", "| `bp` | n/a | 5 |"]

@@ -20,7 +20,7 @@ from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI, run
 
 __all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
-           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments"]
+           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
@@ -76,6 +76,21 @@ def add_cora_cell_arguments(parser: argparse.ArgumentParser, cells: list[str], r
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", default=root)
     parser.add_argument("--out", default=out)
+
+
+def cell_table(results: list[dict], row_field: str, rows: list[str], cells: list[tuple[int, str]],
+               describe: Callable[[list[dict]], str]) -> list[str]:
+    """A markdown table of a Cora study: one row per value of ``row_field``, one column per ``depth:norm`` cell, each
+    entry ``describe`` of that row's and cell's runs (``n/a`` where there are none)."""
+    lines = [f"| {row_field} | " + " | ".join(f"depth {d}, norm {n}" for d, n in cells) + " |",
+             "|---|" + "---|" * len(cells)]
+    for row in rows:
+        entries = []
+        for depth, norm in cells:
+            runs = [r for r in results if (r[row_field], r["depth"], r["norm"]) == (row, depth, norm)]
+            entries.append(describe(runs) if runs else "n/a")
+        lines.append(f"| `{row}` | " + " | ".join(entries) + " |")
+    return lines
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
