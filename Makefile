@@ -37,8 +37,8 @@ gpu-check: ## everything a GPU session runs, in one command: CUDA tests, bench-g
 tensorboard: ## watch every run under logs/
 	$(PYTHON) -m tensorboard.main --logdir $(LOGDIR)
 
-bench: ## CPU benchmarks (step time, memory) into benchmarks/results/
-	$(PYTHON) -m benchmarks.run --preset cpu $(ARGS)
+bench: ## CPU benchmarks (step time, memory) into benchmarks/results/ (one thread, as the README's table)
+	$(PYTHON) -m benchmarks.run --preset cpu --threads 1 $(ARGS)
 
 bench-gpu: ## GPU benchmarks into benchmarks/results/ (one H100/H200, < 6 min)
 	$(PYTHON) -m benchmarks.run --preset gpu $(ARGS)
@@ -79,7 +79,7 @@ GRAPH_DATASETS ?= Cora
 GRAPH_MODELS ?= gcn cheb spline gat dna gae
 GRAPHS_OUT ?= benchmarks/results/graphs_cora.md
 # pyg: PyG's SplineConv with pyg-lib's compiled kernels; torch: the plain-PyTorch SplineConv (no install, slower)
-SPLINE_KERNELS ?= pyg
+SPLINE_KERNELS ?= torch    # as the README's table was measured (pyg-lib has no wheel for torch 2.13)
 
 reproduce-graphs: ## paper graph tables (3, 4, A.2, A.4): GRAPH_MODELS x BP/DFA/shallow on GRAPH_DATASETS over SEEDS, + hidden-layer PCA
 	$(PYTHON) -m dfa_lightning.graphs_reproduce --datasets $(GRAPH_DATASETS) --models $(GRAPH_MODELS) --seeds $(SEEDS) \
