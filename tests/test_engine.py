@@ -823,3 +823,58 @@ def test_a_step_captured_in_a_cuda_graph_feeds_tokens_and_trains_as_the_eager_ma
     assert kinds == ["token"]
     for name, g in eager.items():
         torch.testing.assert_close(grads(model)[name], g, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+@pytest.mark.parametrize("feedback_norm", ["layer", "orthogonal"])
+def test_a_normalised_point_under_an_in_place_activation_gets_the_same_update_as_with_an_out_of_place_one(
+        projection, feedback_norm):
+    """``feedback_norm`` keeps the point's output for its backward; a ReLU(inplace=True) above the point must neither
+    break that backward nor change the update."""
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    grads = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 8), nn.ReLU(inplace=inplace),
+                              nn.Linear(8, 3))
+        engine = FeedbackEngine(model, ["0", "2"], feedback_norm=feedback_norm, seed=1, **PROJECTIONS[projection])
+        draw(engine, x)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, inplace in zip(*grads):
+        torch.testing.assert_close(inplace, plain)
+
+
+def test_the_model_output_is_read_only_under_dfa_and_an_out_of_place_edit_trains():
+    """A known limit: the output the error is taken at comes out of the injecting autograd Function as a view, which
+    PyTorch forbids editing in place (its message says to clone). An out-of-place edit (``masked_fill``) works."""
+    torch.manual_seed(0)
+    model = MLP(4, 3, hidden=[8])
+    FeedbackEngine(model, ["blocks.*"], seed=1)
+    x = torch.randn(5, 4)
+    model(x)  # widths; B drawn at the first forward
+    with pytest.raises(RuntimeError, match="clon"):
+        model(x).masked_fill_(torch.zeros(5, 3, dtype=torch.bool), 0.0).sum().backward()
+    model.zero_grad()
+    model(x).masked_fill(torch.zeros(5, 3, dtype=torch.bool), 0.0).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_dotted_point_name_of_the_model_is_not_imported_as_a_package(monkeypatch):
+    """``blocks.0`` names a module of the model: it is matched by name, and no ``blocks`` package is imported
+    (which could run an unrelated local file); a dotted type path still selects by type."""
+    import importlib
+
+    from torch import nn
+
+    from dfa_lightning.feedback.points import resolve_points
+    from dfa_lightning.models.mlp import MLP
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    model = MLP(4, 3, hidden=[8, 8])
+    assert [n for n, _ in resolve_points(model, ["blocks.0"])] == ["blocks.0"]
+    assert imported == []
+    assert all(isinstance(m, nn.ReLU) for _, m in resolve_points(model, ["torch.nn.ReLU"]))
+    assert imported == ["torch.nn"]

@@ -79,6 +79,46 @@ def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path):
     torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
 
 
+def test_fit_on_a_bare_dataloader_probes_at_setup_and_resumes_with_the_checkpointed_matrix(tmp_path):
+    """Without a datamodule (``fit(model, train_dataloaders=...)``) the probe still finds the first batch, and a
+    resumed run installs the checkpoint's B, not a fresh draw."""
+    first, data, dfa = build("dfa")
+    data.setup("fit")
+    t = trainer(tmp_path, [dfa], max_epochs=1)
+    t.fit(first, train_dataloaders=data.train_dataloader())
+    assert dfa.engine.calibration is not None  # the probe ran at setup (the auto projection was measured)
+    ckpt = tmp_path / "k.ckpt"
+    t.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
+    torch.save(state, ckpt)
+    resumed, data, dfa2 = build("dfa")
+    data.setup("fit")
+    trainer(tmp_path, [dfa2], max_epochs=2).fit(resumed, train_dataloaders=data.train_dataloader(),
+                                                ckpt_path=str(ckpt))
+    torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
+
+
+def test_a_matrix_loaded_before_the_widths_are_known_is_installed_at_the_first_forward():
+    """No probe batch (widths unknown when the checkpoint is restored): the loaded B waits, is checkpointed as it
+    is, and the first forward installs it in place of a fresh draw."""
+    from dfa_lightning.feedback.engine import FeedbackEngine
+    from dfa_lightning.models.mlp import MLP
+
+    torch.manual_seed(0)
+    reference = MLP(16, 4, hidden=[32, 32])
+    drawn = FeedbackEngine(reference, ["blocks.*"], seed=7)
+    model = MLP(16, 4, hidden=[32, 32])
+    x = torch.randn(8, 16)
+    reference(x).sum().backward()  # widths known: B drawn at the first forward
+    saved = {"matrix": 3 * drawn.matrix}
+    engine = FeedbackEngine(model, ["blocks.*"], seed=7)
+    engine.load_feedback_state(saved)
+    assert engine.operator is None and torch.equal(engine.feedback_state()["matrix"], saved["matrix"])
+    model(x).sum().backward()
+    torch.testing.assert_close(engine.matrix, saved["matrix"])
+
+
 def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
     plain, data, dfa = build("dfa", dropout=0.3)
     trainer(tmp_path, [dfa], max_steps=5).fit(plain, data)
@@ -106,7 +146,6 @@ def test_alignment_is_perfect_when_feedback_equals_the_transposed_top_weight(tmp
     monitor = AlignmentMonitor(every_n_steps=1)
     t = trainer(tmp_path, [dfa, monitor], max_steps=1)
     data.setup()
-    dfa.setup(t, module, "fit") if False else None
     t.fit(module, data)  # sets up the engine
     dfa.engine.set_matrix(module.model.head.weight.detach().clone())
     batch = next(iter(data.train_dataloader()))
@@ -202,8 +241,10 @@ def test_auto_projection_is_settled_at_fit_start_with_the_optimizers_state_count
     assert dfa.engine.mode == c["choice"] and "optimizer state" in dfa.engine.report()
 
 
-def test_different_feedback_on_two_ranks_is_refused():
+def test_different_feedback_on_two_ranks_is_refused_and_the_same_accepted():
     from types import SimpleNamespace
+
+    from dfa_lightning.callbacks.feedback_alignment import feedback_checksum
 
     module, data, dfa = build("dfa")
     t = trainer(".", [dfa], max_steps=1)
@@ -212,11 +253,17 @@ def test_different_feedback_on_two_ranks_is_refused():
     module.trainer = t
     t._data_connector.attach_data(module, datamodule=data)
     dfa.setup(t, module, "fit")
-    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"),
-                                                    all_gather=lambda x: torch.stack([x, x + 1])),
-                           world_size=2, optimizers=[])
+    def ranks(other):  # two ranks: this one's checksum, and the other's from its own matrix
+        gather = lambda x: torch.stack([x, torch.tensor([feedback_checksum(other)], dtype=x.dtype)])
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"), all_gather=gather),
+                               world_size=2, optimizers=[])
+
+    same = dfa.engine.feedback_state()
+    dfa.on_fit_start(ranks({k: v.clone() for k, v in same.items()}), module)  # equal B: accepted
+    other = {k: v.clone() for k, v in same.items()}
+    other["matrix"][0, 0] += 1e-6  # one entry off on the other rank
     with pytest.raises(RuntimeError, match="feedback matrices differ across ranks"):
-        dfa.on_fit_start(fake, module)
+        dfa.on_fit_start(ranks(other), module)
 
 
 def test_per_point_projection_trains_exactly_like_the_fused_one(tmp_path):
@@ -243,8 +290,16 @@ def test_noam_schedule_steps_every_batch_and_peaks_at_warmup(tmp_path):
     t.fit(module, data)
     lr = t.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(512 ** -0.5 * 6 ** -0.5)  # past the peak, stepped once per batch
-    peak = 512 ** -0.5 * 4 ** -0.5
-    assert peak == pytest.approx(512 ** -0.5 * 4 * 4 ** -1.5)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = NoamLR(optimizer, d_model=512, warmup=4)
+    lrs = []
+    for _ in range(8):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])  # after step s = 1..8
+    assert lrs[:4] == pytest.approx([512 ** -0.5 * s * 4 ** -1.5 for s in (1, 2, 3, 4)])  # linear warm-up
+    assert max(lrs) == lrs[3] == pytest.approx(512 ** -0.5 * 4 ** -0.5)  # the peak, at the warm-up's end
+    assert lrs[4:] == pytest.approx([512 ** -0.5 * s ** -0.5 for s in (5, 6, 7, 8)])  # then 1/sqrt(step)
 
 
 def test_generic_dfa_fragment_puts_feedback_after_every_relu(tmp_path):

@@ -157,7 +157,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self.engine.warm(pl_module.device)  # the model is on its device now: B's copy there, before any step
         if self.verbose:
             rank_zero_info(self.engine.report() if self.name is None else f"[{self.name}] {self.engine.report()}")
-        if self.engine.matrix is not None and trainer.world_size > 1:
+        if self.engine.operator is not None and trainer.world_size > 1:
             self._assert_same_matrix_on_every_rank(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -201,11 +201,16 @@ def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:
 
 
 def _first_batch(trainer: pl.Trainer):
-    datamodule = trainer.datamodule
-    if datamodule is None:
-        return None
+    """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``):
+    the probe needs it for the widths, the ``auto`` projection choice and the check that every rank holds one B."""
     with torch.random.fork_rng(devices=[]):
-        loader = datamodule.train_dataloader()
+        if trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        else:  # Lightning keeps what fit was given here (a loader, or the module's own train_dataloader)
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            loader = source.dataloader() if source is not None and source.is_defined() else None
+        if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
+            return None
         try:
             return next(iter(loader))
         except StopIteration:

@@ -244,6 +244,7 @@ class FeedbackEngine:
         self.output_name = ""
         self.d_out: int | None = None
         self.operator: operators.FeedbackOperator | None = None  # B, fp32 on CPU (the checkpointed copy)
+        self._deferred_state: tuple[dict[str, torch.Tensor], str | None] | None = None  # a checkpoint's B, pending
         # per point: each token carries the prepared error, [rows, _token_width] in _token_dtype (None: no B yet)
         self._token_width: int | None = None
         self._output_dtype: torch.dtype | None = None
@@ -308,6 +309,8 @@ class FeedbackEngine:
                                                                   self._token_dtype, receives))
                 else:
                     pending.tensors.append(receives)
+                if mode != "none":  # the norm's backward keeps `out`: an in-place op above (ReLU(inplace=True))
+                    return out.detach().clone()  # must not bump its version through a detached alias
             return out.detach()
 
         return hook
@@ -501,6 +504,9 @@ class FeedbackEngine:
         if not self.ready:
             missing = [p.name for p in self.points if p.width is None]
             raise ConfigError(f"feedback points never ran before the output: {', '.join(missing)}")
+        if self._deferred_state is not None:  # a checkpoint's B, loaded before the widths were known
+            self.load_feedback_state(*self._deferred_state)
+            return self.matrix
         lay = self._make_layout()
         operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
                                            self.shared_slices, self.rank, self.nnz)
@@ -544,10 +550,17 @@ class FeedbackEngine:
         self.load_feedback_state({"matrix": matrix}, "dense")
 
     def feedback_state(self) -> dict[str, torch.Tensor] | None:
-        return None if self.operator is None else dict(self.operator.tensors)
+        if self.operator is None:  # not drawn yet: a checkpoint's B still waiting for the widths, or nothing
+            return None if self._deferred_state is None else dict(self._deferred_state[0])
+        return dict(self.operator.tensors)
 
     def load_feedback_state(self, state: dict[str, torch.Tensor], kind: str | None = None) -> None:
-        """Install a checkpointed operator; its shape must fit this model's widths."""
+        """Install a checkpointed operator; its shape must fit this model's widths. Before the widths are known (no
+        probe batch), it is kept and installed at the first forward in place of a fresh draw."""
+        if not self.ready or self.d_out is None:
+            self._deferred_state = (state, kind)
+            return
+        self._deferred_state = None
         lay = self._make_layout()
         op = operators.from_state({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                   kind or self.operator_kind)

@@ -12,7 +12,11 @@ the engine's seeded generator and checkpointed as plain tensors.
 Error transforms (what an optical or low-precision co-processor would see): ``exact``; ``sign``: ``sign(e)·m``;
 ``ternary``: ``sign(e)·[|e| > m/2]·m``, with ``m`` the mean of ``|e|`` over its non-zero entries. The single scalar
 keeps the update's scale so that learning rates transfer; averaging over non-zero entries only keeps unlabeled rows
-(masked graph nodes, padding) from shrinking it.
+(masked graph nodes, padding) from shrinking it. ``centered``: ``e`` minus its mean over the batch rows.
+
+Only ``exact`` is linear in ``e``. The others read statistics of the batch at hand (``m``, the batch mean), so
+under gradient accumulation or DDP they are taken per micro-batch and per rank: two accumulated half-batches then
+differ slightly from one full batch (about 1 % for sign/ternary, 10 % for centered, in a small MLP).
 """
 from __future__ import annotations
 

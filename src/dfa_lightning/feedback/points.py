@@ -65,11 +65,12 @@ def resolve_points(model: nn.Module, specs: Sequence[str | type]) -> list[tuple[
     named = [(n, m) for n, m in model.named_modules() if n]
     chosen: dict[str, nn.Module] = {}
     for spec in specs:
-        kind = spec if isinstance(spec, type) else _as_type(spec)
+        # a module name first: a dotted name ("encoder.layers") is imported as a type path only when no module of
+        # the model has it, so naming a point never imports an unrelated package
+        hits = [] if isinstance(spec, type) else [(n, m) for n, m in named if glob_match(n, spec)]
+        kind = None if hits else spec if isinstance(spec, type) else _as_type(spec)
         if kind is not None:
             hits = [(n, m) for n, m in named if isinstance(m, kind)]
-        else:
-            hits = [(n, m) for n, m in named if glob_match(n, spec)]
         if not hits:
             names = ", ".join(module_names(model)) or "(no submodules)"
             raise ConfigError(f"feedback point {spec!r} matches no module of {type(model).__name__}; modules: {names}")
