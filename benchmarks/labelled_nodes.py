@@ -21,7 +21,9 @@ the final weights in eval mode (one full-graph forward):
 - train accuracy and loss (on the labelled nodes), test loss and accuracy; with BatchNorm, the test accuracy again
   with the full graph's own statistics in place of the running ones (are those what fails?), and how far the running
   statistics are from the graph's (mean gap in standard deviations, variance ratio) and how far the pre-norm batch
-  mean moves per training step late in training (:class:`PreNormDrift`: what the running averages must follow);
+  mean moves per training step late in training (:class:`PreNormDrift`: what the running averages must follow),
+  how much of that is the bias just before the norm, and that bias's gradient (zero but for rounding: BatchNorm
+  cancels the bias, yet Adam steps on it); ``dfa_frozen_bias`` holds those biases still and changes nothing else;
 
 beside the test accuracy at the best validation accuracy (the failure map's metric). A run writes
 ``<root>/<split>/<rule>/d<depth>_<norm>_s<seed>.json`` and is reused while it describes the same run.
@@ -45,11 +47,13 @@ from dfa_lightning.cli import run
 from dfa_lightning.studies import QUIET, add_cora_cell_arguments, cell_table, mean_std, reusable, write_outputs
 
 __all__ = ["RULES", "NEEDS_NORM", "labelled_rms", "batch_statistics_accuracy", "running_statistics_gap",
-           "PreNormDrift", "node_split", "train", "main"]
+           "preceding_bias", "PreNormDrift", "node_split", "train", "main"]
 
 #: rule -> (recipe, extra CLI arguments). ``dfa_frozen_norm``: plain DFA with the norms' own parameters (BatchNorm's
 #: scale and shift) held at their initial values (learning rate 0; the first matching group wins), to tell their
-#: training by feedback apart from the signal's way through the norm's backward. It needs a norm: cells without one
+#: training by feedback apart from the signal's way through the norm's backward. ``dfa_frozen_bias``: plain DFA with
+#: the convs' biases (just before each BatchNorm, which cancels them) held at 0: the training forward, and so every
+#: other parameter's update, is plain DFA's, and only the running means differ. Both need a norm: cells without one
 #: are skipped.
 RULES: dict[str, tuple[str, list[str]]] = {
     "bp": ("recipes/gcn_stack_bp.yaml", []),
@@ -58,9 +62,12 @@ RULES: dict[str, tuple[str, list[str]]] = {
     "dfa_frozen_norm": ("recipes/gcn_stack_dfa.yaml", [
         "--model.param_groups",
         '[{"params": "blocks.*.norm.**", "lr": 0.0}, {"params": "blocks.0.**", "weight_decay": 1.0e-4}]']),
+    "dfa_frozen_bias": ("recipes/gcn_stack_dfa.yaml", [
+        "--model.param_groups",
+        '[{"params": "blocks.*.conv.bias", "lr": 0.0}, {"params": "blocks.0.**", "weight_decay": 1.0e-4}]']),
 }
-NEEDS_NORM = {"dfa_frozen_norm"}
-MEASURES = 4  # the version of what a run records: a cached run with other measures is trained again
+NEEDS_NORM = {"dfa_frozen_norm", "dfa_frozen_bias"}
+MEASURES = 5  # the version of what a run records: a cached run with other measures is trained again
 
 
 def labelled_rms(output: Tensor, labelled: Tensor) -> dict[str, float]:
@@ -95,17 +102,36 @@ def running_statistics_gap(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> 
             "var_ratio": float(((var + norm.eps) / (norm.running_var + norm.eps)).mean())}
 
 
+def preceding_bias(model: nn.Module, norm: nn.Module) -> nn.Parameter | None:
+    """The bias of the module registered just before ``norm`` in the same parent (a GCN block's conv, a Sequential's
+    Linear): the one parameter a BatchNorm cancels outright, so the loss is blind to it in training."""
+    for parent in model.modules():
+        children = list(parent.children())
+        for before, child in zip(children, children[1:]):
+            if child is norm:
+                bias = getattr(before, "bias", None)
+                return bias if isinstance(bias, nn.Parameter) else None
+    return None
+
+
 class PreNormDrift(pl.Callback):
     """In every training forward, how far each BatchNorm's batch mean moved since the last step, in that step's batch
     standard deviations, and that standard deviation: a running average with momentum 0.1 trails a mean that moves
-    ``d`` per step by about ``9 d``. Summary: both over the last ``window`` steps, averaged over norms and features."""
+    ``d`` per step by about ``9 d``. Beside it, the part that is the bias just before the norm (:func:`preceding_bias`):
+    how far that bias moved per step (same units) and the size of its gradient (mean |grad|), which the loss cannot
+    ask for (BatchNorm subtracts any shift of its input's mean, so the exact gradient is zero) but which Adam turns
+    into steps of about its learning rate all the same. Summary: over the last ``window`` steps (the gradient also
+    over the first), averaged over norms and features."""
 
     def __init__(self, window: int = 50) -> None:
         self.window, self.steps, self.handles = window, [], []
-        self._last: dict[int, Tensor] = {}
+        self.grads: list[list[float]] = []
+        self._last: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._biases: list[nn.Parameter | None] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._biases = [preceding_bias(pl_module, m) for m in norms]
         self.handles = [m.register_forward_hook(self._record(i)) for i, m in enumerate(norms)]
 
     def _record(self, index: int):
@@ -114,10 +140,21 @@ class PreNormDrift(pl.Callback):
                 return
             x = args[0].detach().float()
             mean, sd = x.mean(0), x.std(0, unbiased=False)
+            bias = self._biases[index]
+            bias = None if bias is None else bias.detach().float().clone()
             if index in self._last:
-                self.steps.append((float(((mean - self._last[index]).abs() / (sd + 1e-12)).mean()), float(sd.mean())))
-            self._last[index] = mean
+                last_mean, last_bias = self._last[index]
+                bias_step = (float(((bias - last_bias).abs() / (sd + 1e-12)).mean()) if bias is not None
+                             else float("nan"))
+                self.steps.append((float(((mean - last_mean).abs() / (sd + 1e-12)).mean()), float(sd.mean()),
+                                   bias_step))
+            self._last[index] = (mean, bias)
         return hook
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        grads = [float(b.grad.abs().mean()) for b in self._biases if b is not None and b.grad is not None]
+        if grads:
+            self.grads.append(grads)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for handle in self.handles:
@@ -127,9 +164,14 @@ class PreNormDrift(pl.Callback):
         if not self.steps:
             return None
         late = self.steps[-self.window * max(1, len(self.handles)):]
-        return {"late_mean_step_sd": statistics.fmean(s for s, _ in late),
-                "late_sd": statistics.fmean(sd for _, sd in late),
-                "early_sd": statistics.fmean(sd for _, sd in self.steps[: max(1, len(self.handles))])}
+        summary = {"late_mean_step_sd": statistics.fmean(s for s, _, _ in late),
+                   "late_sd": statistics.fmean(sd for _, sd, _ in late),
+                   "early_sd": statistics.fmean(sd for _, sd, _ in self.steps[: max(1, len(self.handles))]),
+                   "late_bias_step_sd": statistics.fmean(b for _, _, b in late)}
+        if self.grads:
+            summary["early_bias_grad"] = statistics.fmean(g for step in self.grads[: self.window] for g in step)
+            summary["late_bias_grad"] = statistics.fmean(g for step in self.grads[-self.window:] for g in step)
+        return summary
 
 
 @torch.no_grad()
@@ -208,9 +250,11 @@ def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], 
              "loss, test accuracy (%; with BatchNorm, also with the full graph's own statistics in place of the "
              "running ones, how far the running mean and variance are from the graph's, averaged over the norms "
              "and features, and how far the pre-norm batch mean moves per training step over the last 50 steps, in "
-             "batch standard deviations), and **the block outputs' RMS on the labelled nodes over their RMS on the "
+             "batch standard deviations; beside it, how far the conv's bias just before the norm moves per step in "
+             "the same units, and that bias's mean |gradient| over the first and last 50 steps: the loss is blind to "
+             "it, BatchNorm cancels it), and **the block outputs' RMS on the labelled nodes over their RMS on the "
              "other nodes** (mean over the blocks). `dfa_frozen_norm`: plain DFA with the norms' scale and shift held "
-             "at 1 and 0.", ""]
+             "at 1 and 0; `dfa_frozen_bias`: plain DFA with the convs' biases before the norms held at 0.", ""]
 
     def describe(runs: list[dict]) -> str:
         def mean(field: str) -> float:
@@ -219,7 +263,9 @@ def render(results: list[dict], rules: list[str], cells: list[tuple[int, str]], 
         ratio = statistics.fmean(statistics.fmean(p["ratio"] for p in r["final"]["points"]) for r in runs)
         norm_stats = (f" ({100 * mean('test_acc_batch_stats'):.1f} with batch statistics; running mean off by "
                       f"{_gap(runs, 'mean_gap_sd'):.2f} sd, variance ratio {_gap(runs, 'var_ratio'):.2f}; "
-                      f"pre-norm mean moves {_drift(runs, 'late_mean_step_sd'):.3f} sd per step late)"
+                      f"pre-norm mean moves {_drift(runs, 'late_mean_step_sd'):.3f} sd per step late, the bias before "
+                      f"the norm {_drift(runs, 'late_bias_step_sd'):.3f} sd, its gradient "
+                      f"{_drift(runs, 'early_bias_grad'):.1e} early, {_drift(runs, 'late_bias_grad'):.1e} late)"
                       if runs[0]["final"]["test_acc_batch_stats"] is not None else "")
         return (f"{mean_std([100 * r['test']['test/acc'] for r in runs], digits=1)}<br>"
                 f"train {100 * mean('train_acc'):.1f}, loss {mean('train_loss'):.3f} (test {mean('test_loss'):.2f})"

@@ -403,10 +403,11 @@ def test_labelled_nodes_splits_each_block_output_by_the_train_mask_in_eval_mode(
         assert split[f"{stage}_acc"] == pytest.approx(float((logits[m].argmax(-1) == batch.y[m]).float().mean()))
 
 
-@pytest.mark.parametrize("rule", ["bp", "dfa", "orthogonal", "dfa_frozen_norm"])
+@pytest.mark.parametrize("rule", ["bp", "dfa", "orthogonal", "dfa_frozen_norm", "dfa_frozen_bias"])
 def test_labelled_nodes_rules_build_the_runs_they_name(rule):
     """Each rule of benchmarks/labelled_nodes.py instantiates on the BatchNorm stack; the frozen-norm rule puts the
-    norms' scale and shift, and nothing else, at learning rate 0 and keeps the paper's weight decay on the first conv."""
+    norms' scale and shift, the frozen-bias rule the convs' biases before them, and nothing else, at learning rate 0,
+    and both keep the paper's weight decay on the first conv's weight."""
     from benchmarks.labelled_nodes import RULES
     from dfa_lightning.cli import run
 
@@ -419,9 +420,11 @@ def test_labelled_nodes_rules_build_the_runs_they_name(rule):
     names = {id(p): n for n, p in cli.model.model.named_parameters()}
     for group in cli.model.parameter_groups():
         for p in group["params"]:
-            frozen = rule == "dfa_frozen_norm" and ".norm." in names[id(p)]
-            assert (group.get("lr") == 0.0) == frozen, names[id(p)]
-            if names[id(p)].startswith("blocks.0.conv"):  # the paper's weight decay on the first layer stays
+            name = names[id(p)]
+            frozen = ((rule == "dfa_frozen_norm" and ".norm." in name)
+                      or (rule == "dfa_frozen_bias" and name.startswith("blocks.") and name.endswith(".conv.bias")))
+            assert (group.get("lr") == 0.0) == frozen, name
+            if name.startswith("blocks.0.conv") and not frozen:  # the paper's weight decay on the first layer stays
                 assert group["weight_decay"] == (5.0e-4 if rule == "bp" else 1.0e-4)
 
 
@@ -503,7 +506,34 @@ def test_pre_norm_drift_measures_the_batch_mean_step_in_batch_standard_deviation
     summary = drift.summary()
     # features: 0.5 sd, 0, 0, and the fourth (no input: constant 0, sd 0) 0
     assert summary["late_mean_step_sd"] == pytest.approx(0.5 / 4, rel=1e-4)
+    assert summary["late_bias_step_sd"] == 0.0  # the shift came from the input, not the bias
     assert len(drift.steps) == 1 and not model[1]._forward_hooks
+
+
+def test_pre_norm_drift_tells_the_bias_before_the_norm_and_its_gradient():
+    """The bias just before a BatchNorm moves the batch mean one for one; its step is counted in the same batch
+    standard deviations, and its gradient, which BatchNorm makes zero up to rounding, is recorded after backward."""
+    from benchmarks.labelled_nodes import PreNormDrift, preceding_bias
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    assert preceding_bias(model, model[1]) is model[0].bias
+    assert preceding_bias(torch.nn.Sequential(torch.nn.BatchNorm1d(4)), torch.nn.Sequential()) is None
+    drift = PreNormDrift(window=1)
+    drift.on_train_start(None, model)
+    x = torch.randn(256, 3)
+    model.train()(x).pow(2).sum().backward()
+    drift.on_after_backward(None, model)
+    assert 0 <= drift.grads[0][0] < 1e-4 * float(model[0].weight.grad.abs().mean())  # cancelled by the norm
+    with torch.no_grad():
+        sd = model[0](x).std(0, unbiased=False)
+        model[0].bias.add_(0.25 * sd)  # a quarter of a standard deviation on every feature
+        model(x)
+    drift.on_train_end(None, model)
+    summary = drift.summary()
+    assert summary["late_bias_step_sd"] == pytest.approx(0.25, rel=1e-4)
+    assert summary["late_mean_step_sd"] == pytest.approx(0.25, rel=1e-4)
+    assert summary["early_bias_grad"] == summary["late_bias_grad"] == drift.grads[0][0]
 
 
 def test_cell_table_puts_each_row_and_cells_runs_in_its_entry_and_n_a_where_none_ran():
