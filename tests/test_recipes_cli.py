@@ -1,6 +1,7 @@
 """Recipes and the command line: every recipe instantiates, Cora trains end to end, bad input is one clear line."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,77 @@ def test_unknown_recipe_key_names_the_file_and_suggests_the_key(tmp_path, capsys
     assert main(["fit", "--config", str(bad)]) == 2
     line = _one_line_error(capsys)
     assert str(bad) in line and "'trainer.max_epoch'" in line and "did you mean 'trainer.max_epochs'" in line
+
+
+def test_a_key_given_twice_in_a_recipe_is_refused_with_both_lines(tmp_path, capsys):
+    """YAML keeps the last of two ``trainer:`` blocks silently, which would drop the first one's callbacks (the DFA
+    rule) and train by backprop without a word."""
+    recipe = (REPO / "recipes/gcn_dfa.yaml").read_text()
+    bad = tmp_path / "gcn_dfa.yaml"
+    bad.write_text(recipe + "trainer:\n  max_epochs: 3\n")
+    first = 1 + next(i for i, line in enumerate(recipe.splitlines()) if line.startswith("trainer:"))
+    assert main(["fit", "--config", str(bad)]) == 2
+    line = _one_line_error(capsys)
+    assert str(bad) in line and f"key 'trainer' given twice (first on line {first})" in line
+    assert f"line {len(recipe.splitlines()) + 1}" in line
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("class_path: dfa_lightning.callbacks.FeedbackAlignmentStrategy",
+      "class_path: dfa_lightning.callbacks.FeedbackAlignmentStrategi"),
+     "invalid value for 'trainer.callbacks': class 'dfa_lightning.callbacks.FeedbackAlignmentStrategi' not found "
+     "(did you mean 'dfa_lightning.callbacks.FeedbackAlignmentStrategy'?)"),
+    (("../callbacks/best_val_acc.yaml", "../callbacks/best_val_ac.yaml"),
+     "'../callbacks/best_val_ac.yaml' is neither a class path nor an existing file"),
+    (("- class_path: dfa_lightning.callbacks.FeedbackAlignmentStrategy",
+      "- class_pth: dfa_lightning.callbacks.FeedbackAlignmentStrategy"),
+     "unexpected key(s) ['class_pth'] in a class_path/init_args entry"),
+    (("name: Cora ", "name: Cora\n    transform: normalise "),
+     "invalid value for 'data.init_args.transform': expected one of 'normalize_features', 'target_indegree', 'none'"),
+], ids=["callback class", "fragment file", "class_path key", "literal value"])
+def test_an_invalid_recipe_value_is_one_line_with_the_reason(tmp_path, capsys, edit, expected):
+    """jsonargparse's "does not validate against any of the Union subtypes" wall comes down to its first specific
+    reason, not the list of subtypes."""
+    recipe = (REPO / "recipes/gcn_dfa.yaml").read_text()
+    assert edit[0] in recipe
+    bad = tmp_path / "recipes" / "gcn_dfa.yaml"  # beside a copy of the fragments, so that only the edit is wrong
+    bad.parent.mkdir()
+    shutil.copytree(REPO / "callbacks", tmp_path / "callbacks")
+    bad.write_text(recipe.replace(edit[0], edit[1], 1))
+    assert main(["fit", "--config", str(bad)]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"error: {bad}: ") and expected in line, line
+
+
+@pytest.mark.parametrize("flag, expected", [
+    (["--trainer.max_epoch", "1"], "unknown key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
+    (["--trainer.max_epochs", "abc"], "invalid value for 'trainer.max_epochs'"),
+], ids=["no abbreviation", "bad value"])
+def test_a_command_line_typo_is_named_as_the_command_lines_not_the_recipes(capsys, flag, expected):
+    assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), *flag]) == 2
+    assert _one_line_error(capsys).startswith(f"error: command line: {expected}")
+
+
+def test_a_user_error_raised_while_a_class_is_instantiated_is_one_line(capsys):
+    """jsonargparse wraps a DataModule's own ConfigError (``name: Coraa``) in a ValueError: still one line."""
+    assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--data.init_args.name", "Coraa"]) == 2
+    assert _one_line_error(capsys) == ("error: PlanetoidDataModule: unknown name 'Coraa'; choose one of Cora, "
+                                       "CiteSeer, PubMed")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_missing_checkpoint_is_one_line_before_anything_is_built(tmp_path, capsys, subcommand):
+    missing = tmp_path / "nope.ckpt"
+    assert main([subcommand, "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(missing)]) == 2
+    assert _one_line_error(capsys) == f"error: ckpt_path {missing}: checkpoint file not found (from {Path.cwd()})"
+
+
+def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_folder_is_made(tmp_path, capsys):
+    recipe = _edited_recipe(tmp_path, "gcn_dfa.yaml", "method: dfa", "method: dfa\n        operator: denze")
+    assert main(["fit", "--config", str(recipe), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]) == 2
+    assert _one_line_error(capsys) == ("error: FeedbackAlignmentStrategy: operator must be one of ('dense', "
+                                       "'lowrank', 'sparse'), got 'denze'")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):

@@ -7,22 +7,65 @@ one line naming the file, key or module, without a traceback.
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib
 import re
 import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
+from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
 
 
+def _strict_yaml_loader() -> type:
+    """jsonargparse's YAML loader, refusing a key given twice in one mapping: YAML keeps the last one silently, and
+    a second ``trainer:`` block would drop the first one's callbacks (the DFA rule with them) without a word."""
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader
+
+    class StrictLoader(get_yaml_default_loader()):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        if key in first:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"key {key!r} given twice (first on line {first[key] + 1}); YAML would "
+                                "keep only the last one", key_node.start_mark)
+                        first[key] = key_node.start_mark.line
+                    except TypeError:  # an unhashable key: nothing to compare
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def strict_yaml_load(stream: str):
+    """The ``yaml`` mode's loader with :func:`_strict_yaml_loader`'s duplicate-key check, else jsonargparse's."""
+    from jsonargparse._loaders_dumpers import yaml_load
+
+    yaml.load(stream, Loader=_STRICT_LOADER)  # raises on a duplicate key, with its line
+    return yaml_load(stream)
+
+
+_STRICT_LOADER = _strict_yaml_loader()
+set_loader("yaml", strict_yaml_load, exceptions=(yaml.YAMLError,))
+
+
 class RecipeArgumentParser(LightningArgumentParser):
     """Turn jsonargparse's usage wall into one :class:`ConfigError` line naming the recipe and the key."""
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` must not pass for `max_epochs` unsaid
         super().__init__(*args, **kwargs)
         self.start_dir = Path.cwd()  # jsonargparse enters a recipe's folder while parsing it: paths are relative here
 
@@ -35,6 +78,7 @@ class RecipeArgumentParser(LightningArgumentParser):
 
 def _explain(message: str, parser: LightningArgumentParser) -> str:
     """One line: the recipe, the offending key, and a close match or the parser's reason."""
+    message = re.sub(r'in "<unicode string>", line (\d+), column \d+', r"line \1", message)
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [message]
     argv = list(getattr(parser, "args", None) or sys.argv)
     recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
@@ -43,12 +87,22 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
     missing = [r for r in recipes if r.endswith((".yaml", ".yml")) and not (start / r).is_file()]
     if missing:
         return f"{', '.join(missing)}: recipe file not found (from {start})"
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
+
+    def source(key: str) -> str:  # a key typed on the command line is named as such, not as the recipe's
+        return "command line: " if any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags) else where
+
+    known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
+    unrecognised = re.match(r"unrecognized arguments: (--\S+)", lines[0])
+    if unrecognised:
+        key = unrecognised.group(1).split("=", 1)[0].lstrip("-")
+        hint = difflib.get_close_matches(key, known, n=1)
+        return f"{source(key)}unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     top = re.search(r"does not accept (?:option|nested key) '([^']+)'", lines[0])
     if top:
         key = top.group(1)
-        known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
         hint = difflib.get_close_matches(key, known, n=1)
-        return f"{where}unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        return f"{source(key)}unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     nested = re.match(r'Parser key "([^"]+)":', lines[0])
     if nested:
         key = nested.group(1)
@@ -57,9 +111,55 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
         if inner:
             name = inner.group(1) or inner.group(2)
             owner = f" ({cls.group(1)} has no argument '{name}')" if cls else ""
-            return f"{where}unknown key '{key}.init_args.{name}'{owner}"
-        return f"{where}invalid value for '{key}': {'; '.join(lines[1:4])}"
+            return f"{source(f'{key}.init_args.{name}')}unknown key '{key}.init_args.{name}'{owner}"
+        inner_key, reason = _union_reason(message)
+        if reason:
+            return f"{source(key)}invalid value for '{key}{inner_key}': {reason}"
+        return f"{source(key)}invalid value for '{key}': {'; '.join(lines[1:4])}"
     return f"{where}{'; '.join(lines[:4])}"
+
+
+_GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
+
+
+def _union_reason(message: str) -> tuple[str, str | None]:
+    """jsonargparse's "does not validate against any of the Union subtypes" wall -> (the inner key, if the value
+    is a class's ``init_args``, and the first specific reason): a class that is not found (with a close match), a
+    fragment file that is not there, an entry with keys other than ``class_path``/``init_args``, a value outside a
+    ``Literal``."""
+    inner = re.findall(r'Parser key "([^"]+)":', message)[1:]
+    inner_key = f".init_args.{inner[-1]}" if inner and "Problem with given class_path" in message else ""
+    missing = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
+    if missing and "has no attribute" in missing.group(2):
+        path = missing.group(1)
+        module_name, _, attr = path.rpartition(".")
+        try:
+            names = dir(importlib.import_module(module_name))
+        except ImportError:
+            names = []
+        hint = difflib.get_close_matches(attr, names, n=1)
+        return inner_key, f"class '{path}' not found" + (f" (did you mean '{module_name}.{hint[0]}'?)" if hint else "")
+    if missing and "No module named" in missing.group(2):
+        return inner_key, f"class '{missing.group(1)}' not found ({missing.group(2).strip()})"
+    fragment = re.search(r"Unexpected import path format: (\S+)", message)
+    if fragment:
+        return inner_key, (f"'{fragment.group(1)}' is neither a class path nor an existing file (fragment paths are "
+                           "relative to the recipe's folder)")
+    entry = re.search(r"Not a valid subclass of \w+\. Got value: (\{.*\})", message)
+    if entry:
+        try:
+            keys = [k for k in ast.literal_eval(entry.group(1)) if k not in ("class_path", "init_args", "dict_kwargs")]
+        except (ValueError, SyntaxError):
+            keys = []
+        if keys:
+            return inner_key, (f"unexpected key(s) {keys} in a class_path/init_args entry (a misspelt class_path, "
+                               "or a setting that belongs under init_args?)")
+    literal = re.search(r"Expected a typing\.Literal\[(.+)\]", message)
+    if literal:
+        return inner_key, f"expected one of {literal.group(1)}"
+    bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, flags=re.M)]
+    specific = [b for b in bullets if not b.startswith(_GENERIC) and not b.startswith("Not a valid subclass")]
+    return inner_key, (specific[0] if specific else None)
 
 
 class DFALightningCLI(LightningCLI):
@@ -74,6 +174,10 @@ class DFALightningCLI(LightningCLI):
         """Name the TensorBoard run after the recipe, the first ``--config`` (logs/<recipe>/version_N; an override
         such as ``recipes/sample/*.yaml`` after it does not rename it), unless the recipe names it."""
         config = self.config.get(self.subcommand, self.config)
+        ckpt_path = config.get("ckpt_path")
+        if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
+                and not Path(str(ckpt_path)).is_file()):  # before any model or data is built: nothing to lose
+            raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
         callbacks = config.get("trainer", {}).get("callbacks") or []
         rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
         if len(rules) > 1:  # allowed only as one rule over several networks: distinct names, one method
@@ -141,11 +245,26 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
+def user_error(err: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``err``: jsonargparse wraps one raised while it instantiates a class from the
+    recipe (a DataModule's ``name: Coraa``) in its own ``ValueError``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
     try:
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
 

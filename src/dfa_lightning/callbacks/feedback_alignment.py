@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from dfa_lightning.errors import ConfigError
-from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
+from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -96,6 +96,10 @@ class FeedbackAlignmentStrategy(pl.Callback):
             operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
             projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm,
         )
+        try:  # now, while the recipe is read: not after a run folder and the model exist
+            check_settings(**self.config)
+        except ConfigError as err:
+            raise ConfigError(f"FeedbackAlignmentStrategy{f' {name!r}' if name else ''}: {err}") from None
         self.seed_given = seed is not None
         self.verbose = verbose
         self.name = name

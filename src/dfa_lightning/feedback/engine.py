@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,33 @@ class _Pending:
         self.index.clear()
         self.tensors.clear()
         self.kind = "fused"
+
+
+def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per_layer", operator: str = "dense",
+                   error: str = "exact", projection: str = "auto", projection_dtype: str = "float32",
+                   receiver: str = "auto", feedback_norm: str | Mapping[str, str] = "none", **_: Any) -> None:
+    """Every choice-valued setting is one of its choices: a :class:`ConfigError` naming the setting otherwise. The
+    Lightning callback calls it when the recipe is read, before any run folder or model is made."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if init not in matrices.INITS:
+        raise ConfigError(f"init must be one of {matrices.INITS}, got {init!r}")
+    if scale not in matrices.SCALES:
+        raise ConfigError(f"scale must be one of {matrices.SCALES}, got {scale!r}")
+    if operator not in operators.OPERATORS:
+        raise ConfigError(f"operator must be one of {operators.OPERATORS}, got {operator!r}")
+    if error not in operators.ERRORS:
+        raise ConfigError(f"error must be one of {operators.ERRORS}, got {error!r}")
+    if projection not in PROJECTIONS:
+        raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection_dtype not in PROJECTION_DTYPES:
+        raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
+    if receiver not in RECEIVERS:
+        raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
+    modes = feedback_norm.values() if isinstance(feedback_norm, Mapping) else [feedback_norm]
+    if not all(isinstance(m, str) and m in FEEDBACK_NORMS for m in modes):
+        raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS} or a mapping of point globs to one of "
+                          f"them, got {feedback_norm!r}")
 
 
 class _InjectFeedback(torch.autograd.Function):
@@ -206,26 +234,8 @@ class FeedbackEngine:
         receiver: str = "auto",
         feedback_norm: str | Mapping[str, str] = "none",
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-        if init not in matrices.INITS:
-            raise ConfigError(f"init must be one of {matrices.INITS}, got {init!r}")
-        if scale not in matrices.SCALES:
-            raise ConfigError(f"scale must be one of {matrices.SCALES}, got {scale!r}")
-        if operator not in operators.OPERATORS:
-            raise ConfigError(f"operator must be one of {operators.OPERATORS}, got {operator!r}")
-        if error not in operators.ERRORS:
-            raise ConfigError(f"error must be one of {operators.ERRORS}, got {error!r}")
-        if projection not in PROJECTIONS:
-            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-        if projection_dtype not in PROJECTION_DTYPES:
-            raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
-        if receiver not in RECEIVERS:
-            raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
-        modes = feedback_norm.values() if isinstance(feedback_norm, Mapping) else [feedback_norm]
-        if not all(isinstance(m, str) and m in FEEDBACK_NORMS for m in modes):
-            raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS} or a mapping of point globs to one of "
-                              f"them, got {feedback_norm!r}")
+        check_settings(method=method, init=init, scale=scale, operator=operator, error=error, projection=projection,
+                       projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm)
         self.feedback_norm = dict(feedback_norm) if isinstance(feedback_norm, Mapping) else feedback_norm
         self.point_norms: dict[str, str] = {}  # point name -> its feedback_norm mode
         if receiver == "matmul" and operator == "sparse":
