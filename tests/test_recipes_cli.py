@@ -183,6 +183,14 @@ def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_fol
     assert not (tmp_path / "logs").exists()
 
 
+def test_in_channels_that_do_not_fit_the_data_are_one_line_before_training(cora_root, tmp_path, capsys):
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.model.init_args.in_channels",
+                "1400") == 2
+    assert _one_line_error(capsys) == ("error: model.model.init_args.in_channels is 1400, but the data has 1433 "
+                                       "features (PlanetoidDataModule); set it to 1433")
+
+
 def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):
     missing = tmp_path / "gcn_dfa_typo.yaml"
     assert main(["fit", "--config", str(missing)]) == 2

@@ -195,6 +195,29 @@ class DFALightningCLI(LightningCLI):
             if getattr(logger.init_args, "name", None) in (None, "default", "lightning_logs"):
                 logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
 
+    def _check_data_fits_model(self) -> None:
+        """``in_channels`` in the recipe against the data's feature count (``model_hints``), before a step: a
+        mismatch (Cora is 1433, PubMed 500) is otherwise a matmul shape error deep in the first forward."""
+        hints = getattr(self.datamodule, "model_hints", None)
+        config = self.config.get(self.subcommand, self.config)
+        init_args = getattr(config.get("model", {}).get("model"), "init_args", None)
+        given = getattr(init_args, "in_channels", None) if init_args is not None else None
+        if given is None or not callable(hints):
+            return
+        expected = hints().get("in_channels")
+        if expected is not None and int(given) != int(expected):
+            raise ConfigError(f"model.model.init_args.in_channels is {given}, but the data has {expected} features "
+                              f"({type(self.datamodule).__name__}); set it to {expected}")
+
+    def before_fit(self) -> None:
+        self._check_data_fits_model()
+
+    def before_validate(self) -> None:
+        self._check_data_fits_model()
+
+    def before_test(self) -> None:
+        self._check_data_fits_model()
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
