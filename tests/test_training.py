@@ -119,6 +119,30 @@ def test_a_matrix_loaded_before_the_widths_are_known_is_installed_at_the_first_f
     torch.testing.assert_close(engine.matrix, saved["matrix"])
 
 
+def test_a_second_fit_with_a_new_rule_replaces_the_first_rules_hooks(tmp_path):
+    """A model trained by DFA, then fitted again with a BP rule (a notebook reusing it), trains by BP: the first
+    rule's hooks are gone. Named rules (NeRF's coarse and fine) keep each other's."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.callbacks.feedback_alignment import attached_engines
+
+    module, data, dfa = build("dfa")
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    assert attached_engines(module.model) == [dfa.engine]
+    reference, _, _ = build("bp")
+    reference.model.load_state_dict(module.model.state_dict())
+    bp = FeedbackAlignmentStrategy(method="bp", verbose=False)
+    trainer(tmp_path, [bp], max_steps=2).fit(module, data)
+    assert attached_engines(module.model) == []
+    trainer(tmp_path, [FeedbackAlignmentStrategy(method="bp", verbose=False)], max_steps=2).fit(reference, data)
+    assert_same(params(module), params(reference))
+
+    named = FeedbackAlignmentStrategy(feedback_points=["blocks.0"], name="net0", verbose=False)
+    trainer(tmp_path, [named], max_steps=1).fit(module, data)
+    again = FeedbackAlignmentStrategy(feedback_points=["blocks.1"], verbose=False)
+    trainer(tmp_path, [again], max_steps=1).fit(module, data)
+    assert {id(e) for e in attached_engines(module.model)} == {id(named.engine), id(again.engine)}
+
+
 def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
     plain, data, dfa = build("dfa", dropout=0.3)
     trainer(tmp_path, [dfa], max_steps=5).fit(plain, data)

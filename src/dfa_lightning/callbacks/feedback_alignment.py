@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from pytorch_lightning.utilities import rank_zero_info
 
 from dfa_lightning.errors import ConfigError
@@ -126,7 +127,11 @@ class FeedbackAlignmentStrategy(pl.Callback):
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
             if self.name is not None:  # named instances (NeRF's coarse and fine) draw different B from one run seed
                 self.config["seed"] += zlib.crc32(self.name.encode()) % 1_000_003
+        for stale in attached_engines(pl_module.model):  # a rule left on this model by an earlier fit (a notebook
+            if getattr(stale, "owner", None) == self.state_key:  # reusing it): one rule per network at a time
+                stale.detach_hooks()
         self.engine = FeedbackEngine(pl_module.model, **self.config)
+        self.engine.owner = self.state_key
         if self.method == "bp":
             return
         self._probe(trainer, pl_module)
@@ -194,6 +199,17 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self._loaded = state_dict.get("feedback")
         if self.engine is not None and self._loaded is not None and self.method == "dfa":
             self.engine.load_feedback_state(self._loaded)
+
+
+def attached_engines(model: nn.Module) -> list[FeedbackEngine]:
+    """The engines whose hooks are on ``model`` (found through their output hook, a bound method)."""
+    found: list[FeedbackEngine] = []
+    for module in model.modules():
+        for hook in module._forward_hooks.values():
+            engine = getattr(hook, "__self__", None)
+            if isinstance(engine, FeedbackEngine) and not any(engine is e for e in found):
+                found.append(engine)
+    return found
 
 
 def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:

@@ -265,6 +265,7 @@ class FeedbackEngine:
         self._layout: matrices.FeedbackLayout | None = None
         self._pending = _Pending()
         self._handles: list = []
+        self.owner: str | None = None  # the Lightning callback's state key: a later rule of that key replaces this one
         self.segments: dict[str, list[str]] = {}
         if method != "bp":
             self.points = [PointInfo(n, m) for n, m in resolve_points(model, feedback_points)]
