@@ -47,3 +47,11 @@ class NaNAfterOneStepDataModule(__import__("dfa_lightning.data.synthetic", froml
     def setup(self, stage=None):
         super().setup(stage)
         self.splits["train"].tensors[0][self.batch_size] = float("nan")
+
+
+class NaNValidationDataModule(__import__("dfa_lightning.data.synthetic", fromlist=["x"]).SyntheticClassificationDataModule):
+    """Synthetic rows whose validation split holds a NaN (training stays finite): the validation-loss check."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.splits["val"].tensors[0][0] = float("nan")

@@ -243,6 +243,18 @@ def test_nan_loss_is_one_line_and_leaves_no_checkpoint_from_the_bad_step(tmp_pat
     assert not list(tmp_path.rglob("*.ckpt"))  # validation never ran on a good epoch: nothing claims to be good
 
 
+def test_a_nan_validation_loss_is_one_line_and_no_checkpoint_claims_those_weights(tmp_path, capsys):
+    args = ["fit", "--model.model", "dfa_lightning.models.mlp.MLP", "--model.model.in_features", "32",
+            "--model.model.out_features", "4", "--model.task", "dfa_lightning.tasks.classification.Classification",
+            "--model.task.num_classes", "4", "--data", "helpers.NaNValidationDataModule",
+            "--trainer.max_epochs", "2", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.callbacks+=" + str(REPO / "callbacks/best_val_loss.yaml"), *QUIET,
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "validation loss is nan at epoch 0" in _one_line_error(capsys)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_two_learning_rules_in_one_run_are_one_clear_line(capsys):
     args = ["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--trainer.callbacks+=" + str(REPO / "callbacks/bp.yaml")]
     assert main(args) == 2

@@ -144,6 +144,18 @@ class TaskModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._logged_this_epoch.discard("val")
 
+    def on_validation_epoch_end(self) -> None:
+        """A non-finite validation loss stops the run here, before a checkpoint callback could save these weights as
+        the best (one host read per validation epoch)."""
+        if not self.check_finite_loss or self.trainer.sanity_checking or "val" not in self._logged_this_epoch:
+            return
+        loss = self.epoch_loss["val_"].compute()
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"validation loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}: "
+                "training stopped before these weights were checkpointed; the weights or the validation data are "
+                "not finite (lower the learning rate or check the inputs)")
+
     def on_test_epoch_start(self) -> None:
         self._logged_this_epoch.discard("test")
 
