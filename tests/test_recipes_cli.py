@@ -157,8 +157,9 @@ def test_an_invalid_recipe_value_is_one_line_with_the_reason(tmp_path, capsys, e
     (["--trainer.max_epochs", "abc"], "invalid value for 'trainer.max_epochs'"),
 ], ids=["no abbreviation", "bad value"])
 def test_a_command_line_typo_is_named_as_the_command_lines_not_the_recipes(capsys, flag, expected):
-    assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), *flag]) == 2
-    assert _one_line_error(capsys).startswith(f"error: command line: {expected}")
+    recipe = REPO / "recipes/gcn_dfa.yaml"
+    assert main(["fit", "--config", str(recipe), *flag]) == 2
+    assert _one_line_error(capsys).startswith(f"error: command line ({recipe}): {expected}")
 
 
 def test_a_user_error_raised_while_a_class_is_instantiated_is_one_line(capsys):

@@ -89,8 +89,9 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
         return f"{', '.join(missing)}: recipe file not found (from {start})"
     flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
 
-    def source(key: str) -> str:  # a key typed on the command line is named as such, not as the recipe's
-        return "command line: " if any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags) else where
+    def source(key: str) -> str:  # a key typed on the command line is named as such, beside the recipe it overrides
+        typed = any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags)
+        return (f"command line ({', '.join(recipes)}): " if recipes else "command line: ") if typed else where
 
     known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
     unrecognised = re.match(r"unrecognized arguments: (--\S+)", lines[0])
