@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm feedback-norm-parts labelled-nodes transport-map clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm feedback-norm-parts labelled-nodes ctr-bias-walk transport-map clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -137,6 +137,9 @@ labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block o
 		--root $(LOGDIR)/labelled_nodes $(ARGS)
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.labelled_nodes --seeds $(MAP_SEEDS) --rules bp dfa orthogonal dfa_frozen_norm dfa_frozen_bias \
 		--split dna_kfold --root $(LOGDIR)/labelled_nodes --out benchmarks/results/labelled_nodes_cora_dna_kfold.md $(ARGS)
+
+ctr-bias-walk: ## does the bias before BatchNorm walk under DFA in the CTR MLPs too? DeepFM and Deep&Cross, BP and DFA, 3 seeds on the Criteo sample (about 4 min) into benchmarks/results/ctr_bias_walk.md
+	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.ctr_bias_walk --models deepfm deepcross $(ARGS)
 
 LM_MAP := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_shallow.yaml
 
