@@ -545,3 +545,14 @@ def test_cell_table_puts_each_row_and_cells_runs_in_its_entry_and_n_a_where_none
                        lambda runs: str(sum(r["acc"] for r in runs)))
     assert lines == ["| rule | depth 2, norm batch | depth 8, norm none |", "|---|---|---|",
                      "| `dfa` | 3 | n/a |", "| `bp` | n/a | 5 |"]
+
+
+def test_ctr_bias_walk_renders_one_row_per_model_and_rule_over_its_seeds():
+    from benchmarks.ctr_bias_walk import render
+
+    run = {"model": "deepfm", "rule": "dfa", "steps": 255, "late_mean_step_sd": 0.04, "late_bias_step_sd": 0.001,
+           "late_sd": 1.0, "early_bias_grad": 2e-8, "late_bias_grad": 1e-9}
+    runs = [dict(run, seed=0), dict(run, seed=1, late_bias_step_sd=0.003), dict(run, rule="bp", seed=0)]
+    rows = [line for line in render(runs, "cmd").splitlines() if line.startswith("| deepfm")]
+    assert [row.split(" | ")[1] for row in rows] == ["dfa", "bp"]
+    assert "0.00200 ± 0.00141" in rows[0] and "2.0e-08 / 1.0e-09" in rows[0]
