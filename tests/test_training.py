@@ -65,27 +65,19 @@ def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(
     assert_same(params(straight), params(resumed))
 
 
-def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path):
+@pytest.mark.parametrize("bare", [False, True], ids=["datamodule", "bare dataloader"])
+def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path, bare):
+    """Also without a datamodule (``fit(model, train_dataloaders=...)``): the probe still finds the first batch at
+    setup, and the resumed run installs the checkpoint's B."""
+    def fit(trainer_, module, data, **kwargs):
+        if bare:
+            data.setup("fit")
+            return trainer_.fit(module, train_dataloaders=data.train_dataloader(), **kwargs)
+        return trainer_.fit(module, data, **kwargs)
+
     first, data, dfa = build("dfa")
     t = trainer(tmp_path, [dfa], max_epochs=1)
-    t.fit(first, data)
-    ckpt = tmp_path / "k.ckpt"
-    t.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)
-    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
-    torch.save(state, ckpt)
-    resumed, data, dfa2 = build("dfa")
-    trainer(tmp_path, [dfa2], max_epochs=2).fit(resumed, data, ckpt_path=str(ckpt))
-    torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
-
-
-def test_fit_on_a_bare_dataloader_probes_at_setup_and_resumes_with_the_checkpointed_matrix(tmp_path):
-    """Without a datamodule (``fit(model, train_dataloaders=...)``) the probe still finds the first batch, and a
-    resumed run installs the checkpoint's B, not a fresh draw."""
-    first, data, dfa = build("dfa")
-    data.setup("fit")
-    t = trainer(tmp_path, [dfa], max_epochs=1)
-    t.fit(first, train_dataloaders=data.train_dataloader())
+    fit(t, first, data)
     assert dfa.engine.calibration is not None  # the probe ran at setup (the auto projection was measured)
     ckpt = tmp_path / "k.ckpt"
     t.save_checkpoint(ckpt)
@@ -93,9 +85,7 @@ def test_fit_on_a_bare_dataloader_probes_at_setup_and_resumes_with_the_checkpoin
     state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
     torch.save(state, ckpt)
     resumed, data, dfa2 = build("dfa")
-    data.setup("fit")
-    trainer(tmp_path, [dfa2], max_epochs=2).fit(resumed, train_dataloaders=data.train_dataloader(),
-                                                ckpt_path=str(ckpt))
+    fit(trainer(tmp_path, [dfa2], max_epochs=2), resumed, data, ckpt_path=str(ckpt))
     torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
 
 
