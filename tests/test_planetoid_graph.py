@@ -104,6 +104,21 @@ def test_reads_shared_folder_without_writing_it(tmp_path):
     assert sorted(p.relative_to(SHARED_PLANETOID) for p in SHARED_PLANETOID.rglob("*")) == before
 
 
+@pytest.mark.parametrize("cache_shared", [False, True], ids=["copied to the cache", "read in place"])
+def test_a_truncated_local_file_is_named_not_read(tmp_path, cache_shared):
+    """A local copy that is not the original (here ``test.index`` cut to half its lines, which would shrink the
+    test set to 500 nodes without a word) stops with the file, its checksum and the fix."""
+    root = tmp_path / "data"
+    shutil.copytree(SHARED_PLANETOID / "Cora", root / "planetoid" / "Cora")
+    index = root / "planetoid" / "Cora" / "raw" / "ind.cora.test.index"
+    index.write_text("".join(index.read_text().splitlines(keepends=True)[:500]))
+    cache = root / "planetoid" if cache_shared else tmp_path / "cache"
+    dm = PlanetoidDataModule("Cora", root=str(root), cache_dir=str(cache), download=False)
+    with pytest.raises(DatasetError, match="is not the original file") as err:
+        dm.setup()
+    assert str(index) in str(err.value) and "ded8092db4cd767a367eebe09003b954a5316f24" in str(err.value)
+
+
 def test_transforms(dirs, cora_raw):
     assert set(cora_raw.data.x.unique().tolist()) == {0.0, 1.0}  # transform "none": raw binary features
     dm = make_dm(dirs, transform="target_indegree")

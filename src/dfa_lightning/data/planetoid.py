@@ -189,17 +189,21 @@ class PlanetoidDataModule(pl.LightningDataModule):
         if self.root is not None and not Path(self.root).expanduser().is_dir():
             raise DatasetError(f"Planetoid {self.name}: the data folder {self.root} (`root:`) does not exist")
         same = src.exists() and dst.exists() and os.path.samefile(src, dst)
+        first_read = not (self.work_root / self.name / "processed").is_dir()
         changed, missing = False, []
         for fname in self.raw_names:
             s, d = src / fname, dst / fname
             if s.is_file():
                 if same:
+                    if first_read:
+                        self._check_original(s)
                     continue
                 st = s.stat()
                 if d.is_file():
                     dt = d.stat()
                     if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
                         continue
+                self._check_original(s)
                 dst.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{fname}.", suffix=".part")
                 os.close(fd)
@@ -232,6 +236,16 @@ class PlanetoidDataModule(pl.LightningDataModule):
             changed = True
         if changed:
             shutil.rmtree(self.work_root / self.name / "processed", ignore_errors=True)
+
+    def _check_original(self, path: Path) -> None:
+        """A local copy must be the original file (its git blob id): a truncated ``test.index`` would otherwise
+        shrink the test set without a word. Checked when a file is first copied or read (the files are small)."""
+        expected = GIT_BLOB_IDS.get(path.name)
+        got = git_blob_id(path) if expected is not None else None
+        if got != expected:
+            raise DatasetError(f"Planetoid {self.name}: {path} is not the original file (git blob id {got}, expected "
+                               f"{expected}; truncated or modified?). Replace it with the original from {URL}, or "
+                               "delete it to download it again.")
 
     def prepare_data(self) -> None:
         """Copy / download the files and let PyG process them (runs on one process per node)."""
