@@ -114,6 +114,27 @@ def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path):
     assert "wikitext-2-v1.zip" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_an_empty_split_file_is_named_at_setup_before_any_training(wt2_root, tmp_path, split):
+    root = tmp_path / "data"
+    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
+    (root / "wikitext-2" / f"{split}.txt").write_text("")
+    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
+    with pytest.raises(DatasetError) as err:
+        dm.setup("fit")
+    assert str(err.value).startswith(f"{root / 'wikitext-2' / f'{split}.txt'}: 0 tokens, too few for")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(wt2_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
+    (root / "wikitext-2" / "valid.txt").write_bytes(b"a fine line\n = heading = \n\xff\xfe\x00binary\n")
+    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
+    with pytest.raises(DatasetError) as err:
+        dm.setup("fit")
+    assert str(err.value).startswith(f"{root / 'wikitext-2' / 'valid.txt'}:3: not UTF-8 text")
+
+
 def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     root = tmp_path / "data" / "wikitext-2"

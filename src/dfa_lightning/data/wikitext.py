@@ -122,9 +122,24 @@ class StreamChunks(Dataset):
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
 def _lines(path: Path, lowercase: bool):
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            yield line.lower() if lowercase else line
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                yield line.lower() if lowercase else line
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text ({err.reason}); WikiText files "
+                           "are UTF-8: is this the right file?") from None
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """The 1-based number of the first line of ``path`` that is not UTF-8 (for the error message)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 0
 
 
 def word_vocab(path: Path, lowercase: bool = False) -> dict[str, int]:
@@ -404,6 +419,10 @@ class WikiTextDataModule(pl.LightningDataModule):
             if len(arr) != meta["tokens"][split]:
                 raise DatasetError(f"{folder / f'{split}.npy'}: {len(arr)} ids, meta.json says {meta['tokens'][split]}"
                                    "; delete the folder to rebuild it")
+            streams = self.streams if split == "train" else self.eval_streams
+            if len(arr) < 2 * streams:  # every split, now: an empty test.txt must not wait for the end of fit
+                raise DatasetError(f"{meta.get('files', {}).get(split, folder / f'{split}.npy')}: {len(arr)} tokens, too few for {streams} streams (each "
+                                   "needs at least 2 tokens); is the file empty or truncated?")
             self.ids[split] = torch.from_numpy(arr)
         if self.tokenizer == "word":
             self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
