@@ -421,8 +421,9 @@ class WikiTextDataModule(pl.LightningDataModule):
                                    "; delete the folder to rebuild it")
             streams = self.streams if split == "train" else self.eval_streams
             if len(arr) < 2 * streams:  # every split, now: an empty test.txt must not wait for the end of fit
-                raise DatasetError(f"{meta.get('files', {}).get(split, folder / f'{split}.npy')}: {len(arr)} tokens, too few for {streams} streams (each "
-                                   "needs at least 2 tokens); is the file empty or truncated?")
+                source = meta.get("files", {}).get(split, folder / f"{split}.npy")
+                raise DatasetError(f"{source}: {len(arr)} tokens, too few for {streams} streams (each needs at least "
+                                   "2 tokens); is the file empty or truncated?")
             self.ids[split] = torch.from_numpy(arr)
         if self.tokenizer == "word":
             self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
