@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,39 @@ def test_a_malformed_camera_file_or_image_names_the_file(lego, tmp_path):
     (scene / "val" / "r_0.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=r"cannot read image .*r_0.png"):
         nd.load_blender(scene, "test")
+
+
+def _lego_split_with(lego: Path, tmp_path: Path, edit) -> Path:
+    """A copy of lego's val split (images and transforms file) with ``edit(meta)`` applied to the transforms."""
+    scene = tmp_path / "lego"
+    shutil.copytree(lego / "val", scene / "val")
+    meta = json.loads((lego / "transforms_val.json").read_text())
+    edit(meta)
+    (scene / "transforms_val.json").write_text(json.dumps(meta))
+    return scene
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.update(frames=[]), r"transforms_val.json: no frames"),
+    (lambda meta: meta["frames"][2].update(transform_matrix=sum(meta["frames"][2]["transform_matrix"], [])),
+     r"transforms_val.json: frame 2: transform_matrix has shape \[16\], expected 4x4"),
+    (lambda meta: meta["frames"][1]["transform_matrix"][0].__setitem__(3, float("nan")),
+     r"transforms_val.json: frame 1: transform_matrix is not finite"),
+], ids=["no frames", "flat matrix", "nan pose"])
+def test_a_bad_frame_in_a_transforms_file_names_the_file_and_the_frame(lego, tmp_path, edit, message):
+    scene = _lego_split_with(lego, tmp_path, edit)
+    with pytest.raises(DatasetError, match=message):
+        nd.load_blender(scene, "val")
+
+
+def test_a_view_of_another_size_names_its_image(lego, tmp_path):
+    from PIL import Image
+
+    scene = _lego_split_with(lego, tmp_path, lambda meta: None)
+    second = scene / (json.loads((scene / "transforms_val.json").read_text())["frames"][1]["file_path"] + ".png")
+    Image.open(second).resize((50, 50)).save(second)
+    with pytest.raises(DatasetError, match=rf"{second.name}: 50x50 pixels, but .* is 100x100"):
+        nd.load_blender(scene, "val")
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -108,21 +108,39 @@ def load_blender(folder: Path, split: str, white_background: bool = True, skip: 
     try:
         meta = json.loads(path.read_text())
         angle = float(meta["camera_angle_x"])
-        frames = meta["frames"][::skip][:limit]
+        indices = list(range(len(meta["frames"])))[::skip][:limit]
+        frames = [meta["frames"][i] for i in indices]
+        if not frames:
+            raise DatasetError(f"{path}: no frames")
         files = [folder / (f["file_path"] + ("" if f["file_path"].endswith(".png") else ".png")) for f in frames]
-        poses = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)[:, :3, :4]
+        poses = torch.stack([_blender_pose(path, i, f["transform_matrix"]) for i, f in zip(indices, frames)])
+    except DatasetError:  # (a FileNotFoundError too: already says what is wrong)
+        raise
     except FileNotFoundError:
         raise DatasetError(f"missing {path}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{path}: not a NeRF transforms file ({type(err).__name__}: {err})") from None
-    if not frames:
-        raise DatasetError(f"{path}: no frames")
-    rgba = np.stack([read_png(f, 4) for f in files]).astype(np.float32) / 255.0  # [n, H, W, 4]
+    images = [read_png(f, 4) for f in files]
+    for frame, (file, image) in enumerate(zip(files, images)):
+        if image.shape != images[0].shape:
+            raise DatasetError(f"{file}: {image.shape[1]}x{image.shape[0]} pixels, but {files[0]} (the split's first "
+                               f"view) is {images[0].shape[1]}x{images[0].shape[0]}: a split's views share one size")
+    rgba = np.stack(images).astype(np.float32) / 255.0  # [n, H, W, 4]
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     images = rgb * alpha + (1.0 - alpha) if white_background else rgb
     width = rgba.shape[2]
     return Views(torch.from_numpy(np.ascontiguousarray(images)), poses, 0.5 * width / math.tan(0.5 * angle),
                  near=2.0, far=6.0, white_background=white_background)
+
+
+def _blender_pose(path: Path, index: int, matrix) -> torch.Tensor:
+    """Frame ``index``'s camera-to-world ``[3, 4]`` from its ``transform_matrix`` (4x4 or 3x4, finite)."""
+    pose = torch.tensor(matrix, dtype=torch.float32)
+    if pose.shape not in ((4, 4), (3, 4)):
+        raise DatasetError(f"{path}: frame {index}: transform_matrix has shape {list(pose.shape)}, expected 4x4")
+    if not torch.isfinite(pose).all():
+        raise DatasetError(f"{path}: frame {index}: transform_matrix is not finite")
+    return pose[:3, :4]
 
 
 # ---------------------------------------------------------------------------------------------- LLFF
