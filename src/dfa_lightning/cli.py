@@ -164,8 +164,11 @@ def _union_reason(message: str) -> tuple[str, str | None]:
 
 
 class DFALightningCLI(LightningCLI):
-    test_results: dict[str, float] = {}
+    test_results: dict[str, float]  # after fit: the test metrics of the best checkpoint (set in after_fit)
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.test_results = {}  # before LightningCLI runs the subcommand (which may fill it)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,

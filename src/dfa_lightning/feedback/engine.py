@@ -361,6 +361,9 @@ class FeedbackEngine:
         it to the point's output (times the scale: without the ``1/scale``). ``mode`` None: the engine's
         ``feedback_norm`` (a string)."""
         mode = self.feedback_norm if mode is None else mode
+        if not isinstance(mode, str):
+            raise ValueError("normalise: feedback_norm is set per point here; pass the point's mode "
+                             "(engine.point_norms[name])")
         if mode not in ("layer", "orthogonal"):
             raise ValueError(f"normalise: mode must be 'layer' or 'orthogonal', got {mode!r}")
         feature_dims = [d for d in range(out.dim()) if d not in self.batch_dims]
@@ -615,13 +618,9 @@ class FeedbackEngine:
     def check_tokens(self, prepared: torch.Tensor, index: Sequence[int], shapes: Sequence[torch.Size]) -> None:
         """Every point must have as many batch elements as the output (else autograd's shape error, unnamed)."""
         rows = prepared.shape[0]
-        for i, shape in zip(index, shapes):
+        for i, shape in zip(index, shapes):  # a token is [rows, width]: its rows are the point's batch elements
             if shape[0] != rows:
-                point = self.points[i]
-                raise ConfigError(
-                    f"feedback point {point.name!r} has {shape[0]} batch elements over batch_dims "
-                    f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims"
-                )
+                self._rows_mismatch(i, shape[0], rows)
 
     def project_point(self, prepared: torch.Tensor, i: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """``projection="per_point"``: ``B_i e`` for point ``i`` alone, shaped and cast like the point."""
@@ -651,10 +650,11 @@ class FeedbackEngine:
             return
         n_point = math.prod([shape[d] for d in self.batch_dims])
         if n_point != rows:
-            raise ConfigError(
-                f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
-                f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims"
-            )
+            self._rows_mismatch(i, n_point, rows)
+
+    def _rows_mismatch(self, i: int, n_point: int, rows: int) -> None:
+        raise ConfigError(f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
+                          f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims")
 
     def reset(self) -> None:
         """Forget points recorded by a forward that never reached the output (call at each batch start)."""
