@@ -151,7 +151,17 @@ def _lego_split_with(lego: Path, tmp_path: Path, edit) -> Path:
      r"transforms_val.json: frame 2: transform_matrix has shape \[16\], expected 4x4"),
     (lambda meta: meta["frames"][1]["transform_matrix"][0].__setitem__(3, float("nan")),
      r"transforms_val.json: frame 1: transform_matrix is not finite"),
-], ids=["no frames", "flat matrix", "nan pose"])
+    (lambda meta: meta["frames"][3]["transform_matrix"][2].__setitem__(1, float("inf")),
+     r"transforms_val.json: frame 3: transform_matrix is not finite"),
+    (lambda meta: meta["frames"][2]["transform_matrix"][1].pop(),
+     r"transforms_val.json: frame 2: transform_matrix is not a 4x4 matrix of numbers"),
+    (lambda meta: meta["frames"][4].pop("transform_matrix"),
+     r"transforms_val.json: frame 4: no 'transform_matrix' key"),
+    (lambda meta: meta.update(frames={"0": {}}), r"transforms_val.json: `frames` is a dict, expected a list"),
+    (lambda meta: meta.update(camera_angle_x=float("nan")), r"transforms_val.json: camera_angle_x is nan"),
+    (lambda meta: meta.update(camera_angle_x=0), r"transforms_val.json: camera_angle_x is 0"),
+], ids=["no frames", "flat matrix", "nan pose", "inf pose", "ragged matrix", "no matrix", "frames not a list",
+        "nan field of view", "zero field of view"])
 def test_a_bad_frame_in_a_transforms_file_names_the_file_and_the_frame(lego, tmp_path, edit, message):
     scene = _lego_split_with(lego, tmp_path, edit)
     with pytest.raises(DatasetError, match=message):
@@ -164,8 +174,15 @@ def test_a_view_of_another_size_names_its_image(lego, tmp_path):
     scene = _lego_split_with(lego, tmp_path, lambda meta: None)
     second = scene / (json.loads((scene / "transforms_val.json").read_text())["frames"][1]["file_path"] + ".png")
     Image.open(second).resize((50, 50)).save(second)
-    with pytest.raises(DatasetError, match=rf"{second.name}: 50x50 pixels, but .* is 100x100"):
+    with pytest.raises(DatasetError, match=rf"transforms_val.json: frame 1: .*{second.name} is 50x50 pixels, but "
+                                           r"frame 0 \(r_0.png\) is 100x100"):
         nd.load_blender(scene, "val")
+
+
+def test_a_split_that_skip_and_limit_leave_empty_says_so(lego, tmp_path):
+    scene = _lego_split_with(lego, tmp_path, lambda meta: None)
+    with pytest.raises(DatasetError, match=r"transforms_val.json: no frames left of 100 \(skip 1, limit 0\)"):
+        nd.load_blender(scene, "val", limit=0)
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -119,6 +119,53 @@ def test_a_truncated_local_file_is_named_not_read(tmp_path, cache_shared):
     assert str(index) in str(err.value) and "ded8092db4cd767a367eebe09003b954a5316f24" in str(err.value)
 
 
+def _cora_copy_with(root: Path, fname: str, edit) -> Path:
+    """A copy of the shared Cora under ``root/planetoid`` whose ``fname`` is rewritten by ``edit(bytes)``."""
+    shutil.copytree(SHARED_PLANETOID / "Cora", root / "planetoid" / "Cora")
+    path = root / "planetoid" / "Cora" / "raw" / fname
+    path.write_bytes(edit(path.read_bytes()))
+    return path
+
+
+def _half_the_lines(data: bytes) -> bytes:
+    return b"".join(data.splitlines(keepends=True)[:500])
+
+
+def test_a_truncated_file_processed_before_it_was_checked_is_named_not_reused(tmp_path, monkeypatch):
+    """``processed/`` built from a truncated file (by a version without the check) must not keep serving the
+    500-node test set: the raw files are checked at every setup, not only on the first read."""
+    index = _cora_copy_with(tmp_path / "data", "ind.cora.test.index", _half_the_lines)
+    work = tmp_path / "data" / "planetoid"  # read in place: the default setup
+    with monkeypatch.context() as m:
+        m.setattr(planetoid_mod, "GIT_BLOB_IDS", {})  # as before the check
+        old = PlanetoidDataModule("Cora", root=str(tmp_path / "data"), cache_dir=str(work), download=False)
+        old.setup()
+        assert int(old.data.test_mask.sum()) == 500  # what a truncated file silently did
+    dm = PlanetoidDataModule("Cora", root=str(tmp_path / "data"), cache_dir=str(work), download=False)
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(index))} is not the original file .* delete it"):
+        dm.setup()
+
+
+def test_a_truncated_cache_copy_without_a_source_file_is_named(tmp_path):
+    """A file only in the cache (downloaded earlier, then cut short) is checked too, and named there."""
+    copy = _cora_copy_with(tmp_path / "cache", "ind.cora.test.index", _half_the_lines)
+    dm = PlanetoidDataModule("Cora", root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache" / "planetoid"),
+                             download=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(copy))} is not the original file"):
+        dm.setup()
+
+
+def test_an_unreadable_pickle_is_named_in_the_users_folder_not_the_cache_copy(tmp_path, monkeypatch):
+    """Where no checksum is known, PyG's reader names the problem: the message names that file as the user has
+    it (was: "could not read the files in <cache copy folder>: UnpicklingError")."""
+    monkeypatch.setattr(planetoid_mod, "GIT_BLOB_IDS", {})
+    bad = _cora_copy_with(tmp_path / "data", "ind.cora.tx", lambda data: b"not a pickle")
+    dm = PlanetoidDataModule("Cora", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), download=False)
+    with pytest.raises(DatasetError, match=rf"cannot read {re.escape(str(bad))} \(UnpicklingError"):
+        dm.setup()
+
+
 def test_transforms(dirs, cora_raw):
     assert set(cora_raw.data.x.unique().tolist()) == {0.0, 1.0}  # transform "none": raw binary features
     dm = make_dm(dirs, transform="target_indegree")

@@ -114,25 +114,51 @@ def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path):
     assert "wikitext-2-v1.zip" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("split", ["valid", "test"])
+def _wt2_copy_with(wt2_root: Path, tmp_path: Path, split: str, content: bytes) -> Path:
+    """A copy of WikiText-2 whose ``split`` file holds ``content``; returns that file."""
+    root = tmp_path / "data"
+    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
+    (root / "wikitext-2" / f"{split}.txt").write_bytes(content)
+    return root / "wikitext-2" / f"{split}.txt"
+
+
+def _setup_error(path: Path, tmp_path: Path, **kwargs) -> str:
+    dm = WikiTextDataModule(root=str(path.parents[1]), cache_dir=str(tmp_path / "cache"), download=False, **kwargs)
+    with pytest.raises(DatasetError) as err:
+        dm.setup("fit")
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
 def test_an_empty_split_file_is_named_at_setup_before_any_training(wt2_root, tmp_path, split):
-    root = tmp_path / "data"
-    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
-    (root / "wikitext-2" / f"{split}.txt").write_text("")
-    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
-    with pytest.raises(DatasetError) as err:
-        dm.setup("fit")
-    assert str(err.value).startswith(f"{root / 'wikitext-2' / f'{split}.txt'}: 0 tokens, too few for")
+    path = _wt2_copy_with(wt2_root, tmp_path, split, b"")  # (an empty train.txt was a KeyError: '<eos>')
+    assert _setup_error(path, tmp_path).startswith(f"{path}: 0 tokens, too few for 64 streams")
 
 
-def test_a_file_that_is_not_utf8_is_named_with_its_line(wt2_root, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
-    (root / "wikitext-2" / "valid.txt").write_bytes(b"a fine line\n = heading = \n\xff\xfe\x00binary\n")
-    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
-    with pytest.raises(DatasetError) as err:
-        dm.setup("fit")
-    assert str(err.value).startswith(f"{root / 'wikitext-2' / 'valid.txt'}:3: not UTF-8 text")
+def test_a_too_short_train_file_is_named_not_the_first_valid_word_it_lacks(wt2_root, tmp_path):
+    path = _wt2_copy_with(wt2_root, tmp_path, "train", b"one line\n")
+    assert _setup_error(path, tmp_path).startswith(f"{path}: 3 tokens, too few for 64 streams")
+
+
+def test_a_split_too_short_for_more_streams_is_named_at_its_current_path_when_the_cache_is_reused(wt2_root, tmp_path):
+    first = _wt2_copy_with(wt2_root, tmp_path / "a", "test", b"three tokens\n")
+    WikiTextDataModule(root=str(first.parents[1]), cache_dir=str(tmp_path / "cache"), download=False,
+                       eval_streams=1).setup("fit")  # fine for one stream; cached (keyed by content)
+    moved = tmp_path / "b" / "data"
+    shutil.copytree(first.parents[1], moved)
+    path = moved / "wikitext-2" / "test.txt"
+    assert _setup_error(path, tmp_path, eval_streams=2).startswith(f"{path}: 3 tokens, too few for 2 streams")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte(wt2_root, tmp_path):
+    path = _wt2_copy_with(wt2_root, tmp_path, "valid", b"a fine line\n = heading = \n\xff\xfe\x00binary\n")
+    assert _setup_error(path, tmp_path).startswith(f"{path}:3: not UTF-8 text (byte 26: invalid start byte)")
+
+
+def test_a_zero_filled_file_is_named_as_binary(wt2_root, tmp_path):
+    path = _wt2_copy_with(wt2_root, tmp_path, "test", b"a fine line\n" + bytes(4096))  # valid UTF-8, but NULs
+    assert _setup_error(path, tmp_path).startswith(f"{path}:2: a NUL byte: binary data")
 
 
 def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):

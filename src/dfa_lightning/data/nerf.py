@@ -107,40 +107,79 @@ def load_blender(folder: Path, split: str, white_background: bool = True, skip: 
     path = folder / f"transforms_{split}.json"
     try:
         meta = json.loads(path.read_text())
-        angle = float(meta["camera_angle_x"])
-        indices = list(range(len(meta["frames"])))[::skip][:limit]
-        frames = [meta["frames"][i] for i in indices]
-        if not frames:
-            raise DatasetError(f"{path}: no frames")
-        files = [folder / (f["file_path"] + ("" if f["file_path"].endswith(".png") else ".png")) for f in frames]
-        poses = torch.stack([_blender_pose(path, i, f["transform_matrix"]) for i, f in zip(indices, frames)])
+        angle = _camera_angle(path, meta["camera_angle_x"])
+        frames = meta["frames"]
+        if not isinstance(frames, list):
+            raise DatasetError(f"{path}: `frames` is a {type(frames).__name__}, expected a list of frames")
+        indices = list(range(len(frames)))[::skip][:limit]
     except DatasetError:  # (a FileNotFoundError too: already says what is wrong)
         raise
     except FileNotFoundError:
         raise DatasetError(f"missing {path}") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{path}: not a NeRF transforms file ({type(err).__name__}: {err})") from None
+    if not indices:  # before any stacking: an empty split was an IndexError
+        kept = f" left of {len(frames)} (skip {skip}, limit {limit})" if frames else ""
+        raise DatasetError(f"{path}: no frames{kept}")
+    files, poses = zip(*(_blender_frame(path, i, frames[i]) for i in indices))
     images = [read_png(f, 4) for f in files]
-    for frame, (file, image) in enumerate(zip(files, images)):
-        if image.shape != images[0].shape:
-            raise DatasetError(f"{file}: {image.shape[1]}x{image.shape[0]} pixels, but {files[0]} (the split's first "
-                               f"view) is {images[0].shape[1]}x{images[0].shape[0]}: a split's views share one size")
+    _check_same_size(path, indices, files, images)
     rgba = np.stack(images).astype(np.float32) / 255.0  # [n, H, W, 4]
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     images = rgb * alpha + (1.0 - alpha) if white_background else rgb
     width = rgba.shape[2]
-    return Views(torch.from_numpy(np.ascontiguousarray(images)), poses, 0.5 * width / math.tan(0.5 * angle),
-                 near=2.0, far=6.0, white_background=white_background)
+    return Views(torch.from_numpy(np.ascontiguousarray(images)), torch.stack(poses),
+                 0.5 * width / math.tan(0.5 * angle), near=2.0, far=6.0, white_background=white_background)
+
+
+def _camera_angle(path: Path, value) -> float:
+    """``camera_angle_x`` in radians, in (0, pi): a NaN or zero angle gave a NaN focal or a ZeroDivisionError."""
+    angle = float(value)
+    if not 0.0 < angle < math.pi:
+        raise DatasetError(f"{path}: camera_angle_x is {value!r}, expected a field of view in radians in (0, pi)")
+    return angle
+
+
+def _blender_frame(path: Path, index: int, frame) -> tuple[Path, torch.Tensor]:
+    """Frame ``index``'s image file and camera-to-world ``[3, 4]``; anything malformed names the file and frame."""
+    try:
+        name = frame["file_path"]
+        file = path.parent / (name + ("" if name.endswith(".png") else ".png"))
+        return file, _blender_pose(path, index, frame["transform_matrix"])
+    except DatasetError:
+        raise
+    except KeyError as err:
+        raise DatasetError(f"{path}: frame {index}: no {err} key") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise DatasetError(f"{path}: frame {index}: malformed ({type(err).__name__}: {err})") from None
 
 
 def _blender_pose(path: Path, index: int, matrix) -> torch.Tensor:
-    """Frame ``index``'s camera-to-world ``[3, 4]`` from its ``transform_matrix`` (4x4 or 3x4, finite)."""
-    pose = torch.tensor(matrix, dtype=torch.float32)
+    """Frame ``index``'s camera-to-world ``[3, 4]`` from its ``transform_matrix`` (4x4 or 3x4, finite): a NaN pose
+    was only caught later as a NaN loss."""
+    try:
+        pose = torch.tensor(matrix, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: frame {index}: transform_matrix is not a 4x4 matrix of numbers "
+                           f"({err})") from None
     if pose.shape not in ((4, 4), (3, 4)):
-        raise DatasetError(f"{path}: frame {index}: transform_matrix has shape {list(pose.shape)}, expected 4x4")
+        raise DatasetError(f"{path}: frame {index}: transform_matrix has shape {list(pose.shape)}, expected 4x4 "
+                           "(or 3x4)")
     if not torch.isfinite(pose).all():
-        raise DatasetError(f"{path}: frame {index}: transform_matrix is not finite")
+        raise DatasetError(f"{path}: frame {index}: transform_matrix is not finite (NaN or inf)")
     return pose[:3, :4]
+
+
+def _check_same_size(path: Path, indices: list[int], files: tuple[Path, ...], images: list[np.ndarray]) -> None:
+    """A split's views share one size (rays are stacked per split): name the first view that differs."""
+    height, width = images[0].shape[:2]
+    for index, file, image in zip(indices, files, images):
+        if image.shape[:2] != (height, width):
+            raise DatasetError(f"{path}: frame {index}: {file} is {image.shape[1]}x{image.shape[0]} pixels, but "
+                               f"frame {indices[0]} ({files[0].name}) is {width}x{height}: a split's views share "
+                               "one size")
 
 
 # ---------------------------------------------------------------------------------------------- LLFF

@@ -9,8 +9,10 @@ Where the files are read and written:
   copied again only when its size or modification time changed, and then ``processed/`` is rebuilt. When the data
   folder *is* the work folder (the default setup) nothing is copied.
 * Missing files are downloaded (when ``download`` is on) from the original planetoid repository into the work
-  folder, and checked against their known git blob ids. Offline, or with ``download: false``, a
-  :class:`~dfa_lightning.errors.DatasetError` names the dataset, the folder searched and each missing file.
+  folder. Offline, or with ``download: false``, a :class:`~dfa_lightning.errors.DatasetError` names the dataset,
+  the folder searched and each missing file.
+* Every file, local or downloaded, is checked against its known git blob id at each setup (a few MB of hashing);
+  one that differs (truncated, modified) is a DatasetError naming it, both ids and the fix.
 
 Every dataloader yields the same :class:`torch_geometric.data.Data` object once per epoch (full batch). Lightning
 moves it to the device through ``Data.to``, which works in place: the graph is copied to the GPU once and stays
@@ -189,21 +191,18 @@ class PlanetoidDataModule(pl.LightningDataModule):
         if self.root is not None and not Path(self.root).expanduser().is_dir():
             raise DatasetError(f"Planetoid {self.name}: the data folder {self.root} (`root:`) does not exist")
         same = src.exists() and dst.exists() and os.path.samefile(src, dst)
-        first_read = not (self.work_root / self.name / "processed").is_dir()
         changed, missing = False, []
         for fname in self.raw_names:
             s, d = src / fname, dst / fname
             if s.is_file():
+                self._check_original(s)  # every time, not only when first copied: see _check_original
                 if same:
-                    if first_read:
-                        self._check_original(s)
                     continue
                 st = s.stat()
                 if d.is_file():
                     dt = d.stat()
                     if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
                         continue
-                self._check_original(s)
                 dst.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{fname}.", suffix=".part")
                 os.close(fd)
@@ -214,7 +213,9 @@ class PlanetoidDataModule(pl.LightningDataModule):
                     if os.path.exists(tmp):
                         os.remove(tmp)
                 changed = True
-            elif not d.is_file():
+            elif d.is_file():
+                self._check_original(d)  # a cache copy (downloaded earlier) can be cut short too
+            else:
                 missing.append(fname)
         if missing:
             searched = str(src) if same else f"{src} (nor in the cache {dst})"
@@ -238,14 +239,18 @@ class PlanetoidDataModule(pl.LightningDataModule):
             shutil.rmtree(self.work_root / self.name / "processed", ignore_errors=True)
 
     def _check_original(self, path: Path) -> None:
-        """A local copy must be the original file (its git blob id): a truncated ``test.index`` would otherwise
-        shrink the test set without a word. Checked when a file is first copied or read (the files are small)."""
+        """A local file must be the original (its git blob id): a truncated ``test.index`` would otherwise shrink
+        the test set without a word. Checked at every sync, not only on the first copy: a ``processed/`` folder
+        built from a bad file by an earlier version, or a file edited in place, would keep being used. (Cheap: the
+        largest file, PubMed's ``allx``, is 7 MB.)"""
         expected = GIT_BLOB_IDS.get(path.name)
-        got = git_blob_id(path) if expected is not None else None
+        if expected is None:  # a name without a known id: nothing to compare with
+            return
+        got = git_blob_id(path)
         if got != expected:
             raise DatasetError(f"Planetoid {self.name}: {path} is not the original file (git blob id {got}, expected "
-                               f"{expected}; truncated or modified?). Replace it with the original from {URL}, or "
-                               "delete it to download it again.")
+                               f"{expected}; truncated or modified?). Replace it with the original from "
+                               f"{URL}/{path.name}, or delete it to download it again.")
 
     def prepare_data(self) -> None:
         """Copy / download the files and let PyG process them (runs on one process per node)."""
@@ -267,9 +272,28 @@ class PlanetoidDataModule(pl.LightningDataModule):
 
         try:
             return Planetoid(str(self.work_root), self.name)
-        except Exception as err:  # unreadable / corrupt pickles, missing scipy, ...
-            raise DatasetError(f"Planetoid {self.name}: could not read the files in "
-                               f"{self.work_root / self.name / 'raw'}: {type(err).__name__}: {err}") from err
+        except Exception as err:  # unreadable / corrupt pickles, missing scipy, a stale processed/, ...
+            raise DatasetError(f"Planetoid {self.name}: {self._unreadable(err)}") from err
+
+    def _unreadable(self, err: Exception) -> str:
+        """What could not be read, for the message: the first raw file that PyG's reader fails on, named in the
+        user's data folder when it came from there (not only "the files in <cache copy folder>"); else the
+        ``processed/`` folder, which is rebuilt when deleted."""
+        from torch_geometric.io.planetoid import read_file
+
+        raw = self.work_root / self.name / "raw"
+        for part in PARTS:
+            try:
+                read_file(str(raw), self.name, part)
+            except ImportError as file_err:  # the file is fine: the reader lacks a module (scipy)
+                return f"reading the raw files needs a missing module ({file_err}); pip install {file_err.name}"
+            except Exception as file_err:  # noqa: BLE001 (any reader error is the message)
+                fname = f"ind.{self.name.lower()}.{part}"
+                path = self.source_dir / fname if (self.source_dir / fname).is_file() else raw / fname
+                return (f"cannot read {path} ({type(file_err).__name__}: {file_err}); replace it with the original "
+                        f"from {URL}/{fname}, or delete it to download it again")
+        processed = self.work_root / self.name / "processed"
+        return f"could not load {processed} ({type(err).__name__}: {err}); delete that folder to rebuild it"
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:

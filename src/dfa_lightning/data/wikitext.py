@@ -122,24 +122,41 @@ class StreamChunks(Dataset):
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
 def _lines(path: Path, lowercase: bool):
+    """The file's lines as text; a file that is not UTF-8 text (binary, another encoding) is a DatasetError naming
+    the file, line and byte (it was a UnicodeDecodeError traceback, or NUL "words" from a zero-filled file)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
+                if "\0" in line:
+                    raise DatasetError(f"{path}:{lineno}: a NUL byte: binary data, not WikiText text (is this the "
+                                       "right file, or was it cut short by a crash?)")
                 yield line.lower() if lowercase else line
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text ({err.reason}); WikiText files "
-                           "are UTF-8: is this the right file?") from None
+        lineno, offset = _first_undecodable_byte(path)
+        raise DatasetError(f"{path}:{lineno}: not UTF-8 text (byte {offset}: {err.reason}); WikiText files are "
+                           "UTF-8: is this the right file?") from None
 
 
-def _first_undecodable_line(path: Path) -> int:
-    """The 1-based number of the first line of ``path`` that is not UTF-8 (for the error message)."""
+def _first_undecodable_byte(path: Path) -> tuple[int, int]:
+    """The 1-based line and the 0-based file offset of the first byte of ``path`` that is not UTF-8 (for the
+    message: the decoder's own position is within its read buffer, not the file)."""
+    offset = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return lineno
-    return 0
+            except UnicodeDecodeError as err:
+                return lineno, offset + err.start
+            offset += len(raw)
+    return 0, offset
+
+
+def _check_enough_tokens(source: Path | str, count: int, streams: int) -> None:
+    """Every split needs 2 tokens per stream: say so at setup, naming the text file, not after a whole fit (an
+    empty test.txt) nor as a nameless "0 tokens are too few"."""
+    if count < 2 * streams:
+        raise DatasetError(f"{source}: {count} tokens, too few for {streams} streams (each needs at least 2 "
+                           "tokens); is the file empty or truncated?")
 
 
 def word_vocab(path: Path, lowercase: bool = False) -> dict[str, int]:
@@ -151,6 +168,7 @@ def word_vocab(path: Path, lowercase: bool = False) -> dict[str, int]:
                 vocab[word] = len(vocab)
         if EOS not in vocab:
             vocab[EOS] = len(vocab)
+    vocab.setdefault(EOS, len(vocab))  # an empty file: 0 tokens (named by the caller), not a KeyError
     return vocab
 
 
@@ -373,23 +391,24 @@ class WikiTextDataModule(pl.LightningDataModule):
         """Download (if needed) and encode once into the cache (rank 0 only under DDP)."""
         self._cache_folder(build=True)
 
-    def _cache_folder(self, build: bool) -> Path:
+    def _cache_folder(self, build: bool) -> tuple[Path, dict[str, Path]]:
+        """The cache folder (built if asked and missing) and the text files it was made from."""
         files = self.text_files()
         folder = self.work_dir / f"{self.name}-{self.tokenizer}-{self.cache_key(files)}"
         if (folder / "meta.json").is_file() or not build:
-            return folder
+            return folder, files
         rank_zero_info(f"{self.name}: encoding with the {self.tokenizer} tokenizer into {folder}")
         tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.part"
         tmp.mkdir(parents=True)
         try:
             if self.tokenizer == "word":
                 vocab = word_vocab(files["train"], self.lowercase)
-                encoded = {s: word_encode(files[s], vocab, self.lowercase) for s in SPLITS}
+                encoded = self._encode_splits(files, lambda path: word_encode(path, vocab, self.lowercase))
                 (tmp / "vocab.json").write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
                 size = len(vocab)
             else:
                 tokenizer = bpe_train(files["train"], self.bpe_vocab_size, self.lowercase)
-                encoded = {s: bpe_encode(files[s], tokenizer, self.lowercase) for s in SPLITS}
+                encoded = self._encode_splits(files, lambda path: bpe_encode(path, tokenizer, self.lowercase))
                 tokenizer.save(str(tmp / "tokenizer.json"))
                 size = tokenizer.get_vocab_size()
             for split, ids in encoded.items():
@@ -406,24 +425,33 @@ class WikiTextDataModule(pl.LightningDataModule):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
-        return folder
+        return folder, files
+
+    def _encode_splits(self, files: dict[str, Path], encode) -> dict[str, np.ndarray]:
+        """Each split's ids, train first, each checked for size as soon as encoded: a near-empty train.txt is
+        named as such, not as the first valid.txt word it lacks."""
+        encoded = {}
+        for split in SPLITS:
+            encoded[split] = encode(files[split])
+            _check_enough_tokens(files[split], len(encoded[split]), self._streams(split))
+        return encoded
+
+    def _streams(self, split: str) -> int:
+        return self.streams if split == "train" else self.eval_streams
 
     def load(self) -> None:
         """Read the cached ids and vocabulary (building the cache if needed); idempotent."""
         if self.ids:
             return
-        folder = self._cache_folder(build=True)
+        folder, files = self._cache_folder(build=True)
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         for split in SPLITS:
             arr = np.load(folder / f"{split}.npy")
             if len(arr) != meta["tokens"][split]:
                 raise DatasetError(f"{folder / f'{split}.npy'}: {len(arr)} ids, meta.json says {meta['tokens'][split]}"
                                    "; delete the folder to rebuild it")
-            streams = self.streams if split == "train" else self.eval_streams
-            if len(arr) < 2 * streams:  # every split, now: an empty test.txt must not wait for the end of fit
-                source = meta.get("files", {}).get(split, folder / f"{split}.npy")
-                raise DatasetError(f"{source}: {len(arr)} tokens, too few for {streams} streams (each needs at least "
-                                   "2 tokens); is the file empty or truncated?")
+            # again for a cache built with fewer streams (named by this run's file: the cache is keyed by content)
+            _check_enough_tokens(files[split], len(arr), self._streams(split))
             self.ids[split] = torch.from_numpy(arr)
         if self.tokenizer == "word":
             self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
@@ -467,8 +495,7 @@ class WikiTextDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------------------- loaders
     def dataset(self, split: str) -> StreamChunks:
         self.load()
-        streams = self.streams if split == "train" else self.eval_streams
-        return StreamChunks(self.ids[split], streams, self.seq_len)
+        return StreamChunks(self.ids[split], self._streams(split), self.seq_len)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=None, shuffle=shuffle, num_workers=self.num_workers,
