@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,21 @@ def test_a_missing_scene_names_the_file_and_where_to_get_it(tmp_path):
         lego.setup()
     with pytest.raises(ConfigError, match="dataset must be one of"):
         nd.NeRFDataModule("shapenet")
+
+
+def test_an_empty_data_folder_says_it_falls_back_to_the_cache_copy(tmp_path):
+    cached = tmp_path / "c" / "nerf" / "nerf_synthetic" / "lego"
+    cached.mkdir(parents=True)
+    (cached / "transforms_train.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    lego = nd.NeRFDataModule("blender", "lego", root=str(tmp_path / "empty"), download=False,
+                             cache_dir=str(tmp_path / "c"))
+    with pytest.warns(UserWarning, match=r"NeRF blender scene 'lego': not in .*empty/nerf/nerf_synthetic/lego "
+                                         r"\(from `root:`\); using the copy in the download cache .*c/nerf/"):
+        assert lego.scene_dir() == cached
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lego.scene_dir() == cached  # said once, not at every call (prepare_data, then setup)
 
 
 def test_a_malformed_camera_file_or_image_names_the_file(lego, tmp_path):

@@ -156,6 +156,21 @@ def test_a_truncated_cache_copy_without_a_source_file_is_named(tmp_path):
         dm.setup()
 
 
+def test_an_empty_data_folder_says_it_falls_back_to_the_cache_copy(tmp_path):
+    """Files missing from the folder the user named, but downloaded into the cache earlier: used, and said (an
+    empty or mistyped ``root:`` trained on the cache's copy without a word)."""
+    cache = tmp_path / "cache" / "planetoid"
+    shutil.copytree(SHARED_PLANETOID / "Cora", cache / "Cora")
+    (tmp_path / "empty").mkdir()
+    dm = PlanetoidDataModule("Cora", root=str(tmp_path / "empty"), cache_dir=str(cache), download=False)
+    searched = tmp_path / "empty" / "planetoid" / "Cora" / "raw"
+    with pytest.warns(UserWarning, match=rf"Planetoid Cora: the files: not in {re.escape(str(searched))} \(from "
+                                         rf"`root:`\); using the copy in the download cache "
+                                         rf"{re.escape(str(cache / 'Cora' / 'raw'))}"):
+        dm.setup()
+    assert dm.data.num_nodes == 2708
+
+
 def test_an_unreadable_pickle_is_named_in_the_users_folder_not_the_cache_copy(tmp_path, monkeypatch):
     """Where no checksum is known, PyG's reader names the problem: the message names that file as the user has
     it (was: "could not read the files in <cache copy folder>: UnpicklingError")."""

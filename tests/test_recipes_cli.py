@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dfa_lightning.cli import main, run
 
@@ -174,6 +175,94 @@ def test_a_missing_checkpoint_is_one_line_before_anything_is_built(tmp_path, cap
     missing = tmp_path / "nope.ckpt"
     assert main([subcommand, "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(missing)]) == 2
     assert _one_line_error(capsys) == f"error: ckpt_path {missing}: checkpoint file not found (from {Path.cwd()})"
+
+
+@pytest.fixture(scope="module")
+def gcn_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint of the GCN recipe (one epoch on the shared Cora, private cache)."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    tmp = tmp_path_factory.mktemp("gcn_ckpt")
+    assert _fit("recipes/gcn_dfa.yaml", tmp, "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir",
+                str(tmp / "cache"), "--trainer.max_epochs", "1", "--test_after_fit", "false") == 0
+    return next(tmp.rglob("*.ckpt"))
+
+
+def _truncated(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "cut.ckpt"
+    out.write_bytes(path.read_bytes()[:20000])  # a copy interrupted midway
+    return out
+
+
+def _plain_state_dict(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "weights.pt"
+    torch.save({"conv1.bias": torch.zeros(16)}, out)  # torch.save(model.state_dict()), not a run's checkpoint
+    return out
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_truncated, "cannot be read as a checkpoint (OSError: "),
+    (_plain_state_dict, "is not a Lightning checkpoint (no 'state_dict'; it holds ['conv1.bias'])"),
+], ids=["truncated", "plain state_dict"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_an_unreadable_checkpoint_is_one_line_naming_it(gcn_checkpoint, tmp_path, capsys, subcommand, make, expected):
+    bad = make(gcn_checkpoint, tmp_path)
+    assert main([subcommand, "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(bad)]) == 2
+    assert _one_line_error(capsys).startswith(f"error: ckpt_path {bad}: {expected}")
+
+
+def test_a_checkpoint_of_another_recipe_is_one_line_naming_what_does_not_fit(gcn_checkpoint, tmp_path, capsys):
+    """A GCN checkpoint given to the GAT recipe: was Lightning's load_state_dict wall after the data was set up."""
+    from conftest import SHARED_DATA
+
+    assert main(["validate", "--config", str(REPO / "recipes/gat_dfa.yaml"), "--ckpt_path", str(gcn_checkpoint),
+                 "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--trainer.logger", "false"]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"error: ckpt_path {gcn_checkpoint}: does not fit this recipe's model (GAT): 3 shape "
+                           "mismatch (model.conv1.bias (16,) in the file, (64,) here; "), line
+    assert "4 missing (model.conv1.att_src; model.conv1.att_dst; model.conv2.att_src and 1 more)" in line
+    assert not (tmp_path / "cache").exists()  # named before the data was set up
+
+
+def test_the_checkpoint_of_the_same_recipe_still_loads(gcn_checkpoint, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(gcn_checkpoint),
+                 "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--trainer.logger", "false", *QUIET]) == 0
+
+
+@pytest.mark.parametrize("flag, expected", [
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches is 0: expected an integer >= 1"),
+    (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch is 0: expected an integer >= 1"),
+    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval is 0: expected a fraction of an epoch"),
+    (["--trainer.max_steps", "-2"], "trainer.max_steps: `max_steps` must be a non-negative integer or -1"),
+    (["--trainer.strategy", "ddq"], "trainer.strategy: You selected an invalid strategy name: `strategy='ddq'`"),
+    pytest.param(["--trainer.accelerator=gpu"], "trainer.accelerator: No supported gpu backend found!",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+], ids=["accumulate 0", "every 0 epochs", "interval 0", "max_steps", "strategy", "no gpu"])
+def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_key(capsys, flag, expected):
+    """Lightning's MisconfigurationException, and counts it takes modulo unchecked (a ZeroDivisionError mid-run)."""
+    recipe = REPO / "recipes/gcn_dfa.yaml"
+    assert main(["fit", "--config", str(recipe), *flag, "--trainer.logger", "false"]) == 2
+    assert _one_line_error(capsys).startswith(f"error: command line ({recipe}): {expected}")
+
+
+def test_a_val_check_interval_longer_than_the_epoch_is_one_line_naming_the_key(tmp_path, capsys):
+    """Lightning's own ValueError once the epoch's length is known (GCN: one full-graph batch per epoch)."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.val_check_interval", "5") == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): trainer.val_check_interval: "
+                           "`val_check_interval` (5) must be less than or equal to the number of the training "
+                           "batches (1)"), line
 
 
 def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_folder_is_made(tmp_path, capsys):

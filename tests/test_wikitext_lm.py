@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -112,6 +113,17 @@ def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path):
     message = str(err.value)
     assert f"missing valid.txt in {root / 'wikitext-2'} " in message
     assert "wikitext-2-v1.zip" in message and "\n" not in message
+
+
+def test_an_empty_data_folder_says_it_falls_back_to_the_cache_copy(wt2_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(wt2_root / "wikitext-2", tmp_path / "cache" / "wikitext-2")
+    dm = WikiTextDataModule(root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"), download=False)
+    with pytest.warns(UserWarning, match=rf"wikitext-2: not in {re.escape(str(tmp_path / 'empty' / 'wikitext-2'))} "
+                                         rf"\(from `root:`\); using the copy in the download cache "
+                                         rf"{re.escape(str(tmp_path / 'cache' / 'wikitext-2'))}"):
+        files = dm.text_files()
+    assert files["train"] == tmp_path / "cache" / "wikitext-2" / "train.txt"
 
 
 def _wt2_copy_with(wt2_root: Path, tmp_path: Path, split: str, content: bytes) -> Path:

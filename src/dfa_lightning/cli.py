@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from dfa_lightning.checkpoint_check import checkpoint_problem, read_state_dict
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
 
@@ -76,22 +79,34 @@ class RecipeArgumentParser(LightningArgumentParser):
         raise ConfigError(_explain(message, parser))
 
 
+def _recipes(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+
+
+def _origin(argv: list[str], key: str) -> str:
+    """Where ``key`` was set, as a message prefix: the recipe(s), or the command line when it was typed there (named
+    beside the recipe it overrides)."""
+    recipes = _recipes(argv)
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
+    if any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags):
+        return f"command line ({', '.join(recipes)}): " if recipes else "command line: "
+    return f"{', '.join(recipes)}: " if recipes else ""
+
+
 def _explain(message: str, parser: LightningArgumentParser) -> str:
     """One line: the recipe, the offending key, and a close match or the parser's reason."""
     message = re.sub(r'in "<unicode string>", line (\d+), column \d+', r"line \1", message)
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [message]
     argv = list(getattr(parser, "args", None) or sys.argv)
-    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    recipes = _recipes(argv)
     where = f"{', '.join(recipes)}: " if recipes else ""
     start = getattr(parser, "start_dir", None) or Path.cwd()
     missing = [r for r in recipes if r.endswith((".yaml", ".yml")) and not (start / r).is_file()]
     if missing:
         return f"{', '.join(missing)}: recipe file not found (from {start})"
-    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
 
-    def source(key: str) -> str:  # a key typed on the command line is named as such, beside the recipe it overrides
-        typed = any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags)
-        return (f"command line ({', '.join(recipes)}): " if recipes else "command line: ") if typed else where
+    def source(key: str) -> str:
+        return _origin(argv, key)
 
     known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
     unrecognised = re.match(r"unrecognized arguments: (--\S+)", lines[0])
@@ -155,9 +170,9 @@ def _union_reason(message: str) -> tuple[str, str | None]:
         if keys:
             return inner_key, (f"unexpected key(s) {keys} in a class_path/init_args entry (a misspelt class_path, "
                                "or a setting that belongs under init_args?)")
-    literal = re.search(r"Expected a typing\.Literal\[(.+)\]", message)
-    if literal:
-        return inner_key, f"expected one of {literal.group(1)}"
+    literals = re.findall(r"Expected a typing\.Literal\[(.+)\]", message)
+    if literals:  # a Union of Literals (trainer.precision: 64, 32, 16, 'bf16-mixed', ...): every choice
+        return inner_key, f"expected one of {', '.join(dict.fromkeys(literals))}"
     bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, flags=re.M)]
     specific = [b for b in bullets if not b.startswith(_GENERIC) and not b.startswith("Not a valid subclass")]
     return inner_key, (specific[0] if specific else None)
@@ -168,7 +183,22 @@ class DFALightningCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         self.test_results = {}  # before LightningCLI runs the subcommand (which may fill it)
+        self._saved_state: dict | None = None  # ckpt_path's state_dict, read once while parsing
+        given = kwargs.get("args")
+        self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``ckpt_path`` for saved hyperparameters right after parsing: a truncated or foreign
+        file is named here, as one line, instead of torch's unpickling traceback."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(str(ckpt_path)).is_file():
+            try:
+                self._saved_state = read_state_dict(str(ckpt_path))  # memory-mapped; checked against the model later
+            except ValueError as err:
+                raise ConfigError(f"ckpt_path {ckpt_path}: {err}") from None
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -182,6 +212,7 @@ class DFALightningCLI(LightningCLI):
         if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
                 and not Path(str(ckpt_path)).is_file()):  # before any model or data is built: nothing to lose
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
+        self._check_trainer_counts(config.get("trainer", {}))
         callbacks = config.get("trainer", {}).get("callbacks") or []
         rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
         if len(rules) > 1:  # allowed only as one rule over several networks: distinct names, one method
@@ -199,6 +230,19 @@ class DFALightningCLI(LightningCLI):
             if getattr(logger.init_args, "name", None) in (None, "default", "lightning_logs"):
                 logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
 
+    def _check_trainer_counts(self, trainer: dict) -> None:
+        """Counts Lightning takes modulo without checking them: 0 is a ZeroDivisionError mid-run."""
+        for key, allowed, valid in (
+                ("accumulate_grad_batches", "an integer >= 1", lambda v: v >= 1),
+                ("check_val_every_n_epoch", "an integer >= 1, or null to validate by steps",
+                 lambda v: v is None or v >= 1),
+                ("val_check_interval", "a fraction of an epoch in (0, 1] or a number of batches >= 1 (to turn "
+                 "validation off, set trainer.limit_val_batches: 0)", lambda v: v is None or v > 0)):
+            value = trainer.get(key)
+            if key in trainer and not valid(value):
+                where = _origin(self._argv, f"trainer.{key}")
+                raise ConfigError(f"{where}trainer.{key} is {value}: expected {allowed}")
+
     def _check_data_fits_model(self) -> None:
         """``in_channels`` in the recipe against the data's feature count (``model_hints``), before a step: a
         mismatch (Cora is 1433, PubMed 500) is otherwise a matmul shape error deep in the first forward."""
@@ -213,14 +257,30 @@ class DFALightningCLI(LightningCLI):
             raise ConfigError(f"model.model.init_args.in_channels is {given}, but the data has {expected} features "
                               f"({type(self.datamodule).__name__}); set it to {expected}")
 
+    def _check_checkpoint_fits_model(self) -> None:
+        """A truncated ``ckpt_path``, or one written by another recipe, named before the data is set up (it was a
+        torch unpickling or ``load_state_dict`` traceback)."""
+        ckpt_path = self.config.get(self.subcommand, self.config).get("ckpt_path")
+        if ckpt_path and Path(str(ckpt_path)).is_file():  # not "best"/"last"/a URL: Lightning resolves those
+            problem = checkpoint_problem(str(ckpt_path), self.model, self._saved_state)
+            self._saved_state = None  # Lightning reads the file itself to restore it
+            if problem:
+                raise ConfigError(problem)
+
     def before_fit(self) -> None:
+        self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
 
     def before_validate(self) -> None:
+        self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
 
     def before_test(self) -> None:
+        self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint_fits_model()
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
@@ -284,14 +344,51 @@ def user_error(err: BaseException) -> UserError | None:
     return None
 
 
+_TRAINER_KEYS = frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def lightning_refusal(err: BaseException, argv: list[str]) -> str | None:
+    """Lightning's own refusal of a setting, as one line naming the ``trainer.<key>`` and where it was set: any
+    MisconfigurationException, and a ValueError that Lightning raises about one of the Trainer's arguments (a
+    ``val_check_interval`` longer than the epoch, an unknown ``strategy``). Lightning's message says the fix."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    message = " ".join(str(err).split())
+    key = next((w for w in re.findall(r"[A-Za-z_]+", message) if w in _TRAINER_KEYS), None)
+    if isinstance(err, MisconfigurationException):
+        pass
+    elif not (isinstance(err, ValueError) and key and _raised_in_lightning(err)):
+        return None
+    if key is None:  # "No supported gpu backend found!": the trainer flag whose value the message names, if typed
+        flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
+        typed = {a[len("--trainer."):]: v for a, v in zip(flat, flat[1:]) if a.startswith("--trainer.")}
+        words = set(re.findall(r"\w+", message.lower()))
+        key = next((k for k, v in typed.items() if k in _TRAINER_KEYS and v.lower() in words), None)
+    if key is None:
+        recipes = _recipes(argv)
+        return f"{', '.join(recipes) + ': ' if recipes else ''}Lightning refused the settings: {message}"
+    return f"{_origin(argv, f'trainer.{key}')}trainer.{key}: {message}"
+
+
+def _raised_in_lightning(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    packages = ("pytorch_lightning", "lightning_fabric", "lightning")
+    return any(f"{os.sep}{package}{os.sep}" in where for package in packages)
+
+
 def main(args: list[str] | None = None) -> int:
+    argv = list(args) if args is not None else sys.argv[1:]
     try:
         run(args)
     except Exception as err:
         cause = user_error(err)
-        if cause is None:
+        refusal = lightning_refusal(err, argv) if cause is None else None
+        if cause is None and refusal is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {cause if cause is not None else refusal}", file=sys.stderr)
         return 2
     return 0
 

@@ -38,7 +38,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum
+from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum,
+                                      warn_cache_fallback)
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["NeRFDataModule", "Views", "load_blender", "load_llff", "camera_rays", "ndc_rays", "EXAMPLE_ARCHIVE"]
@@ -380,6 +381,7 @@ class NeRFDataModule(pl.LightningDataModule):
         self.splits: dict[str, Views] = {}
         self.test_indices: list[int] = []
         self._train: RandomRays | None = None
+        self._said_cache = False
 
     # ---------------------------------------------------------------- files
     def scene_dir(self) -> Path:
@@ -393,6 +395,9 @@ class NeRFDataModule(pl.LightningDataModule):
         cached = self.cache_dir / "nerf" / self.folder / self.scene
         if archive_scene and self.folder == DEFAULT_FOLDERS[self.dataset]:
             if (cached / marker).is_file():
+                if cached.resolve() != local.resolve() and not self._said_cache:
+                    warn_cache_fallback(f"NeRF {self.dataset} scene {self.scene!r}", local, cached, self.root)
+                    self._said_cache = True  # scene_dir() runs in prepare_data and again in setup
                 return cached
             if self.download:
                 self._fetch_example(archive_scene, cached)

@@ -13,6 +13,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from pytorch_lightning.utilities import rank_zero_warn
+
 from dfa_lightning.errors import DatasetError
 
 ENV_VAR = "DFA_DATA_DIR"
@@ -25,6 +27,13 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         return Path(root).expanduser()
     env = os.environ.get(ENV_VAR)
     return Path(env).expanduser() if env else DEFAULT_CACHE
+
+
+def warn_cache_fallback(what: str, searched: Path, used: Path, root: str | os.PathLike | None) -> None:
+    """Say that the dataset was not in the folder the user named and an earlier copy in the download cache is used:
+    an empty or mistyped ``root:`` / ``$DFA_DATA_DIR`` would otherwise train on whatever the cache holds, unsaid."""
+    setting = "`root:`" if root is not None else f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the default folder"
+    rank_zero_warn(f"{what}: not in {searched} (from {setting}); using the copy in the download cache {used}")
 
 
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -34,7 +34,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root, download as download_file
+from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file,
+                                      warn_cache_fallback)
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["PlanetoidDataModule", "stratified_kfold"]
@@ -191,7 +192,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
         if self.root is not None and not Path(self.root).expanduser().is_dir():
             raise DatasetError(f"Planetoid {self.name}: the data folder {self.root} (`root:`) does not exist")
         same = src.exists() and dst.exists() and os.path.samefile(src, dst)
-        changed, missing = False, []
+        changed, missing, from_cache = False, [], []
         for fname in self.raw_names:
             s, d = src / fname, dst / fname
             if s.is_file():
@@ -215,8 +216,12 @@ class PlanetoidDataModule(pl.LightningDataModule):
                 changed = True
             elif d.is_file():
                 self._check_original(d)  # a cache copy (downloaded earlier) can be cut short too
+                from_cache.append(fname)
             else:
                 missing.append(fname)
+        if from_cache and not same:
+            files = "the files" if len(from_cache) == len(self.raw_names) else ", ".join(from_cache)
+            warn_cache_fallback(f"Planetoid {self.name}: {files}", src, dst, self.root)
         if missing:
             searched = str(src) if same else f"{src} (nor in the cache {dst})"
             what = f"Planetoid {self.name}: missing {', '.join(missing)} in {searched}"

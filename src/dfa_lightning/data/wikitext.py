@@ -47,7 +47,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum
+from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum,
+                                      warn_cache_fallback)
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["WikiTextDataModule", "StreamChunks", "batchify", "ARCHIVES"]
@@ -334,6 +335,8 @@ class WikiTextDataModule(pl.LightningDataModule):
         for folder in folders:
             found = {s: self._find(folder, s) for s in SPLITS}
             if all(found.values()):
+                if folder != folders[0] and folder.resolve() != folders[0].resolve():
+                    warn_cache_fallback(self.name, folders[0], folder, self.root)
                 return found  # type: ignore[return-value]
         found = {s: self._find(self.source_dir, s) for s in SPLITS}
         missing = [_file_names(s)[0] for s, path in found.items() if path is None]
