@@ -238,13 +238,24 @@ def test_missing_file_says_where_to_download(tmp_path, monkeypatch):
 
 
 @needs_sample
-def test_relative_path_is_looked_up_in_the_data_root(tmp_path):
+def test_relative_path_is_looked_up_in_the_data_root_and_the_cache_is_not_written_there(tmp_path, monkeypatch):
+    """The data root may be read-only or shared: derived files go to the cache folder, as for every dataset."""
+    monkeypatch.setattr(criteo, "DEFAULT_CACHE", tmp_path / "home_cache")
     (tmp_path / "criteo").mkdir()
     head = SAMPLE.read_text().splitlines(keepends=True)[:50]
     (tmp_path / "criteo" / "small.txt").write_text("".join(head))
-    dm = CriteoDataModule(path="small.txt", root=str(tmp_path), batch_size=16)  # cache under root/criteo/cache
+    dm = CriteoDataModule(path="small.txt", root=str(tmp_path), batch_size=16)
     dm.setup()
-    assert dm.meta["rows"] == 50 and dm.cache.parent == tmp_path / "criteo" / "cache"
+    assert dm.meta["rows"] == 50 and dm.cache.parent == tmp_path / "home_cache" / "criteo"
+    assert sorted(p.name for p in (tmp_path / "criteo").iterdir()) == ["small.txt"]
+
+
+def test_a_path_that_is_a_folder_is_named_with_the_files_it_holds(tmp_path):
+    (tmp_path / "criteo").mkdir()
+    (tmp_path / "criteo" / "train_10k.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"Criteo path .*criteo is a folder: point `path:` at the file in it "
+                                           r"\(it holds train_10k.txt\)"):
+        CriteoDataModule(path=str(tmp_path / "criteo")).setup()
 
 
 @needs_sample

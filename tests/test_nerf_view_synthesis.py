@@ -136,6 +136,24 @@ def test_an_empty_data_folder_says_it_falls_back_to_the_cache_copy(tmp_path):
         assert lego.scene_dir() == cached  # said once, not at every call (prepare_data, then setup)
 
 
+@pytest.mark.parametrize("views", [0, -1])
+def test_a_view_count_below_one_is_refused_not_a_silent_end_of_validation(views):
+    """`val_views: -1` kept no view (`range(min(-1, n))`): no validation, no best checkpoint, and no word."""
+    with pytest.raises(ConfigError, match=rf"val_views must be >= 1 or null \(every view\), got {views}"):
+        nd.NeRFDataModule("blender", "lego", val_views=views)
+    with pytest.raises(ConfigError, match="test_views must be >= 1"):
+        nd.NeRFDataModule("llff", "fern", test_views=views)
+
+
+def test_an_llff_factor_without_its_folder_names_the_folders_present(fern, tmp_path):
+    scene = tmp_path / "fern"
+    scene.mkdir()
+    shutil.copy(fern / "poses_bounds.npy", scene)
+    (scene / "images_8").mkdir()
+    with pytest.raises(DatasetError, match=r"images_4 not found \(factor 4\); present: images_8: set `factor:`"):
+        nd.load_llff(scene, factor=4)
+
+
 def test_a_malformed_camera_file_or_image_names_the_file(lego, tmp_path):
     scene = tmp_path / "lego"
     scene.mkdir()

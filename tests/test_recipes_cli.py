@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dfa_lightning.cli import main, run
+from dfa_lightning.feedback.points import glob_match
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -39,6 +40,8 @@ VARIANT_SETTINGS = {"centered": ("error", "centered"), "feedback_norm": ("feedba
                                                               "blocks.*.out": "orthogonal"}),
                     "sign": ("error", "sign"), "ternary": ("error", "ternary"), "lowrank": ("operator", "lowrank"),
                     "sparse": ("operator", "sparse")}
+#: a name's promise about the model's training rather than the rule: the parameters (glob) its optimiser holds still
+VARIANT_FROZEN = {"frozen_ln": "blocks.*.ln_?.*"}
 
 
 @pytest.mark.parametrize("recipe", VARIANTS, ids=[r.stem for r in VARIANTS])
@@ -46,9 +49,16 @@ def test_every_benchmark_variant_instantiates_with_the_setting_its_name_promises
     cli = run(["--config", str(recipe)], run=False)
     (rule,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
     promised = [setting for word, setting in VARIANT_SETTINGS.items() if word in recipe.stem]
-    assert promised, f"{recipe.name}: name a setting in VARIANT_SETTINGS"
+    frozen = [glob for word, glob in VARIANT_FROZEN.items() if word in recipe.stem]
+    assert promised or frozen, f"{recipe.name}: name a setting in VARIANT_SETTINGS or VARIANT_FROZEN"
     for key, value in promised:
         assert rule.config[key] == value
+    for glob in frozen:
+        groups = cli.model.parameter_groups()
+        held = {id(p) for g in groups if g.get("lr") == 0.0 for p in g["params"]}
+        named = dict(cli.model.model.named_parameters())
+        expected = {id(p) for n, p in named.items() if glob_match(n, glob)}
+        assert expected and held == expected, f"{recipe.name}: lr 0 on exactly {glob}"
 
 
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
@@ -263,6 +273,121 @@ def test_a_val_check_interval_longer_than_the_epoch_is_one_line_naming_the_key(t
     assert line.startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): trainer.val_check_interval: "
                            "`val_check_interval` (5) must be less than or equal to the number of the training "
                            "batches (1)"), line
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_without_a_checkpoint_is_refused_not_scored_on_untrained_weights(capsys, subcommand):
+    """`test` after `fit` in a new command, without --ckpt_path, printed a normal table for the initial weights."""
+    recipe = str(REPO / "recipes/gcn_dfa.yaml")
+    assert main([subcommand, "--config", recipe]) == 2
+    assert _one_line_error(capsys).startswith(f"error: {subcommand} without --ckpt_path would score the untrained "
+                                              "initial weights")
+    assert main([subcommand, "--config", recipe, "--ckpt_path", "best"]) == 2  # was Lightning's ValueError wall
+    assert "is the best checkpoint of a fit in the same command" in _one_line_error(capsys)
+
+
+def test_ckpt_path_init_scores_the_initial_weights_on_purpose(tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", "init", "--trainer.logger",
+                 "false", "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir",
+                 str(tmp_path / "cache"), *QUIET]) == 0
+
+
+def test_predict_on_a_datamodule_without_prediction_data_is_one_line(gcn_checkpoint, capsys):
+    assert main(["predict", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(gcn_checkpoint)]) == 2
+    assert _one_line_error(capsys) == ("error: predict: PlanetoidDataModule has no prediction data (no "
+                                       "predict_dataloader); `test --ckpt_path <file>` scores a checkpoint on the "
+                                       "test split")
+
+
+def test_an_override_typed_before_the_recipe_that_sets_it_is_refused(capsys):
+    """Arguments apply in order: `--trainer.max_epochs 2 --config r.yaml` trained the recipe's 250 epochs."""
+    recipe = str(REPO / "recipes/gcn_dfa.yaml")
+    assert main(["fit", "--trainer.max_epochs", "2", "--config", recipe]) == 2
+    assert _one_line_error(capsys) == (f"error: command line: --trainer.max_epochs comes before --config {recipe}, "
+                                       "which sets it again (later arguments win); put overrides after the --config "
+                                       "they change")
+    cli = run(["--config", recipe, "--trainer.max_epochs", "2"], run=False)  # the other order overrides
+    assert cli.trainer.max_epochs == 2
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("gcn_dfa", "gcn_dfa: recipe file not found (from {cwd}) (did you mean recipes/gcn_dfa.yaml?)"),
+    ("recipes", "recipes: is a folder, not a recipe file (from {cwd})"),
+], ids=["stem", "folder"])
+def test_a_recipe_that_is_not_a_file_says_what_it_is(capsys, monkeypatch, given, expected):
+    monkeypatch.chdir(REPO)
+    assert main(["fit", "--config", given]) == 2
+    assert _one_line_error(capsys) == "error: " + expected.format(cwd=REPO)
+
+
+def test_an_empty_recipe_is_named_as_empty(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert main(["fit", "--config", str(tmp_path / "empty.yaml")]) == 2
+    assert _one_line_error(capsys) == f"error: {tmp_path / 'empty.yaml'}: the recipe is empty"
+
+
+@pytest.mark.parametrize("where", ["command line", "recipe"])
+def test_a_setting_of_the_wrong_type_is_named_with_the_type_expected_not_as_an_unknown_key(tmp_path, capsys, where):
+    """`feedback_points: hidden` (no brackets) was "FeedbackAlignmentStrategy has no argument 'feedback_points'" on
+    the command line, and an empty reason in a recipe."""
+    if where == "command line":
+        recipe = REPO / "recipes/gcn_dfa.yaml"
+        argv = ["fit", "--config", str(recipe), "--trainer.callbacks.feedback_points", "hidden"]
+        prefix = f"command line ({recipe})"
+    else:
+        recipe = _edited_recipe(tmp_path, "gcn_dfa.yaml", "feedback_points: [hidden]", "feedback_points: hidden")
+        argv, prefix = ["fit", "--config", str(recipe)], str(recipe)
+    assert main(argv) == 2
+    assert _one_line_error(capsys) == (f"error: {prefix}: invalid value for 'trainer.callbacks.init_args."
+                                       "feedback_points': expected list[str] or null, got 'hidden'")
+
+
+def test_an_overlay_given_before_its_recipe_says_to_swap_them(capsys):
+    assert main(["fit", "--config", str(REPO / "recipes/sample/lm_wikitext2_cpu.yaml"), "--config",
+                 str(REPO / "recipes/lm_dfa_macro.yaml")]) == 2
+    assert "give the recipe before an overlay (--config recipe.yaml --config overlay.yaml)" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ('[{"params": "conv1.**", "weight_decy": 0.1}]', "Adam has no option 'weight_decy' (did you mean 'weight_decay'?)"),
+    ('[{"params": "conv1.**", "lr": -1}]', "lr must be a number >= 0, got -1"),
+    ('[{"params": "conv1.**", "lr": "abc"}]', "lr must be a number >= 0, got 'abc'"),
+    ('[{"params": "conv1.**"}, {"params": "conv1.lin.weight", "lr": 0.1}]',
+     "param_groups pattern 'conv1.lin.weight' matches only parameters an earlier entry took (conv1.lin.weight)"),
+], ids=["misspelt option", "negative lr", "string lr", "taken by an earlier entry"])
+def test_a_param_groups_mistake_is_one_line_not_a_silent_change_of_the_experiment(tmp_path, capsys, groups, expected):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.param_groups", groups) == 2
+    assert expected in _one_line_error(capsys)
+
+
+def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.optimizer.init_args.lr", "-1") == 2
+    assert _one_line_error(capsys) == "error: model.optimizer: Invalid learning rate: -1.0"
+
+
+def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, capsys):
+    """`output: conv1` below the point `hidden`: conv1 got no update at all while the report said it trained."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks.output", "conv1") == 2
+    assert _one_line_error(capsys).startswith("error: output 'conv1' runs before the feedback point(s) hidden")
 
 
 def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_folder_is_made(tmp_path, capsys):

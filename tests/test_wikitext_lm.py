@@ -208,6 +208,17 @@ def test_model_with_a_smaller_vocabulary_is_a_config_error(wt2, tmp_path):
         trainer.fit(module, datamodule=wt2)
 
 
+def test_a_model_shorter_than_the_datas_sequences_is_a_config_error_before_a_step(wt2, tmp_path):
+    """Raising seq_len without max_len (the CPU overlay sets max_len 64) was a ValueError traceback from the probe."""
+    module = TaskModule(TransformerLM(wt2.vocab_size, d_model=16, n_heads=2, d_ff=16, n_layers=1, max_len=64),
+                        LanguageModeling())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=1, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"max_len 64 is shorter than the data's seq_len 128; set "
+                                          r"model.model.init_args.max_len to at least 128"):
+        trainer.fit(module, datamodule=wt2)
+
+
 @pytest.mark.parametrize("recipe", LM_RECIPES, ids=[r.stem for r in LM_RECIPES])
 def test_recipe_vocab_size_matches_the_data(recipe, wt2):
     config = yaml.safe_load(recipe.read_text())

@@ -83,14 +83,67 @@ def _recipes(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
 
 
-def _origin(argv: list[str], key: str) -> str:
+def _override_before_recipe(argv: list[str]) -> str | None:
+    """A ``--key`` typed before a ``--config`` that sets the same key: arguments apply in order, so the recipe's
+    value would silently win (``--trainer.max_epochs 2 --config r.yaml`` trains the recipe's 250 epochs)."""
+    configs = [(i, argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg in ("--config", "--print_config", "--help"):
+            continue
+        key = arg[2:].split("=", 1)[0].rstrip("+")
+        for j, recipe in configs:
+            if j > i and any(k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.")
+                             for k in _recipe_keys(recipe)):
+                return (f"command line: --{key} comes before --config {recipe}, which sets it again (later arguments "
+                        "win); put overrides after the --config they change")
+    return None
+
+
+def _recipe_keys(recipe: str) -> list[str]:
+    """The dotted keys a recipe file sets (none when it cannot be read: the parser names that)."""
+    try:
+        tree = yaml.safe_load(Path(recipe).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif prefix:
+            keys.append(prefix[:-1])
+
+    walk(tree, "")
+    return keys
+
+
+def _recipe_file_problem(recipe: str, start: Path) -> str | None:
+    """Why a ``--config`` value is not a recipe file: not there (with the file it probably meant), a folder, or
+    empty. A value that looks like inline YAML is left to the parser."""
+    if recipe.lstrip().startswith("{") or "\n" in recipe or ": " in recipe:
+        return None
+    path = start / recipe
+    if path.is_dir():
+        return f"is a folder, not a recipe file (from {start})"
+    if not path.is_file():
+        stem = Path(recipe).name
+        guesses = [c for c in (f"{recipe}.yaml", f"recipes/{stem}.yaml", f"recipes/{stem}") if (start / c).is_file()]
+        hint = f" (did you mean {guesses[0]}?)" if guesses else ""
+        return f"recipe file not found (from {start}){hint}"
+    if not yaml.safe_load(path.read_text() or "null"):
+        return "the recipe is empty"
+    return None
+
+
+def _origin(argv: list[str], key: str, plain: bool = False) -> str:
     """Where ``key`` was set, as a message prefix: the recipe(s), or the command line when it was typed there (named
-    beside the recipe it overrides)."""
+    beside the recipe it overrides); ``plain``: only the command line, else ""."""
     recipes = _recipes(argv)
     flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
     if any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags):
         return f"command line ({', '.join(recipes)}): " if recipes else "command line: "
-    return f"{', '.join(recipes)}: " if recipes else ""
+    return "" if plain else f"{', '.join(recipes)}: " if recipes else ""
 
 
 def _explain(message: str, parser: LightningArgumentParser) -> str:
@@ -101,12 +154,13 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
     recipes = _recipes(argv)
     where = f"{', '.join(recipes)}: " if recipes else ""
     start = getattr(parser, "start_dir", None) or Path.cwd()
-    missing = [r for r in recipes if r.endswith((".yaml", ".yml")) and not (start / r).is_file()]
-    if missing:
-        return f"{', '.join(missing)}: recipe file not found (from {start})"
+    for recipe in recipes:
+        problem = _recipe_file_problem(recipe, start)
+        if problem:
+            return f"{recipe}: {problem}"
 
-    def source(key: str) -> str:
-        return _origin(argv, key)
+    def source(key: str) -> str:  # `--trainer.callbacks.seed` is typed without the `init_args` level
+        return _origin(argv, key.replace(".init_args.", "."), plain=True) or _origin(argv, key)
 
     known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
     unrecognised = re.match(r"unrecognized arguments: (--\S+)", lines[0])
@@ -126,8 +180,15 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
         cls = re.search(r"class_path '([^']+)'", message)
         if inner:
             name = inner.group(1) or inner.group(2)
+            full = f"{key}.init_args.{name}"
+            wrong = _wrong_type(message, name)
+            if wrong:  # the class takes it; its value has the wrong type (the "not accepted" is the base class's)
+                return f"{source(full)}invalid value for '{full}': {wrong}"
             owner = f" ({cls.group(1)} has no argument '{name}')" if cls else ""
-            return f"{source(f'{key}.init_args.{name}')}unknown key '{key}.init_args.{name}'{owner}"
+            if cls and cls.group(1).rsplit(".", 1)[-1] in _BASE_CLASSES:
+                owner += ("; no class is set for it yet where this file is read: give the recipe before an overlay "
+                          "(--config recipe.yaml --config overlay.yaml)")
+            return f"{source(full)}unknown key '{full}'{owner}"
         inner_key, reason = _union_reason(message)
         if reason:
             return f"{source(key)}invalid value for '{key}{inner_key}': {reason}"
@@ -135,6 +196,26 @@ def _explain(message: str, parser: LightningArgumentParser) -> str:
     return f"{where}{'; '.join(lines[:4])}"
 
 
+def _wrong_type(message: str, name: str | None = None) -> str | None:
+    """The innermost ``Parser key "k": ... Subtypes: [...] ... Given value: v`` block (of key ``name`` when given)
+    as "expected <types>, got <value>": a setting of the right name with a value of the wrong type (one
+    ``feedback_points: hidden`` without brackets), which jsonargparse reports beside a false "not accepted"."""
+    pattern = re.escape(name) if name else '[^"]+'
+    block = re.compile(rf'Parser key "{pattern}":\n((?:[ \t]+.*\n?)+?)[ \t]*Given value: (.+)')
+    starts = [m.start() for m in re.finditer('Parser key "', message)]  # blocks nest: match at every start
+    blocks = [b for b in (block.match(message, i) for i in starts) if b]
+    inner = [b for b in blocks if 'Parser key "' not in b.group(1)]
+    if not inner:
+        return None
+    body, value = inner[-1].group(1), inner[-1].group(2).strip()
+    subtypes = re.search(r"Subtypes: \[(.+)\]", body)
+    expected = re.findall(r"Expected a <class '(\w+)'>", body)
+    wanted = (re.sub(r"<class '(\w+)'>", r"\1", subtypes.group(1).replace("<class 'NoneType'>", "null"))
+              .replace(", ", " or ") if subtypes else " or ".join(expected))
+    return f"expected {wanted}, got {value!r}" if wanted else None
+
+
+_BASE_CLASSES = ("LightningDataModule", "Callback", "Module", "LightningModule")
 _GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
 
 
@@ -173,6 +254,9 @@ def _union_reason(message: str) -> tuple[str, str | None]:
     literals = re.findall(r"Expected a typing\.Literal\[(.+)\]", message)
     if literals:  # a Union of Literals (trainer.precision: 64, 32, 16, 'bf16-mixed', ...): every choice
         return inner_key, f"expected one of {', '.join(dict.fromkeys(literals))}"
+    wrong = _wrong_type(message)
+    if wrong and "Problem with given class_path" in message:
+        return inner_key, wrong
     bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, flags=re.M)]
     specific = [b for b in bullets if not b.startswith(_GENERIC) and not b.startswith("Not a valid subclass")]
     return inner_key, (specific[0] if specific else None)
@@ -186,6 +270,9 @@ class DFALightningCLI(LightningCLI):
         self._saved_state: dict | None = None  # ckpt_path's state_dict, read once while parsing
         given = kwargs.get("args")
         self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
+        problem = _override_before_recipe(self._argv)
+        if problem:
+            raise ConfigError(problem)
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -209,6 +296,8 @@ class DFALightningCLI(LightningCLI):
         such as ``recipes/sample/*.yaml`` after it does not rename it), unless the recipe names it."""
         config = self.config.get(self.subcommand, self.config)
         ckpt_path = config.get("ckpt_path")
+        if self.subcommand in ("validate", "test", "predict"):
+            ckpt_path = self._evaluated_checkpoint(config, ckpt_path)
         if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
                 and not Path(str(ckpt_path)).is_file()):  # before any model or data is built: nothing to lose
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
@@ -229,6 +318,23 @@ class DFALightningCLI(LightningCLI):
         if paths and isinstance(logger, dict) is False and getattr(logger, "init_args", None) is not None:
             if getattr(logger.init_args, "name", None) in (None, "default", "lightning_logs"):
                 logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
+
+    def _evaluated_checkpoint(self, config, ckpt_path):
+        """``validate``/``test``/``predict`` score the weights of ``ckpt_path``: without one they would score the
+        untrained initial weights, as a normal-looking table (``init`` says so on purpose); ``best``/``last`` name
+        a checkpoint of a fit in the same command, which a separate evaluation has not got."""
+        if ckpt_path is None:
+            raise ConfigError(f"{self.subcommand} without --ckpt_path would score the untrained initial weights; give a "
+                              "run's checkpoint (--ckpt_path logs/<recipe>/version_N/checkpoints/<file>.ckpt; fit "
+                              "tests its best checkpoint itself), or --ckpt_path init to score the initial weights")
+        if str(ckpt_path) == "init":
+            config.ckpt_path = None
+            return None
+        if str(ckpt_path) in ("best", "last"):
+            raise ConfigError(f"ckpt_path {ckpt_path!r} is the {ckpt_path} checkpoint of a fit in the same command; a "
+                              f"separate `{self.subcommand}` has none: give the file "
+                              "(logs/<recipe>/version_N/checkpoints/<file>.ckpt)")
+        return ckpt_path
 
     def _check_trainer_counts(self, trainer: dict) -> None:
         """Counts Lightning takes modulo without checking them: 0 is a ZeroDivisionError mid-run."""
@@ -280,6 +386,9 @@ class DFALightningCLI(LightningCLI):
         self._check_data_fits_model()
 
     def before_predict(self) -> None:
+        if type(self.datamodule).predict_dataloader is pl.LightningDataModule.predict_dataloader:
+            raise ConfigError(f"predict: {type(self.datamodule).__name__} has no prediction data (no "
+                              "predict_dataloader); `test --ckpt_path <file>` scores a checkpoint on the test split")
         self._check_checkpoint_fits_model()
 
     def after_fit(self) -> None:

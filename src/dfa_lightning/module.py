@@ -5,6 +5,8 @@ optimizer is configuration. Whether the update is backprop or DFA is decided onl
 """
 from __future__ import annotations
 
+import difflib
+
 from collections.abc import Callable
 from typing import Any
 
@@ -172,6 +174,23 @@ class TaskModule(pl.LightningModule):
         return self.task.step(self.runner, batch, "test").output
 
     # ------------------------------------------------------------------ optimizer
+    def _check_group_options(self, optimizer: torch.optim.Optimizer) -> None:
+        """A ``param_groups`` option the optimizer does not know (``weight_decy``) would sit in the group unused,
+        and a group's own learning rate is not checked by torch (only the default is): both named here."""
+        known = set(optimizer.defaults)
+        for spec in self.param_groups:
+            unknown = sorted(set(spec) - known - {"params"})
+            if unknown:
+                hint = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+                said = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hint.items())
+                raise ConfigError(f"model.param_groups entry {spec}: {type(optimizer).__name__} has no option {said}; "
+                                  f"its options: {', '.join(sorted(known))}")
+            for key, value in spec.items():
+                default = optimizer.defaults.get(key)
+                if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                        not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                    raise ConfigError(f"model.param_groups entry {spec}: {key} must be a number >= 0, got {value!r}")
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         named = dict(self.model.named_parameters())
         taken: set[str] = set()
@@ -181,9 +200,13 @@ class TaskModule(pl.LightningModule):
             pattern = spec.pop("params", None)
             if not isinstance(pattern, str):
                 raise ConfigError(f"param_groups entry {spec} needs `params:` as a glob on parameter names")
-            names = [n for n in named if glob_match(n, pattern) and n not in taken]
-            if not names:
+            matched = [n for n in named if glob_match(n, pattern)]
+            names = [n for n in matched if n not in taken]
+            if not matched:
                 raise ConfigError(f"param_groups pattern {pattern!r} matches no parameter; names: {', '.join(named)}")
+            if not names:
+                raise ConfigError(f"param_groups pattern {pattern!r} matches only parameters an earlier entry took "
+                                  f"({', '.join(matched)}): the first matching entry wins; put the narrower one first")
             taken.update(names)
             groups.append({"params": [named[n] for n in names], **spec})
         rest = [p for n, p in named.items() if n not in taken]
@@ -192,10 +215,18 @@ class TaskModule(pl.LightningModule):
         return groups
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameter_groups())
+        groups = self.parameter_groups()
+        try:
+            optimizer = self.optimizer(groups)
+        except (ValueError, TypeError) as err:  # torch's own checks: "Invalid learning rate: -1.0", LBFGS and groups
+            raise ConfigError(f"model.optimizer: {err}") from None
+        self._check_group_options(optimizer)
         if self.lr_scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
+        try:
+            scheduler = self.lr_scheduler(optimizer)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.lr_scheduler: {err}") from None
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.task.monitor

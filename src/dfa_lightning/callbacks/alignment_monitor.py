@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
+from dfa_lightning.errors import ConfigError
 
 
 class AlignmentMonitor(pl.Callback):
@@ -34,6 +35,8 @@ class AlignmentMonitor(pl.Callback):
 
     def __init__(self, every_n_steps: int = 50, eps: float = 1e-12) -> None:
         super().__init__()
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ConfigError(f"AlignmentMonitor: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.eps = eps
         self.last: dict[str, float] = {}

@@ -93,7 +93,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             raise ConfigError(f"method {method!r} needs `feedback_points` (module-name globs or module types)")
         self.config = dict(
             method=method, feedback_points=list(feedback_points or []), output=output,
-            batch_dims=list(batch_dims or [0]), init=init, scale=scale, shared_slices=shared_slices, seed=seed,
+            batch_dims=list(batch_dims) if batch_dims is not None else [0], init=init, scale=scale,
+            shared_slices=shared_slices, seed=seed,
             operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
             projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm,
         )

@@ -52,7 +52,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dfa_lightning.data.paths import ENV_VAR, data_root
+from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root
 from dfa_lightning.errors import ConfigError, DatasetError
 
 DOWNLOAD_PAGE = "https://ailab.criteo.com/ressources/"
@@ -568,8 +568,10 @@ class CriteoDataModule(pl.LightningDataModule):
             ``<data root>/criteo/train.txt``; the data root is ``root``, else ``$DFA_DATA_DIR``, else
             ``~/.cache/dfa_lightning``.
         root: data root folder (overrides ``$DFA_DATA_DIR``), so recipes can stay machine-independent.
-        cache_dir: where preprocessed caches go (default ``<data root>/criteo/cache``); must be writable. Caches are
-            keyed by the input file and ``min_threshold`` so several variants can live side by side.
+        cache_dir: where preprocessed caches go (default ``~/.cache/dfa_lightning/criteo``, as every dataset's
+            derived files: the data root may be read-only or shared; the full data's cache is about 7 GB, so point
+            it at a large disk); must be writable. Caches are keyed by the input file and ``min_threshold`` so
+            several variants can live side by side.
         batch_size: training batch size (2048 in the DFA paper's CTR runs).
         eval_batch_size: validation/test batch size (default: ``batch_size``); larger is faster, results are equal.
         num_workers: DataLoader worker processes; batches are memmap slices, so 0 is usually fast enough.
@@ -621,6 +623,10 @@ class CriteoDataModule(pl.LightningDataModule):
         path = Path(self.path).expanduser() if self.path else folder / "train.txt"
         if self.path and not path.is_absolute() and not path.exists():
             path = folder / path
+        if path.is_dir():
+            held = sorted(f.name for f in path.glob("*.txt"))
+            raise DatasetError(f"Criteo path {path} is a folder: point `path:` at the file in it"
+                               + (f" (it holds {', '.join(held)})" if held else " (it holds no .txt file)"))
         if not path.is_file():
             raise DatasetError(
                 f"Criteo file not found: {path}. Download the Kaggle Display Advertising Challenge dataset from "
@@ -631,7 +637,7 @@ class CriteoDataModule(pl.LightningDataModule):
         return path
 
     def _cache_dir(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else data_root(self.root) / "criteo" / "cache"
+        return Path(self.cache_dir).expanduser() if self.cache_dir else DEFAULT_CACHE / "criteo"
 
     def _ensure(self) -> None:
         if self.cache is None:

@@ -212,6 +212,11 @@ def load_llff(folder: Path, factor: int = 8, bound_factor: float = 0.75) -> tupl
     if arr.ndim != 2 or arr.shape[1] != 17:
         raise DatasetError(f"{path}: expected an [n, 17] array (3x5 pose + 2 bounds per view), got {arr.shape}")
     image_dir = folder / f"images_{factor}"
+    if not image_dir.is_dir():
+        present = sorted(d.name for d in folder.glob("images_*") if d.is_dir())
+        raise DatasetError(f"{image_dir} not found (factor {factor}); "
+                           + (f"present: {', '.join(present)}: set `factor:` to match" if present else
+                              "no images_<factor> folder in the scene"))
     files = sorted(p for p in image_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if len(files) != len(arr):
         raise DatasetError(f"{image_dir}: {len(files)} images for {len(arr)} poses in {path}")
@@ -368,6 +373,9 @@ class NeRFDataModule(pl.LightningDataModule):
             raise ConfigError(f"NeRFDataModule: dataset must be one of {DATASETS}, got {dataset!r}")
         if rays_per_batch < 1 or skip < 1 or factor < 1 or hold_every < 2:
             raise ConfigError("NeRFDataModule: rays_per_batch, skip and factor must be >= 1, hold_every >= 2")
+        for name, views in (("val_views", val_views), ("test_views", test_views)):
+            if views is not None and views < 1:  # 0 or -1 left validation (and the best checkpoint) off, unsaid
+                raise ConfigError(f"NeRFDataModule: {name} must be >= 1 or null (every view), got {views}")
         self.dataset, self.scene = dataset, scene
         self.folder = folder or DEFAULT_FOLDERS[dataset]
         self.root, self.rays_per_batch, self.steps_per_epoch = root, rays_per_batch, steps_per_epoch

@@ -491,6 +491,11 @@ class WikiTextDataModule(pl.LightningDataModule):
             raise ConfigError(f"{type(model).__name__}: vocabulary {size} ({where}) is smaller than the "
                               f"{self.name} {self.tokenizer} vocabulary {self.vocab_size}; set the model's "
                               f"vocab_size to {self.vocab_size}")
+        max_len = getattr(model, "max_len", None)
+        if isinstance(max_len, int) and self.seq_len > max_len:
+            raise ConfigError(f"{type(model).__name__}: max_len {max_len} is shorter than the data's seq_len "
+                              f"{self.seq_len}; set model.model.init_args.max_len to at least {self.seq_len} (or "
+                              f"data.init_args.seq_len to at most {max_len})")
         if size > self.vocab_size:
             rank_zero_warn(f"{type(model).__name__}: vocabulary {size} ({where}) is larger than the data's "
                            f"{self.vocab_size}; the extra rows are never used")

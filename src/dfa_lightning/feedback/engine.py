@@ -101,7 +101,8 @@ class _Pending:
 
 def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per_layer", operator: str = "dense",
                    error: str = "exact", projection: str = "auto", projection_dtype: str = "float32",
-                   receiver: str = "auto", feedback_norm: str | Mapping[str, str] = "none", **_: Any) -> None:
+                   receiver: str = "auto", feedback_norm: str | Mapping[str, str] = "none", rank: int = 64,
+                   nnz: int = 16, batch_dims: Sequence[int] = (0,), **_: Any) -> None:
     """Every choice-valued setting is one of its choices: a :class:`ConfigError` naming the setting otherwise. The
     Lightning callback calls it when the recipe is read, before any run folder or model is made."""
     if method not in METHODS:
@@ -120,6 +121,13 @@ def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per
         raise ConfigError(f"projection_dtype must be one of {PROJECTION_DTYPES}, got {projection_dtype!r}")
     if receiver not in RECEIVERS:
         raise ConfigError(f"receiver must be one of {RECEIVERS}, got {receiver!r}")
+    if operator == "lowrank" and int(rank) < 1:
+        raise ConfigError(f"rank must be >= 1 for the lowrank operator, got {rank}")
+    if operator == "sparse" and int(nnz) < 1:
+        raise ConfigError(f"nnz must be >= 1 for the sparse operator, got {nnz}")
+    if not batch_dims or any(int(d) < 0 for d in batch_dims):
+        raise ConfigError(f"batch_dims must list the sample dims (>= 0) of the output, e.g. [0] or [0, 1] for "
+                          f"[batch, tokens, features], got {list(batch_dims)}")
     modes = feedback_norm.values() if isinstance(feedback_norm, Mapping) else [feedback_norm]
     if not all(isinstance(m, str) and m in FEEDBACK_NORMS for m in modes):
         raise ConfigError(f"feedback_norm must be one of {FEEDBACK_NORMS} or a mapping of point globs to one of "
@@ -235,7 +243,8 @@ class FeedbackEngine:
         feedback_norm: str | Mapping[str, str] = "none",
     ) -> None:
         check_settings(method=method, init=init, scale=scale, operator=operator, error=error, projection=projection,
-                       projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm)
+                       projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm, rank=rank,
+                       nnz=nnz, batch_dims=batch_dims)
         self.feedback_norm = dict(feedback_norm) if isinstance(feedback_norm, Mapping) else feedback_norm
         self.point_norms: dict[str, str] = {}  # point name -> its feedback_norm mode
         if receiver == "matmul" and operator == "sparse":
@@ -461,6 +470,7 @@ class FeedbackEngine:
         with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
               FlopCounterMode(display=False) as flops):
             forward()
+        self._check_points_precede_output()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
@@ -472,6 +482,16 @@ class FeedbackEngine:
         cheap = max(RECEIVER_FLOP_BUDGET * 3 * c["forward_matmul_flops"], RECEIVER_FREE_FLOPS * len(self.points))
         c["receiver"] = "matmul" if self.operator_kind != "sparse" and c["receiver_flops"] <= cheap else "token"
         return self.count_optimizer_state(optimizer_state_bytes)
+
+    def _check_points_precede_output(self) -> None:
+        """Points still pending after the forward ran after the output: B e, injected when the output runs, never
+        reaches them, so the layers under them would get no update at all (an ``output:`` set to an early module)."""
+        late = sorted({self.points[i].name for i in self._pending.index})
+        if late:
+            self._pending.clear()
+            raise ConfigError(f"output {self.output_name!r} runs before the feedback point(s) {', '.join(late)}: the "
+                              "error is taken at the output, so no feedback would reach them; set `output:` to the "
+                              "module whose output is the network's (or a later one)")
 
     def _receiver_flops(self, rows: int) -> int:
         """FLOPs that matmul receivers add to a step: their forward matmuls, and with shared columns the per-point
