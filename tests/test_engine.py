@@ -1,6 +1,8 @@
 """The DFA engine in pure PyTorch: exact gradients, the cut, and the matrices."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -606,6 +608,57 @@ def test_feedback_norm_per_point_normalises_the_matched_points_and_hands_the_res
         expected = ortho[name] if name.startswith("blocks.1.") else plain[name]
         torch.testing.assert_close(grad, expected, msg=name)
     assert not torch.allclose(ortho["blocks.1.0.bias"], plain["blocks.1.0.bias"])  # the test can tell them apart
+
+
+def test_orthogonal_at_a_layernorm_output_acts_only_on_the_norms_own_scale_and_shift_while_they_are_1_and_0():
+    """Post-LN micro: at the attention and block outputs (LayerNorm outputs) the norm's backward already centres
+    B e and removes its component along x̂, so `orthogonal` there, with γ = 1 and β = 0 (y = x̂), changes nothing
+    that reaches the layers below; it changes the gradient of γ, which the norm's backward does not project (what
+    `benchmarks/ln_affine.py` measures at trained weights)."""
+    from dfa_lightning.models.transformer import TransformerLM
+
+    torch.manual_seed(0)
+    base = TransformerLM(50, d_model=16, n_heads=2, d_ff=32, n_layers=2, dropout=0.0, max_len=8).state_dict()
+    idx = torch.randint(0, 50, (3, 8))
+    got = {}
+    for norm in ("none", {"blocks.*.attn_out": "orthogonal", "blocks.*.out": "orthogonal"}):
+        model = TransformerLM(50, d_model=16, n_heads=2, d_ff=32, n_layers=2, dropout=0.0, max_len=8)
+        model.load_state_dict(base)
+        engine = FeedbackEngine(model, ["blocks.*.attn_out", "blocks.*.ffn.act", "blocks.*.out"], output="hidden_out",
+                                batch_dims=(0, 1), shared_slices=True, scale="max_width", seed=1, feedback_norm=norm)
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        assert engine.ready
+        got[str(norm)] = grads(model)
+    plain, ortho = got["none"], got[str({"blocks.*.attn_out": "orthogonal", "blocks.*.out": "orthogonal"})]
+    below = [n for n in plain if glob_match(n, "blocks.*.attn.**") or glob_match(n, "blocks.*.ffn.**")]
+    assert below
+    for name in below:
+        torch.testing.assert_close(ortho[name], plain[name], rtol=1e-3, atol=1e-6, msg=name)
+    gamma = [n for n in plain if glob_match(n, "blocks.*.ln_?.weight")]
+    for name in gamma:  # the radial part of B e is γ's whole drive to grow the output: removed
+        cos = F.cosine_similarity(ortho[name], plain[name], dim=0)
+        assert cos < 0.9, (name, float(cos))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"operator": "lowrank", "rank": 0}, "rank must be >= 1 for the lowrank operator, got 0"),
+    ({"operator": "sparse", "nnz": 0}, "nnz must be >= 1 for the sparse operator, got 0"),
+    ({"batch_dims": []}, "batch_dims must list the sample dims"),
+], ids=["rank 0", "nnz 0", "no batch dims"])
+def test_an_impossible_operator_size_or_batch_dims_is_named_when_the_rule_is_made(settings, expected):
+    """Found while the recipe is read (was: at setup, after the run folder, or `batch_dims: []` silently [0])."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    with pytest.raises(ConfigError, match=rf"FeedbackAlignmentStrategy: {re.escape(expected)}"):
+        FeedbackAlignmentStrategy(feedback_points=["blocks.*"], **settings)
+
+
+@pytest.mark.parametrize("every", [0, -1])
+def test_the_alignment_monitor_needs_a_period_of_at_least_one_step(every):
+    from dfa_lightning.callbacks import AlignmentMonitor
+
+    with pytest.raises(ConfigError, match=rf"every_n_steps must be an integer >= 1, got {every}"):
+        AlignmentMonitor(every_n_steps=every)
 
 
 def test_feedback_norm_per_point_names_a_glob_that_matches_no_point_and_a_bad_mode():
