@@ -165,8 +165,17 @@ def test_an_invalid_recipe_value_is_one_line_with_the_reason(tmp_path, capsys, e
 
 @pytest.mark.parametrize("flag, expected", [
     (["--trainer.max_epoch", "1"], "unknown key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
-    (["--trainer.max_epochs", "abc"], "invalid value for 'trainer.max_epochs'"),
-], ids=["no abbreviation", "bad value"])
+    (["--trainer.max_epochs", "abc"], "invalid value for 'trainer.max_epochs': expected int or null, got 'abc'"),
+    (["--seed_everything", "abc"], "invalid value for 'seed_everything': expected bool or int, got 'abc'"),
+    (["--seed_everything", "-1"], "seed_everything is -1: expected an integer from 0 to 4294967295"),
+    (["--model.optimizer.init_args.lr", "abc"],
+     "invalid value for 'model.optimizer.init_args.lr': expected float or torch.Tensor, got 'abc'"),
+    (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLRR"], "invalid value for 'model.lr_scheduler': class "
+     "'torch.optim.lr_scheduler.StepLRR' not found (did you mean 'torch.optim.lr_scheduler.StepLR'?)"),
+    (["--trainer.precision", "17"], "invalid value for 'trainer.precision': expected one of 64, 32, 16, "
+     "'transformer-engine'"),
+], ids=["no abbreviation", "bad value", "seed type", "seed range", "optimizer argument type", "scheduler class",
+        "every precision choice"])
 def test_a_command_line_typo_is_named_as_the_command_lines_not_the_recipes(capsys, flag, expected):
     recipe = REPO / "recipes/gcn_dfa.yaml"
     assert main(["fit", "--config", str(recipe), *flag]) == 2

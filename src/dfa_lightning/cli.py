@@ -201,16 +201,16 @@ def _wrong_type(message: str, name: str | None = None) -> str | None:
     as "expected <types>, got <value>": a setting of the right name with a value of the wrong type (one
     ``feedback_points: hidden`` without brackets), which jsonargparse reports beside a false "not accepted"."""
     pattern = re.escape(name) if name else '[^"]+'
-    block = re.compile(rf'Parser key "{pattern}":\n((?:[ \t]+.*\n?)+?)[ \t]*Given value: (.+)')
+    block = re.compile(rf'Parser key "{pattern}":[ \t]*\n((?:.*\n)+?)[ \t]*Given value: (.+)')
     starts = [m.start() for m in re.finditer('Parser key "', message)]  # blocks nest: match at every start
     blocks = [b for b in (block.match(message, i) for i in starts) if b]
     inner = [b for b in blocks if 'Parser key "' not in b.group(1)]
     if not inner:
         return None
-    body, value = inner[-1].group(1), inner[-1].group(2).strip()
+    body, value = inner[-1].group(1), inner[-1].group(2).split(". Got value:")[0].strip()
     subtypes = re.search(r"Subtypes: \[(.+)\]", body)
     expected = re.findall(r"Expected a <class '(\w+)'>", body)
-    wanted = (re.sub(r"<class '(\w+)'>", r"\1", subtypes.group(1).replace("<class 'NoneType'>", "null"))
+    wanted = (re.sub(r"<class '([\w.]+)'>", r"\1", subtypes.group(1).replace("<class 'NoneType'>", "null"))
               .replace(", ", " or ") if subtypes else " or ".join(expected))
     return f"expected {wanted}, got {value!r}" if wanted else None
 
@@ -219,23 +219,30 @@ _BASE_CLASSES = ("LightningDataModule", "Callback", "Module", "LightningModule")
 _GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
 
 
+def _class_not_found(path: str) -> str | None:
+    """"class '<path>' not found (did you mean ...?)" when ``path`` names a module's missing attribute, else None."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 (not a module path: not this kind of mistake)
+        return None
+    if hasattr(module, attr):
+        return None
+    hint = difflib.get_close_matches(attr, dir(module), n=1)
+    return f"class '{path}' not found" + (f" (did you mean '{module_name}.{hint[0]}'?)" if hint else "")
+
+
 def _union_reason(message: str) -> tuple[str, str | None]:
     """jsonargparse's "does not validate against any of the Union subtypes" wall -> (the inner key, if the value
     is a class's ``init_args``, and the first specific reason): a class that is not found (with a close match), a
     fragment file that is not there, an entry with keys other than ``class_path``/``init_args``, a value outside a
     ``Literal``."""
     inner = re.findall(r'Parser key "([^"]+)":', message)[1:]
-    inner_key = f".init_args.{inner[-1]}" if inner and "Problem with given class_path" in message else ""
+    within_class = "Problem with given class_path" in message or "expects a function or a callable class" in message
+    inner_key = f".init_args.{inner[-1]}" if inner and within_class else ""
     missing = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if missing and "has no attribute" in missing.group(2):
-        path = missing.group(1)
-        module_name, _, attr = path.rpartition(".")
-        try:
-            names = dir(importlib.import_module(module_name))
-        except ImportError:
-            names = []
-        hint = difflib.get_close_matches(attr, names, n=1)
-        return inner_key, f"class '{path}' not found" + (f" (did you mean '{module_name}.{hint[0]}'?)" if hint else "")
+        return inner_key, _class_not_found(missing.group(1)) or f"class '{missing.group(1)}' not found"
     if missing and "No module named" in missing.group(2):
         return inner_key, f"class '{missing.group(1)}' not found ({missing.group(2).strip()})"
     fragment = re.search(r"Unexpected import path format: (\S+)", message)
@@ -254,8 +261,13 @@ def _union_reason(message: str) -> tuple[str, str | None]:
     literals = re.findall(r"Expected a typing\.Literal\[(.+)\]", message)
     if literals:  # a Union of Literals (trainer.precision: 64, 32, 16, 'bf16-mixed', ...): every choice
         return inner_key, f"expected one of {', '.join(dict.fromkeys(literals))}"
+    given = re.search(r"(?:Given|Got) value: ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\s*$", message, flags=re.M)
+    if given:  # a class path that does not import (a Callable-typed key: `lr_scheduler: ...StepLRR`)
+        found = _class_not_found(given.group(1))
+        if found:
+            return inner_key, found
     wrong = _wrong_type(message)
-    if wrong and "Problem with given class_path" in message:
+    if wrong:
         return inner_key, wrong
     bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, flags=re.M)]
     specific = [b for b in bullets if not b.startswith(_GENERIC) and not b.startswith("Not a valid subclass")]
@@ -286,6 +298,14 @@ class DFALightningCLI(LightningCLI):
             except ValueError as err:
                 raise ConfigError(f"ckpt_path {ckpt_path}: {err}") from None
         super()._parse_ckpt_path()
+
+    def _set_seed(self) -> None:
+        """A seed outside numpy's range (Lightning seeds numpy too) is named, not a ValueError traceback."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= 2**32 - 1:
+            raise ConfigError(f"{_origin(self._argv, 'seed_everything')}seed_everything is {seed}: expected an "
+                              f"integer from 0 to {2**32 - 1}, or true (a random one) or false (none)")
+        super()._set_seed()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
