@@ -8,7 +8,7 @@ SEEDS ?= 0 1 2 3 4
 LOGDIR ?= logs
 OUT ?= benchmarks/results
 
-.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm feedback-norm-parts labelled-nodes ctr-bias-walk transport-map clean
+.PHONY: help install train test test-slow test-gpu gpu-check tensorboard bench bench-gpu bench-compiled profile kernels loop-overhead reproduce-cora reproduce-lm reproduce-nerf-sample reproduce-graphs reproduce-placements failure-map failure-map-lm feedback-norm-parts labelled-nodes ctr-bias-walk ln-affine transport-map clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -137,6 +137,17 @@ labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block o
 		--root $(LOGDIR)/labelled_nodes $(ARGS)
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.labelled_nodes --seeds $(MAP_SEEDS) --rules bp dfa orthogonal dfa_frozen_norm dfa_frozen_bias \
 		--split dna_kfold --root $(LOGDIR)/labelled_nodes --out benchmarks/results/labelled_nodes_cora_dna_kfold.md $(ARGS)
+
+LN_AFFINE := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_dfa_micro.yaml \
+	benchmarks/recipes/lm_dfa_micro_ffn_orthogonal.yaml benchmarks/recipes/lm_dfa_micro_residual_orthogonal.yaml \
+	benchmarks/recipes/lm_dfa_micro_feedback_orthogonal.yaml benchmarks/recipes/lm_dfa_micro_frozen_ln.yaml \
+	benchmarks/recipes/lm_dfa_micro_residual_orthogonal_frozen_ln.yaml
+
+ln-affine: ## where does `orthogonal` at post-LN micro's LayerNorm outputs act? micro DFA per-point rescues beside the norms' scale and shift frozen, 2 seeds (about 1 h of one-core runs), then the gradient routes at the final weights, into benchmarks/results/{failure_map_lm_micro_ln_affine,lm_micro_ln_affine}.md
+	OMP_NUM_THREADS=1 $(PYTHON) -m dfa_lightning.failure_map --recipes $(LN_AFFINE) --seeds 0 1 --metric test/ppl \
+		--axis heads=$(STACK_ARGS).n_heads:4 --root $(LOGDIR)/ln_affine \
+		--out benchmarks/results/failure_map_lm_micro_ln_affine.md -- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.ln_affine --root $(LOGDIR)/ln_affine --seeds 0 1
 
 ctr-bias-walk: ## does the bias before BatchNorm walk under DFA in the CTR MLPs too? DeepFM and Deep&Cross, BP and DFA, 3 seeds on the Criteo sample (about 4 min) into benchmarks/results/ctr_bias_walk.md
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.ctr_bias_walk --models deepfm deepcross $(ARGS)

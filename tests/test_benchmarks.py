@@ -556,3 +556,17 @@ def test_ctr_bias_walk_renders_one_row_per_model_and_rule_over_its_seeds():
     rows = [line for line in render(runs, "cmd").splitlines() if line.startswith("| deepfm")]
     assert [row.split(" | ")[1] for row in rows] == ["dfa", "bp"]
     assert "0.00200 ± 0.00141" in rows[0] and "2.0e-08 / 1.0e-09" in rows[0]
+
+
+def test_ln_affine_drift_reads_how_far_every_post_ln_norm_moved_from_1_and_0():
+    from benchmarks import ln_affine
+
+    state = {"model.blocks.0.ln_1.weight": torch.tensor([1.0, 3.0]), "model.blocks.0.ln_1.bias": torch.tensor([0.0, 2.0]),
+             "model.blocks.1.ln_2.weight": torch.tensor([1.0, 1.0]), "model.blocks.1.ln_2.bias": torch.zeros(2),
+             "model.blocks.0.attn.proj.weight": torch.full((2, 2), 9.0)}  # not a norm: left out
+    drift = ln_affine.affine_drift(state)
+    assert drift["gamma_rms"] == pytest.approx(1.0)  # sqrt((0 + 4 + 0 + 0) / 4)
+    assert drift["beta_rms"] == pytest.approx(1.0) and drift["gamma_mean"] == pytest.approx(1.5)
+    text = ln_affine.render({"LayerNorm γ (ln_1, ln_2)": (0.5, 0.9)}, {("lm_dfa_micro", 0): drift},
+                            {("lm_dfa_micro", 0): 416.1}, "cmd")
+    assert "| LayerNorm γ (ln_1, ln_2) | 0.500 | 0.900 |" in text and "| lm_dfa_micro | 0 | 416.1 | 1.000 |" in text
