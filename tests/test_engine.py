@@ -653,6 +653,13 @@ def test_an_impossible_operator_size_or_batch_dims_is_named_when_the_rule_is_mad
         FeedbackAlignmentStrategy(feedback_points=["blocks.*"], **settings)
 
 
+def test_a_lowrank_operator_no_lower_than_the_dense_one_is_warned_about():
+    model = MLP(5, 3, hidden=[8, 8])
+    engine = FeedbackEngine(model, ["blocks.*"], operator="lowrank", rank=3, seed=0)  # d_out 3: rank 3 is full
+    with pytest.warns(UserWarning, match=r"lowrank operator of rank 3 for a 3 x 16 B: no lower than the dense one"):
+        draw(engine, torch.randn(4, 5))
+
+
 @pytest.mark.parametrize("every", [0, -1])
 def test_the_alignment_monitor_needs_a_period_of_at_least_one_step(every):
     from dfa_lightning.callbacks import AlignmentMonitor

@@ -30,6 +30,7 @@ Shapes:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -542,6 +543,10 @@ class FeedbackEngine:
             self.load_feedback_state(*self._deferred_state)
             return self.matrix
         lay = self._make_layout()
+        if self.operator_kind == "lowrank" and self.rank >= min(self.d_out, lay.total):
+            warnings.warn(f"lowrank operator of rank {self.rank} for a {self.d_out} x {lay.total} B: no lower than "
+                          f"the dense one (rank at most {min(self.d_out, lay.total)}), and it costs more; use "
+                          "operator: dense, or a rank below that", stacklevel=2)
         operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
                                            self.shared_slices, self.rank, self.nnz)
         if self.shared_slices and self._post_scales is None:  # one factor for the shared columns: fold it in
