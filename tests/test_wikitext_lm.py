@@ -163,6 +163,14 @@ def test_a_split_too_short_for_more_streams_is_named_at_its_current_path_when_th
     assert _setup_error(path, tmp_path, eval_streams=2).startswith(f"{path}: 3 tokens, too few for 2 streams")
 
 
+def test_too_many_streams_for_a_whole_file_names_the_setting_and_its_largest_value(wt2_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(wt2_root / "wikitext-2", root / "wikitext-2")
+    message = _setup_error(root / "wikitext-2" / "train.txt", tmp_path, streams=2_000_000)
+    assert f"{WT2_TOKENS['train']} tokens, too few for 2000000 streams" in message
+    assert f"lower data.init_args.streams (at most {WT2_TOKENS['train'] // 2} for this file)" in message
+
+
 def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte(wt2_root, tmp_path):
     path = _wt2_copy_with(wt2_root, tmp_path, "valid", b"a fine line\n = heading = \n\xff\xfe\x00binary\n")
     assert _setup_error(path, tmp_path).startswith(f"{path}:3: not UTF-8 text (byte 26: invalid start byte)")

@@ -156,8 +156,10 @@ def _check_enough_tokens(source: Path | str, count: int, streams: int) -> None:
     """Every split needs 2 tokens per stream: say so at setup, naming the text file, not after a whole fit (an
     empty test.txt) nor as a nameless "0 tokens are too few"."""
     if count < 2 * streams:
+        key = "streams" if "train" in Path(str(source)).name else "eval_streams"
         raise DatasetError(f"{source}: {count} tokens, too few for {streams} streams (each needs at least 2 "
-                           "tokens); is the file empty or truncated?")
+                           f"tokens); lower data.init_args.{key} (at most {count // 2} for this file), or check "
+                           "that the file is not empty or truncated")
 
 
 def word_vocab(path: Path, lowercase: bool = False) -> dict[str, int]:
