@@ -388,6 +388,18 @@ def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path,
     assert _one_line_error(capsys) == "error: model.optimizer: Invalid learning rate: -1.0"
 
 
+def test_a_scheduler_period_of_zero_is_one_line_before_training(tmp_path, capsys):
+    """StepLR(step_size=0) was a ZeroDivisionError after the first epoch."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.lr_scheduler",
+                "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "0") == 2
+    assert _one_line_error(capsys) == "error: model.lr_scheduler: StepLR step_size must be >= 1, got 0"
+
+
 def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, capsys):
     """`output: conv1` below the point `hidden`: conv1 got no update at all while the report said it trained."""
     from conftest import SHARED_DATA

@@ -227,6 +227,10 @@ class TaskModule(pl.LightningModule):
             scheduler = self.lr_scheduler(optimizer)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"model.lr_scheduler: {err}") from None
+        for period in ("step_size", "T_max"):  # periods torch takes modulo / divides by unchecked: 0 failed mid-run
+            value = getattr(scheduler, period, None)
+            if isinstance(value, int) and value < 1:
+                raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}")
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.task.monitor
