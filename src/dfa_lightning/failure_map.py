@@ -30,10 +30,9 @@ from typing import Any
 import yaml
 
 from dfa_lightning import studies
-from dfa_lightning.cli import run
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.feedback.engine import METHODS
-from dfa_lightning.studies import mean_std, rules_of
+from dfa_lightning.studies import mean_std, rules_of, run
 
 __all__ = ["Axis", "parse_axis", "methods_of", "check_axes", "cells", "run_cell", "summarise", "default_mode",
            "render", "main"]
@@ -105,11 +104,16 @@ def methods_of(recipes: list[str], extra: list[str] = ()) -> dict[str, str]:
 
 
 def check_axes(recipes: list[str], axes: list[Axis], extra: list[str] = ()) -> None:
-    """Parse every recipe with each axis's first value, before any training: a key no recipe has (a typo) stops
-    the study here, naming the recipe and the key, instead of after the cells before it have trained."""
-    overrides = [arg for axis in axes for arg in axis.override(axis.values[0])]
+    """Parse every recipe with every value of every axis (the others at their first value), before any training: a
+    key no recipe has (a typo) or a value the model refuses (``abc``, a depth of 0) stops the study here, naming the
+    recipe and the key, instead of after the cells before it have trained (hours, on the LM map)."""
+    first = {axis.label: axis.values[0] for axis in axes}
+    variants = [{**first, axis.label: value} for axis in axes for value in axis.values]
+    variants = [v for i, v in enumerate(variants) if v not in variants[:i]]
     for recipe in recipes:
-        run(["--config", recipe, *extra, *overrides], run=False)
+        for cell in variants:
+            overrides = [arg for axis in axes for arg in axis.override(cell[axis.label])]
+            run(["--config", recipe, *extra, *overrides], run=False)
 
 
 def cells(axes: list[Axis]) -> list[dict[str, str]]:
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="markdown table (a .json beside it); without it, runs only (to share work)")
     opts = parser.parse_args(argv)
     try:
+        if opts.out:
+            studies.check_writable(opts.out, "--out")
+        studies.check_writable(opts.root, "--root", folder=True)
         axes = [parse_axis(spec) for spec in opts.axis]
         labels = [a.label for a in axes]
         if len(set(labels)) < len(labels):
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             for recipe in opts.recipes:
                 for seed in opts.seeds:
                     results.append(run_cell(recipe, axes, cell, seed, opts.root, extra, opts.rerun))
+                    studies.require_metrics(results[-1]["metrics"], [opts.metric], f"{Path(recipe).stem} at "
+                                            f"{_cell_dir(cell)} seed {seed} (kept in its result.json)")
                     studies.report("CELL", f"{_cell_dir(cell)} {Path(recipe).stem}", results[-1], opts.metric)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,9 +6,10 @@
 Each run is the recipe ``recipes/<model>_<method>.yaml`` trained by a normal ``fit`` in this process (then tested at
 the best validation checkpoint), with the dataset switched by CLI overrides (``--data.init_args.name`` and the
 feature / class counts of :data:`DATASETS`). Per run it writes ``<root>/<Dataset>/<recipe>/seed<k>/result.json``;
-a run whose ``result.json`` exists is not trained again (``--rerun`` to force), so an interrupted sweep resumes and
-extra seeds can be added later. A run that fails with a user error (missing data file, SplineConv kernels not
-installed) is recorded as *not measured* with its one-line reason, and the sweep goes on.
+a run whose ``result.json`` exists and was made with the same arguments after ``--`` is not trained again (``--rerun``
+to force), so an interrupted sweep resumes and extra seeds can be added later. A run that fails with a user error
+(missing data file, SplineConv kernels not installed) is recorded as *not measured* with its one-line reason, and the
+sweep goes on; an error the arguments after ``--`` cause stops the sweep before any training.
 
 Alignment (paper Table A.2): at the end of training (``on_train_end``: the final weights after the last epoch, not
 the best checkpoint), every DFA run measures ``AlignmentMonitor.measure`` once on the full graph with the loss over
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -34,6 +36,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from dfa_lightning import studies
 from dfa_lightning.callbacks.final_alignment import FinalAlignment
 from dfa_lightning.cli import split_passthrough
 from dfa_lightning.errors import UserError
@@ -109,29 +112,13 @@ def dataset_args(model: str, dataset: str) -> list[str]:
     return args
 
 
-def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, extra: list[str] = (),
-            recipes: str | Path = REPO / "recipes", rerun: bool = False, save_hidden: bool | None = None) -> dict:
-    """Train ``recipes/<model>_<method>.yaml`` on ``dataset`` with ``seed``; returns (and caches) its result.
-
-    The result is ``{"model", "method", "dataset", "seed", "metrics": {test/...}, "alignment": {...},
-    "deepest": point, "seconds": s}``, or with ``"error": message`` when the run could not be made.
-    """
-    from dfa_lightning.cli import run
+def _run_args(model: str, method: str, dataset: str, seed: int, run_dir: Path, extra: list[str], recipe: Path,
+              save_hidden: bool) -> list[str]:
+    """The ``fit`` arguments of one run, without the subcommand (the pre-run check parses the same ones)."""
     from dfa_lightning.models.graph import FEEDBACK_POINTS
 
-    recipe = Path(recipes) / f"{model}_{method}.yaml"
-    run_dir = Path(root) / dataset / recipe.stem / f"seed{seed}"
-    out = run_dir / "result.json"
-    if out.is_file() and not rerun:
-        cached = json.loads(out.read_text())
-        if "error" not in cached:  # failed runs (missing file, missing kernels) are tried again: they are cheap
-            return cached
-    result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed,
-                              "overrides": list(extra)}
-    if save_hidden is None:
-        save_hidden = seed == 0 and model not in LINK_MODELS
     probe = "dfa_lightning.graphs_reproduce.GraphFinalAlignment"
-    args = ["fit", "--config", str(recipe), "--seed_everything", str(seed), *QUIET,
+    args = ["--config", str(recipe), "--seed_everything", str(seed), *QUIET,
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
             *dataset_args(model, dataset), *DATASET_OVERRIDES.get((recipe.stem, dataset), []),
             f"--trainer.callbacks+={probe}"]
@@ -139,10 +126,34 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
         point = FEEDBACK_POINTS[model][0]
         args += ["--trainer.callbacks.hidden_point", point,
                  "--trainer.callbacks.hidden_path", str(run_dir / "hidden.pt")]
-    args += list(extra)
+    return args + list(extra)
+
+
+def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, extra: list[str] = (),
+            recipes: str | Path = REPO / "recipes", rerun: bool = False, save_hidden: bool | None = None) -> dict:
+    """Train ``recipes/<model>_<method>.yaml`` on ``dataset`` with ``seed``; returns (and caches) its result.
+
+    The result is ``{"model", "method", "dataset", "seed", "overrides", "metrics": {test/...}, "alignment": {...},
+    "deepest": point, "seconds": s}``, or with ``"error": message`` when the run could not be made. A cached result
+    is reused only if it was made with the same ``extra`` arguments: a 1-epoch smoke test must not stand for the
+    full run.
+    """
+    recipe = Path(recipes) / f"{model}_{method}.yaml"
+    run_dir = Path(root) / dataset / recipe.stem / f"seed{seed}"
+    out = run_dir / "result.json"
+    result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed,
+                              "overrides": list(extra)}
+    if out.is_file() and not rerun:
+        cached = json.loads(out.read_text())
+        # failed runs (missing file, missing kernels) are tried again: they are cheap
+        if "error" not in cached and studies.reusable(cached, result):
+            return cached
+    if save_hidden is None:
+        save_hidden = seed == 0 and model not in LINK_MODELS
+    args = ["fit", *_run_args(model, method, dataset, seed, run_dir, extra, recipe, save_hidden)]
     start = time.perf_counter()
     try:
-        cli = run(args)
+        cli = studies.run(args)
     except UserError as err:
         result["error"] = str(err).splitlines()[0]
     else:
@@ -155,6 +166,26 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
     run_dir.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def check_arguments(runs: list[tuple[str, str, str, list[str]]], root: str | Path, recipes: str | Path,
+                    own: dict[str, list[str]]) -> None:
+    """Parse each ``(model, method, dataset, extra)`` run's arguments before any training. An error that the
+    arguments after ``--`` cause (it is gone without them) is a command-line error shared by the runs: raised here,
+    not recorded per run as *not measured*. An error the recipe has by itself (SplineConv kernels not installed) is
+    left to its runs."""
+    for model, method, dataset, extra in runs:
+        recipe = Path(recipes) / f"{model}_{method}.yaml"
+        run_dir = Path(root) / dataset / recipe.stem / "seed0"
+        try:
+            studies.run(_run_args(model, method, dataset, 0, run_dir, extra, recipe, False), run=False)
+        except UserError as err:
+            try:
+                studies.run(_run_args(model, method, dataset, 0, run_dir, own.get(model, []), recipe, False),
+                            run=False)
+            except UserError:
+                continue
+            raise err from None
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -200,7 +231,10 @@ def _short(error: str | None) -> str:
     """The head of a one-line error, for a table cell (the full reasons are listed under the tables)."""
     if not error:
         return "no run"
-    head = error.split(" (")[0]
+    # cut at the first parenthesis that is not part of the location (``command line (recipes/x.yaml): ...``)
+    cut = next((m.start() for m in re.finditer(r" \(", error)
+                if not re.match(r" \([^()]*\):", error[m.start():])), len(error))
+    head = error[:cut]
     return head if len(head) <= 100 else head[:99] + "…"
 
 
@@ -319,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["Cora"], choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=[m for m in MODELS], choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", default=[0, 1, 2, 3, 4], **studies.SEEDS)
     parser.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=S1,S2",
                         help="fewer (or other) seeds for one model, e.g. dna=0 (DNA is slow on CPU)")
     parser.add_argument("--root", default="logs/graphs", help="where each run writes logs, checkpoints, result.json")
@@ -340,8 +374,21 @@ def main(argv: list[str] | None = None) -> int:
         model, _, seeds = spec.partition("=")
         if model not in MODELS or not seeds:
             parser.error(f"--seeds-for {spec!r}: expected MODEL=S1,S2 with MODEL in {', '.join(MODELS)}")
-        seeds_for[model] = [int(s) for s in seeds.split(",")]
+        try:
+            seeds_for[model] = list(dict.fromkeys(studies.SEEDS["type"](s) for s in seeds.split(",")))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--seeds-for {spec!r}: {err}")
     torch.set_num_threads(min(torch.get_num_threads(), 1 if torch.get_num_threads() <= 2 else 4))
+    own = {"spline": ["--model.model.init_args.kernels", "torch"]} if opts.spline_kernels == "torch" else {}
+    if not opts.table_only:
+        try:
+            studies.check_writable(opts.out, "--out")
+            studies.check_writable(opts.root, "--root", folder=True)
+            check_arguments([(model, method, opts.datasets[0], [*own.get(model, []), *extra])
+                             for model in opts.models for method in opts.methods], opts.root, opts.recipes, own)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     results = []
     for dataset in opts.datasets:
         for model in opts.models:
@@ -353,9 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                                        {"model": model, "method": method, "dataset": dataset, "seed": seed,
                                         "error": "not run (no result.json)"})
                         continue
-                    own = ["--model.model.init_args.kernels", "torch"] if (
-                        model == "spline" and opts.spline_kernels == "torch") else []
-                    r = run_one(model, method, dataset, seed, opts.root, [*own, *extra], opts.recipes, opts.rerun)
+                    r = run_one(model, method, dataset, seed, opts.root, [*own.get(model, []), *extra], opts.recipes,
+                                opts.rerun)
                     results.append(r)
                     what = r.get("error") or ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
                     print(f"GRAPHS {dataset} {model}_{method} seed={seed} ({r['seconds']} s): {what}", flush=True)
@@ -365,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=2))
     print(text)
+    if not any("metrics" in r for r in results):  # a table of *not measured* only is no success
+        print("error: no run was measured (the reasons are listed under the tables)", file=sys.stderr)
+        return 1
     return 0
 
 

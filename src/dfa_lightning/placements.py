@@ -28,9 +28,9 @@ from typing import Any
 
 from dfa_lightning import studies
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
-from dfa_lightning.cli import run
 from dfa_lightning.errors import ConfigError, UserError
-from dfa_lightning.studies import mean_std
+from dfa_lightning.feedback.points import resolve_points
+from dfa_lightning.studies import mean_std, run
 
 __all__ = ["parse_placement", "check_recipe", "reusable", "run_one", "render", "main"]
 
@@ -47,9 +47,10 @@ def parse_placement(spec: str) -> tuple[str, list[str]]:
     return label.strip(), points
 
 
-def check_recipe(recipe: str, extra: list[str] = ()) -> None:
-    """Refuse, before any training, a recipe whose last callback is not one DFA FeedbackAlignmentStrategy: the
-    placement override ``--trainer.callbacks.feedback_points`` goes to the last callback."""
+def check_recipe(recipe: str, extra: list[str] = (), placements: list[tuple[str, list[str]]] = ()) -> None:
+    """Refuse, before any training, a recipe whose last callback is not one DFA FeedbackAlignmentStrategy (the
+    placement override ``--trainer.callbacks.feedback_points`` goes to the last callback), and a placement whose
+    points the recipe's model does not have (found now, not after the placements before it have trained)."""
     cli = run(["--config", recipe, *extra], run=False)
     callbacks = cli.config.get("trainer", {}).get("callbacks") or []
     last = callbacks[-1] if callbacks else None
@@ -62,6 +63,11 @@ def check_recipe(recipe: str, extra: list[str] = ()) -> None:
     if method != "dfa":
         raise ConfigError(f"{recipe}: its FeedbackAlignmentStrategy has method {method!r}; placements compare DFA "
                           "feedback points (use a *_dfa recipe)")
+    for label, points in placements:
+        try:
+            resolve_points(cli.model.model, points)
+        except ConfigError as err:
+            raise ConfigError(f"--placements {label}: {err}") from None
 
 
 def reusable(cached: dict, recipe: str, points: list[str], extra: list[str]) -> bool:
@@ -130,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = [label for label, _ in placements]
         if len(set(labels)) < len(labels):
             raise ConfigError(f"--placements: labels must differ (got {labels})")
-        check_recipe(opts.recipe, extra)
+        studies.check_writable(opts.out, "--out")
+        studies.check_writable(opts.root, "--root", folder=True)
+        check_recipe(opts.recipe, extra, placements)
         results = []
         root = Path(opts.root) / Path(opts.recipe).stem
         for label, points in placements:
             for seed in opts.seeds:
                 results.append(run_one(opts.recipe, label, points, seed, root, extra, opts.rerun))
+                studies.require_metrics(results[-1]["metrics"], [opts.metric], f"placement {label} seed {seed} "
+                                        "(kept in its result.json)")
                 studies.report("PLACEMENT", label, results[-1], opts.metric)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

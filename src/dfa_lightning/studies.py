@@ -10,20 +10,105 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from dfa_lightning import cli as _cli
 from dfa_lightning.callbacks import FinalAlignment
-from dfa_lightning.cli import DFALightningCLI, run
+from dfa_lightning.cli import DFALightningCLI
+from dfa_lightning.errors import ConfigError, UserError
 
 __all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
-           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table"]
+           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table", "run", "user_errors",
+           "require_metrics", "check_writable", "SEEDS"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
+
+
+@contextmanager
+def user_errors(args: list[str]) -> Iterator[None]:
+    """Errors of a run worded as ``python -m dfa_lightning`` words them: a :class:`UserError` (also one that
+    jsonargparse wrapped while instantiating a class) or Lightning's refusal of a setting is raised as a
+    :class:`UserError`, which the tools print as one ``error:`` line with exit code 2 instead of a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        cause = _cli.user_error(err)
+        if cause is not None:
+            raise cause from None
+        refusal = _cli.lightning_refusal(err, [str(a) for a in args])
+        if refusal is None:
+            raise
+        raise ConfigError(refusal) from err
+
+
+def run(args: list[str], run: bool = True) -> DFALightningCLI:
+    """:func:`dfa_lightning.cli.run` for a study, with :func:`user_errors`. The tool's own command line is hidden
+    from LightningCLI meanwhile: it would warn, on every run, that ``args`` and command-line arguments were both
+    given, which here is no mistake."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        with user_errors(args):
+            return _cli.run(args, run=run)
+    finally:
+        sys.argv = saved
+
+
+def require_metrics(metrics: dict[str, Any], wanted: list[str], what: str = "the first run") -> None:
+    """Refuse a misspelt ``--metric`` as soon as one run has finished, naming the metrics it produced; without this
+    a whole study ends as a table of n/a (or a KeyError)."""
+    missing = [m for m in wanted if m not in metrics]
+    if missing:
+        found = ", ".join(sorted(metrics)) or "none"
+        raise ConfigError(f"--metric {', '.join(missing)}: not among the test metrics of {what} ({found})")
+
+
+def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any training, an ``--out`` (a file) or ``--root`` (a folder) that cannot be written: a
+    folder given as ``--out``, a file given as ``--root``, or a path under a file. Creates nothing."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {probe} is not writable")
+
+
+def _seed(text: str) -> int:
+    """A seed as ``--seed_everything`` takes it: an integer 0..2^32-1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"seed {value} is outside 0..{2 ** 32 - 1}")
+    return value
+
+
+class _Unique(argparse.Action):
+    """Keep each value once, in order: ``--seeds 0 0`` is one run, not a mean over two copies of it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, list(dict.fromkeys(values)))
+
+
+#: ``add_argument`` options of every tool's ``--seeds``: integers in seed range, repeats dropped.
+SEEDS: dict[str, Any] = {"nargs": "+", "type": _seed, "action": _Unique}
 
 
 def reusable(cached: dict, key: dict) -> bool:
@@ -73,7 +158,7 @@ def add_cora_cell_arguments(parser: argparse.ArgumentParser, cells: list[str], r
     """The arguments every Cora study under ``benchmarks/`` takes: ``--cells``, ``--seeds``, ``--root``, ``--out``."""
     parser.add_argument("--cells", nargs="+", type=depth_norm_cell, default=[depth_norm_cell(c) for c in cells],
                         help="depth:norm (norm: none | batch | layer)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", default=[0, 1, 2], **SEEDS)
     parser.add_argument("--root", default=root)
     parser.add_argument("--out", default=out)
 
@@ -118,7 +203,7 @@ def study_arguments(tool: str, doc: str, argv: list[str] | None, seeds: list[int
     command = " ".join([f"python -m dfa_lightning.{tool}", *argv])
     own, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog=f"python -m dfa_lightning.{tool}", description=doc.split("\n\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    parser.add_argument("--seeds", default=seeds, **SEEDS)
     parser.add_argument("--metric", default="test/acc")
     parser.add_argument("--root", default=root, help="where each run writes logs and result.json")
     parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")

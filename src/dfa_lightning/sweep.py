@@ -14,17 +14,36 @@ import sys
 import time
 from pathlib import Path
 
-from dfa_lightning.cli import run, split_passthrough
+from dfa_lightning import studies
+from dfa_lightning.cli import split_passthrough
+from dfa_lightning.errors import ConfigError, UserError
+from dfa_lightning.studies import run
 
 
-def run_seed(recipe: str, seed: int, extra: list[str], root: str) -> dict[str, float]:
+def _args(recipe: str, seed: int, extra: list[str], root: str) -> list[str]:
     name = Path(recipe).stem
-    args = ["fit", "--config", recipe, "--seed_everything", str(seed),
+    return ["--config", recipe, "--seed_everything", str(seed),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", f"{root}/{name}/seed{seed}",
             "--trainer.logger.init_args.save_dir", f"{root}/{name}/seed{seed}", *extra]
-    cli = run(args)
+
+
+def run_seed(recipe: str, seed: int, extra: list[str], root: str) -> dict[str, float]:
+    cli = run(["fit", *_args(recipe, seed, extra, root)])
     return dict(cli.test_results)
+
+
+def check(recipes: list[str], seeds: list[int], extra: list[str], out: str, root: str) -> None:
+    """Refuse, before any training, what would stop the sweep later or merge its rows: an unwritable ``--out`` or
+    ``--root``, two recipes with one name (stem: they share a row and a run folder), and a recipe or argument the
+    CLI refuses (every recipe is parsed: a missing second recipe is not found after the first has trained)."""
+    studies.check_writable(out, "--out")
+    studies.check_writable(root, "--root", folder=True)
+    stems = [Path(r).stem for r in recipes]
+    if len(set(stems)) < len(stems):
+        raise ConfigError(f"--recipes: recipe names must differ (they name the rows and run folders): {stems}")
+    for recipe in recipes:
+        run(_args(recipe, seeds[0], extra, root), run=False)
 
 
 def summarize(values: list[float]) -> str:
@@ -40,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipes", nargs="+", required=True)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", default=[0, 1, 2, 3, 4], **studies.SEEDS)
     parser.add_argument("--metric", default="test/acc")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="several metrics, one table each (overrides --metric; the first is the main one)")
@@ -53,15 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     metrics = opts.metrics or [opts.metric]
     tables: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
     wall: dict[str, dict[int, float]] = {}  # seconds per run (fit + test): what a run costs on this machine
-    for recipe in opts.recipes:
-        stem = Path(recipe).stem
-        for seed in opts.seeds:
-            t0 = time.perf_counter()
-            results = run_seed(recipe, seed, extra, opts.root)
-            wall.setdefault(stem, {})[seed] = time.perf_counter() - t0
-            for metric in metrics:
-                tables[metric].setdefault(stem, {})[seed] = results[metric]
-            print(f"SWEEP {stem} seed={seed} " + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
+    try:
+        check(opts.recipes, opts.seeds, extra, opts.out, opts.root)
+        for recipe in opts.recipes:
+            stem = Path(recipe).stem
+            for seed in opts.seeds:
+                t0 = time.perf_counter()
+                results = run_seed(recipe, seed, extra, opts.root)
+                studies.require_metrics(results, metrics, f"{stem} seed {seed}")
+                wall.setdefault(stem, {})[seed] = time.perf_counter() - t0
+                for metric in metrics:
+                    tables[metric].setdefault(stem, {})[seed] = results[metric]
+                print(f"SWEEP {stem} seed={seed} " + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sections = []
     for metric in metrics:
         lines = [f"| recipe | {' | '.join(f'seed {s}' for s in opts.seeds)} | mean ± std | paper |",

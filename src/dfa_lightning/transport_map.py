@@ -24,8 +24,9 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from dfa_lightning import studies
 from dfa_lightning.callbacks import WeightTransportAudit
-from dfa_lightning.cli import run, split_passthrough
+from dfa_lightning.cli import split_passthrough
 from dfa_lightning.errors import UserError
+from dfa_lightning.studies import run
 
 __all__ = ["audit", "pattern", "diagram", "render", "main"]
 
@@ -38,12 +39,15 @@ def audit(recipe: str, extra: list[str] = ()) -> dict[str, Any]:
     No validation, logger or checkpoint: the recipe's ``EarlyStopping`` and ``ModelCheckpoint`` are dropped, since
     one step has no validation metric for them to read."""
     with tempfile.TemporaryDirectory() as root:
-        cli = run(["--config", recipe, *studies.QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-                   "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-                   "--trainer.default_root_dir", root, *extra, f"--trainer.callbacks+={AUDIT}"], run=False)
+        args = ["--config", recipe, *studies.QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+                "--trainer.default_root_dir", root, *extra, f"--trainer.callbacks+={AUDIT}"]
+        cli = run(args, run=False)
         trainer = cli.trainer
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, (EarlyStopping, ModelCheckpoint))]
-        trainer.fit(cli.model, datamodule=cli.datamodule)
+        with studies.user_errors(args):  # as `fit` would: the CLI's checks first, then Lightning's refusals
+            cli.before_fit()
+            trainer.fit(cli.model, datamodule=cli.datamodule)
     found = [cb for cb in trainer.callbacks if isinstance(cb, WeightTransportAudit)]
     if not found or not found[0].modules:
         raise UserError(f"{recipe}: the weight-transport audit saw no training step (does the recipe train?)")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="markdown file (a .json beside it)")
     opts = parser.parse_args(own)
     try:
+        studies.check_writable(opts.out, "--out")
         results = [audit(recipe, extra) for recipe in opts.recipes]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,196 @@
+"""Bad input to the study tools (sweep, placements, failure_map, transport_map, graphs_reproduce): one ``error:`` line
+and exit code 2, found before any training where that is cheap, and no stale or silently wrong result."""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from dfa_lightning import failure_map, graphs_reproduce, placements, studies, sweep, transport_map
+
+REPO = Path(__file__).resolve().parents[1]
+GCN_DFA = str(REPO / "recipes/gcn_dfa.yaml")
+STACK = [str(REPO / f"recipes/gcn_stack_{m}.yaml") for m in ("bp", "dfa", "shallow")]
+DEPTH = "depth=model.model.init_args.num_layers"
+
+
+def _data(root: Path, tmp_path: Path) -> list[str]:
+    return ["--data.init_args.root", str(root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+            "--data.init_args.download", "false"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ before training
+def _tool_argv(tool: str, tmp_path: Path, out: str, root: str, extra: list[str], data_root: Path | None = None
+               ) -> tuple:
+    data = _data(data_root or tmp_path / "nodata", tmp_path)
+    if tool == "sweep":
+        return sweep.main, ["--recipes", GCN_DFA, "--seeds", "0", "--out", out, "--root", root, "--", *extra, *data]
+    if tool == "placements":
+        return placements.main, ["--recipe", GCN_DFA, "--placements", "paper=hidden", "--seeds", "0", "--out", out,
+                                 "--root", root, "--", *extra, *data]
+    if tool == "failure_map":
+        return failure_map.main, ["--recipes", *STACK, "--axis", f"{DEPTH}:2", "--seeds", "0", "--out", out,
+                                  "--root", root, "--", *extra, *data]
+    return graphs_reproduce.main, ["--models", "gcn", "--methods", "dfa", "--seeds", "0", "--out", out, "--root", root,
+                                   "--", *extra, *data]
+
+
+@pytest.mark.parametrize("tool", ["sweep", "placements", "failure_map", "graphs_reproduce"])
+@pytest.mark.parametrize("where", ["out_is_a_folder", "out_under_a_file", "root_is_a_file"])
+def test_an_unwritable_out_or_root_is_refused_before_any_training(tool, where, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out, root = str(tmp_path / "t.md"), str(tmp_path / "runs")
+    if where == "out_is_a_folder":
+        out = str(tmp_path)
+    elif where == "out_under_a_file":
+        out = str(afile / "t.md")
+    else:
+        root = str(afile)
+    main, argv = _tool_argv(tool, tmp_path, out, root, ["--trainer.max_epochs", "1"])
+    assert main(argv) == 2
+    assert ("--out" if where.startswith("out") else "--root") in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_transport_map_refuses_an_out_folder_before_the_audits(tmp_path, capsys):
+    assert transport_map.main(["--recipes", GCN_DFA, "--out", str(tmp_path)]) == 2
+    assert "is a folder" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("tool", ["sweep", "placements", "failure_map", "graphs_reproduce"])
+def test_a_misspelt_run_argument_is_one_line_before_any_training(tool, tmp_path, capsys):
+    main, argv = _tool_argv(tool, tmp_path, str(tmp_path / "t.md"), str(tmp_path / "runs"),
+                            ["--trainer.max_epoch", "1"])
+    assert main(argv) == 2
+    assert "max_epoch" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.md").exists()
+
+
+def test_sweep_finds_a_missing_second_recipe_before_the_first_trains(tmp_path, capsys):
+    argv = ["--recipes", GCN_DFA, str(REPO / "recipes/gcn_bp.yml"), "--seeds", "0", "--out", str(tmp_path / "t.md"),
+            "--root", str(tmp_path / "runs"), "--", *_data(tmp_path / "nodata", tmp_path)]
+    assert sweep.main(argv) == 2
+    assert "gcn_bp.yml" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_two_recipes_with_one_name(tmp_path, capsys):
+    other = tmp_path / "rec" / "gcn_dfa.yaml"
+    other.parent.mkdir()
+    other.write_text(Path(GCN_DFA).read_text())
+    argv = ["--recipes", GCN_DFA, str(other), "--seeds", "0", "--out", str(tmp_path / "t.md"),
+            "--root", str(tmp_path / "runs")]
+    assert sweep.main(argv) == 2
+    assert "names must differ" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("value, why", [("abc", "abc"), ("0", "num_layers")])
+def test_failure_map_checks_every_axis_value_before_training(value, why, cora_root, tmp_path, capsys):
+    argv = ["--recipes", *STACK, "--axis", f"{DEPTH}:2,{value}", "--seeds", "0", "--root", str(tmp_path / "runs"),
+            "--", "--trainer.max_epochs", "1", *_data(cora_root, tmp_path)]
+    assert failure_map.main(argv) == 2
+    assert why in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_placements_finds_a_later_placement_matching_nothing_before_training_and_names_it(tmp_path, capsys):
+    argv = ["--recipe", GCN_DFA, "--placements", "paper=hidden", "bad=conv9", "--seeds", "0",
+            "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"), "--", *_data(tmp_path / "nodata", tmp_path)]
+    assert placements.main(argv) == 2
+    err = _one_line(capsys)
+    assert "--placements bad" in err and "conv9" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_repeated_seeds_are_run_once():
+    parser, _, own, _ = studies.study_arguments("placements", "doc", ["--seeds", "1", "0", "1"], [0], "logs")
+    assert parser.parse_args(own).seeds == [1, 0]
+
+
+@pytest.mark.parametrize("argv", [["--seeds-for", "gcn=0,x"], ["--seeds", "-1"]])
+def test_graphs_reproduce_refuses_a_bad_seed_as_a_usage_error(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        graphs_reproduce.main([*argv, "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")])
+    assert stop.value.code == 2
+    assert "seed" in capsys.readouterr().err
+
+
+def test_a_study_run_gives_lightning_no_cause_to_warn_about_args_and_command_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["placements", "--recipe", GCN_DFA])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        studies.run(["--config", GCN_DFA, *_data(tmp_path / "nodata", tmp_path)], run=False)
+    assert not [w for w in seen if "not recommended to provide both" in str(w.message)]
+    assert sys.argv == ["placements", "--recipe", GCN_DFA]
+
+
+def test_short_keeps_the_location_of_a_command_line_error():
+    error = "command line (recipes/gcn_dfa.yaml): unknown key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"
+    assert graphs_reproduce._short(error) == "command line (recipes/gcn_dfa.yaml): unknown key 'trainer.max_epoch'"
+    assert graphs_reproduce._short("Planetoid PubMed: missing ind.pubmed.allx (see x)") == \
+        "Planetoid PubMed: missing ind.pubmed.allx"
+
+
+def test_graphs_reproduce_exits_non_zero_when_no_run_was_measured(tmp_path, capsys):
+    argv = ["--models", "gcn", "--methods", "dfa", "--seeds", "0", "--out", str(tmp_path / "t.md"),
+            "--root", str(tmp_path / "runs"), "--", "--trainer.max_epochs", "1", *_data(tmp_path / "nodata", tmp_path)]
+    assert graphs_reproduce.main(argv) == 1
+    assert "no run was measured" in capsys.readouterr().err
+    assert "*not measured*" in (tmp_path / "t.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ one short run
+def test_graphs_reproduce_retrains_a_cached_result_when_the_overrides_change(cora_root, tmp_path):
+    root, data = tmp_path / "runs", _data(cora_root, tmp_path)
+    first = graphs_reproduce.run_one("gcn", "dfa", "Cora", 0, root, ["--trainer.max_epochs", "1", *data],
+                                     save_hidden=False)
+    assert "metrics" in first
+    again = graphs_reproduce.run_one("gcn", "dfa", "Cora", 0, root, ["--trainer.max_epochs", "1", *data],
+                                     save_hidden=False)
+    assert again == first  # same arguments: the cache stands
+    longer = graphs_reproduce.run_one("gcn", "dfa", "Cora", 0, root, ["--trainer.max_epochs", "2", *data],
+                                      save_hidden=False)
+    assert "metrics" in longer and longer["overrides"][:2] == ["--trainer.max_epochs", "2"]
+    cached = json.loads((root / "Cora" / "gcn_dfa" / "seed0" / "result.json").read_text())
+    assert cached["overrides"][:2] == ["--trainer.max_epochs", "2"]
+
+
+@pytest.mark.parametrize("tool", ["sweep", "placements", "failure_map"])
+def test_a_misspelt_metric_stops_after_the_first_run_naming_the_metrics_it_produced(tool, cora_root, tmp_path,
+                                                                                      capsys):
+    main, argv = _tool_argv(tool, tmp_path, str(tmp_path / "t.md"), str(tmp_path / "runs"),
+                            ["--trainer.max_epochs", "1"], cora_root)
+    cut = argv.index("--")
+    argv = [*argv[:cut], "--metric", "test/accc", *argv[cut:]]
+    assert main(argv) == 2
+    err = _one_line(capsys)
+    assert "test/accc" in err and "test/acc," in err
+    assert not (tmp_path / "t.md").exists()
+    if tool != "sweep":  # the finished run is kept for the corrected command
+        assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
+
+
+def test_a_lightning_refusal_during_a_study_run_is_one_line(cora_root, tmp_path, capsys):
+    argv = ["--recipe", GCN_DFA, "--placements", "paper=hidden", "--seeds", "0", "--out", str(tmp_path / "t.md"),
+            "--root", str(tmp_path / "runs"), "--", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "50",
+            *_data(cora_root, tmp_path)]
+    assert placements.main(argv) == 2
+    assert "trainer.val_check_interval" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("extra, why", [(["--trainer.strategy", "foo"], "trainer.strategy"),
+                                        (["--model.model.init_args.in_channels", "100"], "in_channels")])
+def test_transport_map_words_a_refused_setting_as_one_line(extra, why, cora_root, tmp_path, capsys):
+    argv = ["--recipes", GCN_DFA, "--out", str(tmp_path / "t.md"), "--", *extra, *_data(cora_root, tmp_path)]
+    assert transport_map.main(argv) == 2
+    assert why in _one_line(capsys)
