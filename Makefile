@@ -141,9 +141,10 @@ labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block o
 LN_AFFINE := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_dfa_micro.yaml \
 	benchmarks/recipes/lm_dfa_micro_ffn_orthogonal.yaml benchmarks/recipes/lm_dfa_micro_residual_orthogonal.yaml \
 	benchmarks/recipes/lm_dfa_micro_feedback_orthogonal.yaml benchmarks/recipes/lm_dfa_micro_frozen_ln.yaml \
-	benchmarks/recipes/lm_dfa_micro_residual_orthogonal_frozen_ln.yaml
+	benchmarks/recipes/lm_dfa_micro_residual_orthogonal_frozen_ln.yaml benchmarks/recipes/lm_dfa_macro_frozen_ln.yaml \
+	benchmarks/recipes/lm_dfa_macro_feedback_orthogonal.yaml
 
-ln-affine: ## where does `orthogonal` at post-LN micro's LayerNorm outputs act? micro DFA per-point rescues beside the norms' scale and shift frozen, 2 seeds (about 1 h of one-core runs), then the gradient routes at the final weights, into benchmarks/results/{failure_map_lm_micro_ln_affine,lm_micro_ln_affine}.md
+ln-affine: ## where does `orthogonal` at post-LN micro's LayerNorm outputs act? micro (and macro) DFA rescues beside the norms' scale and shift frozen, 2 seeds (about 1.3 h of one-core runs), then the gradient routes at the final weights, into benchmarks/results/{failure_map_lm_micro_ln_affine,lm_micro_ln_affine}.md
 	OMP_NUM_THREADS=1 $(PYTHON) -m dfa_lightning.failure_map --recipes $(LN_AFFINE) --seeds 0 1 --metric test/ppl \
 		--axis heads=$(STACK_ARGS).n_heads:4 --root $(LOGDIR)/ln_affine \
 		--out benchmarks/results/failure_map_lm_micro_ln_affine.md -- --config recipes/sample/lm_wikitext2_cpu.yaml $(ARGS)

@@ -38,7 +38,8 @@ GROUPS = {"LayerNorm γ (ln_1, ln_2)": "blocks.*.ln_?.weight", "LayerNorm β (ln
           "attention below ln_1 (qkv, proj)": "blocks.*.attn.**", "FFN proj below ln_2": "blocks.*.ffn.proj.*",
           "FFN fc (below the FFN point)": "blocks.*.ffn.fc.*"}
 RECIPES = ("lm_bp", "lm_dfa_macro", "lm_dfa_micro", "lm_dfa_micro_ffn_orthogonal", "lm_dfa_micro_residual_orthogonal",
-           "lm_dfa_micro_feedback_orthogonal", "lm_dfa_micro_frozen_ln", "lm_dfa_micro_residual_orthogonal_frozen_ln")
+           "lm_dfa_micro_feedback_orthogonal", "lm_dfa_micro_frozen_ln", "lm_dfa_micro_residual_orthogonal_frozen_ln",
+           "lm_dfa_macro_frozen_ln", "lm_dfa_macro_feedback_orthogonal")
 SAMPLE = "recipes/sample/lm_wikitext2_cpu.yaml"
 
 
