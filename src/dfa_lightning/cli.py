@@ -209,7 +209,7 @@ def _wrong_type(message: str, name: str | None = None) -> str | None:
         return None
     body, value = inner[-1].group(1), inner[-1].group(2).split(". Got value:")[0].strip()
     subtypes = re.search(r"Subtypes: \[(.+)\]", body)
-    expected = re.findall(r"Expected a <class '(\w+)'>", body)
+    expected = re.findall(r"Expected a <class '([\w.]+)'>", body)
     wanted = (re.sub(r"<class '([\w.]+)'>", r"\1", subtypes.group(1).replace("<class 'NoneType'>", "null"))
               .replace(", ", " or ") if subtypes else " or ".join(expected))
     return f"expected {wanted}, got {value!r}" if wanted else None
@@ -508,16 +508,25 @@ def _raised_in_lightning(err: BaseException) -> bool:
     return any(f"{os.sep}{package}{os.sep}" in where for package in packages)
 
 
+def as_user_error(err: BaseException, argv: list[str]) -> UserError | None:
+    """What of ``err`` a user can fix, as a :class:`UserError` (one line): ours, also when jsonargparse wrapped it,
+    or Lightning's refusal of a setting; None for anything else (a bug: its traceback stays)."""
+    cause = user_error(err)
+    if cause is not None:
+        return cause
+    refusal = lightning_refusal(err, [str(a) for a in argv])
+    return ConfigError(refusal) if refusal is not None else None
+
+
 def main(args: list[str] | None = None) -> int:
     argv = list(args) if args is not None else sys.argv[1:]
     try:
         run(args)
     except Exception as err:
-        cause = user_error(err)
-        refusal = lightning_refusal(err, argv) if cause is None else None
-        if cause is None and refusal is None:
+        cause = as_user_error(err, argv)
+        if cause is None:
             raise
-        print(f"error: {cause if cause is not None else refusal}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -41,13 +41,10 @@ def user_errors(args: list[str]) -> Iterator[None]:
     except UserError:
         raise
     except Exception as err:
-        cause = _cli.user_error(err)
-        if cause is not None:
-            raise cause from None
-        refusal = _cli.lightning_refusal(err, [str(a) for a in args])
-        if refusal is None:
+        cause = _cli.as_user_error(err, args)
+        if cause is None:
             raise
-        raise ConfigError(refusal) from err
+        raise cause from None
 
 
 def run(args: list[str], run: bool = True) -> DFALightningCLI:
