@@ -938,3 +938,28 @@ def test_a_dotted_point_name_of_the_model_is_not_imported_as_a_package(monkeypat
     assert imported == []
     assert all(isinstance(m, nn.ReLU) for _, m in resolve_points(model, ["torch.nn.ReLU"]))
     assert imported == ["torch.nn"]
+
+
+def _stack() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_a_point_on_the_last_layer_warns_that_it_gets_a_random_projection_instead_of_the_error():
+    """`torch.nn.Linear` matches an MLP's last layer too: that layer then trains on B e, not on e."""
+    torch.manual_seed(0)
+    model, x = _stack(), torch.randn(32, 8)
+    engine = FeedbackEngine(model, ["torch.nn.Linear"])
+    with pytest.warns(UserWarning, match=r"feedback point '4' \(Linear\) has nothing trainable between it and the "
+                                         r"model's output.*leave it out of feedback_points"):
+        engine.calibrate(lambda: model(x).sum())
+
+
+def test_points_on_hidden_layers_or_at_a_chosen_output_do_not_warn(recwarn):
+    """Hidden points leave a trainable layer above them; an `output:` inside the model (the LM's error before the
+    vocabulary) is where the user chose to take the error, so the point just below it is meant."""
+    torch.manual_seed(0)
+    model, x = _stack(), torch.randn(32, 8)
+    FeedbackEngine(model, ["1", "3"]).calibrate(lambda: model(x).sum())
+    inner = _stack()
+    FeedbackEngine(inner, ["1"], output="2").calibrate(lambda: inner(x).sum())
+    assert not [w for w in recwarn if "nothing trainable" in str(w.message)]

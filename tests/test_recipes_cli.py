@@ -549,3 +549,16 @@ def test_the_cpu_sized_lm_override_shrinks_every_lm_recipe_and_keeps_its_rule(re
     assert cli.trainer.max_steps == 1000 and cli.trainer.val_check_interval == 250
     rule = lambda c: [cb for cb in c.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"][0].config
     assert rule(cli) == rule(base)  # the override changes the size, never the learning rule
+
+
+def test_a_feedback_point_on_the_last_layer_is_named_in_a_warning_before_training(tmp_path):
+    """`feedback_points: [conv2]` on the GCN: conv2 is the output layer, so it trained on B e in silence."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    with pytest.warns(UserWarning, match="feedback point 'conv2' .GCNConv. has nothing trainable between it and the "
+                                         "model's output"):
+        assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                    "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1",
+                    "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 0

@@ -253,6 +253,7 @@ class FeedbackEngine:
         self.projection, self.projection_dtype, self.receiver_choice = projection, projection_dtype, receiver
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
+        self._bare_top: int | None = None  # calibrate()'s forward: a point with nothing trainable above it
         self._projection_itemsize = 4  # bytes per projected value (see compute_dtype)
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
         self.model, self.method = model, method
@@ -345,6 +346,9 @@ class FeedbackEngine:
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
             self._projection_itemsize = self.compute_dtype(out.dtype).itemsize
+            # nothing trainable between the last point and the output: that point's layer gets B e, not e
+            self._bare_top = (self._pending.index[-1] if self._pending.index and not out.requires_grad
+                              and not self.output_name else None)
         if out.dtype != self._output_dtype:  # per point: the next tokens carry the error in its projection dtype
             self._output_dtype, self._token_dtype = out.dtype, self.compute_dtype(out.dtype)
         if self.capture is not None:
@@ -472,6 +476,7 @@ class FeedbackEngine:
               FlopCounterMode(display=False) as flops):
             forward()
         self._check_points_precede_output()
+        self._warn_point_at_output()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
@@ -493,6 +498,21 @@ class FeedbackEngine:
             raise ConfigError(f"output {self.output_name!r} runs before the feedback point(s) {', '.join(late)}: the "
                               "error is taken at the output, so no feedback would reach them; set `output:` to the "
                               "module whose output is the network's (or a later one)")
+
+    def _warn_point_at_output(self) -> None:
+        """A point with nothing trainable above it (``torch.nn.Linear`` matching an MLP's last layer too): its layer
+        gets ``B e``, a random mix of the error, where DFA gives the top layer the error itself. It still trains,
+        worse, so a warning rather than a refusal. Only where the error is the model's own output: an ``output:``
+        set inside the model is where the user chose to take it (the LM's error before the vocabulary, whose last
+        block gets ``B e`` as in the paper's code)."""
+        index, self._bare_top = self._bare_top, None
+        if index is None or not torch.is_grad_enabled():
+            return
+        point = self.points[index]
+        warnings.warn(f"feedback point {point.name!r} ({type(point.module).__name__}) has nothing trainable between "
+                      f"it and the model's output: its layer gets a random projection B e of the error instead of the "
+                      "error itself, as DFA trains the top layer; leave it out of feedback_points (name the hidden "
+                      "layers, e.g. 'hidden.*', rather than a type that matches the last layer too)", stacklevel=2)
 
     def _receiver_flops(self, rows: int) -> int:
         """FLOPs that matmul receivers add to a step: their forward matmuls, and with shared columns the per-point
