@@ -194,3 +194,15 @@ def test_transport_map_words_a_refused_setting_as_one_line(extra, why, cora_root
     argv = ["--recipes", GCN_DFA, "--out", str(tmp_path / "t.md"), "--", *extra, *_data(cora_root, tmp_path)]
     assert transport_map.main(argv) == 2
     assert why in _one_line(capsys)
+
+
+def test_graphs_reproduce_checks_the_arguments_on_every_dataset_not_only_the_first(monkeypatch, tmp_path, capsys):
+    """A dataset's own overrides (DATASET_OVERRIDES) can make a run argument wrong there only: here PubMed switches
+    to SGD, which has no `betas`. Checking only Cora let the PubMed runs fail one by one after Cora trained."""
+    monkeypatch.setitem(graphs_reproduce.DATASET_OVERRIDES, ("gcn_dfa", "PubMed"),
+                        ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.1"])
+    main, argv = _tool_argv("graphs_reproduce", tmp_path, str(tmp_path / "t.md"), str(tmp_path / "runs"),
+                            ["--model.optimizer.init_args.betas", "[0.8, 0.99]"])
+    assert main(["--datasets", "Cora", "PubMed", *argv]) == 2
+    assert "betas" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.md").exists()
