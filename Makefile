@@ -55,9 +55,11 @@ kernels: ## kernel time per training step of BP and DFA on the GPU: where each s
 loop-overhead: ## what Trainer.fit adds per step to the bare step, BP and DFA (ARGS="--preset gpu" on a GPU)
 	$(PYTHON) -m benchmarks.loop_overhead --threads 1 --out $(OUT) $(ARGS)
 
+SWEEP_OPTS ?=  # options of dfa_lightning.sweep for the reproduce-* sweeps, e.g. --rerun (train again, not read back)
+
 reproduce-cora: ## GCN on Cora, BP / DFA / shallow over SEEDS: writes benchmarks/results/cora_gcn.md
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/gcn_bp.yaml recipes/gcn_dfa.yaml recipes/gcn_shallow.yaml \
-		--seeds $(SEEDS) --metric test/acc --out benchmarks/results/cora_gcn.md --root $(LOGDIR)/sweeps \
+		--seeds $(SEEDS) --metric test/acc --out benchmarks/results/cora_gcn.md --root $(LOGDIR)/sweeps $(SWEEP_OPTS) \
 		--reference '{"gcn_bp": 0.801, "gcn_dfa": 0.799, "gcn_shallow": 0.370}'
 
 LM_RECIPES ?= recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_dfa_micro.yaml recipes/lm_dfa_macro_after_vocab.yaml recipes/lm_shallow.yaml
@@ -66,13 +68,13 @@ LM_OUT ?= benchmarks/results/lm_wikitext2.md
 
 reproduce-lm: ## LM recipes on WikiText-2 (paper Table 5's methods) over LM_SEEDS: test perplexity into LM_OUT; ARGS go to every run
 	$(PYTHON) -m dfa_lightning.sweep --recipes $(LM_RECIPES) --seeds $(LM_SEEDS) --metric test/ppl --out $(LM_OUT) \
-		--root $(LOGDIR)/sweeps -- $(ARGS)
+		--root $(LOGDIR)/sweeps $(SWEEP_OPTS) -- $(ARGS)
 
 NERF_SEEDS ?= 0
 
 reproduce-nerf-sample: ## NeRF BP / DFA / shallow on the 100-pixel lego (CPU-sized, recipes/sample/nerf_lego_100px.yaml): test PSNR into benchmarks/results/nerf_lego_100px.md
 	$(PYTHON) -m dfa_lightning.sweep --recipes recipes/nerf_bp.yaml recipes/nerf_dfa.yaml recipes/nerf_shallow.yaml \
-		--seeds $(NERF_SEEDS) --metric test/psnr --out benchmarks/results/nerf_lego_100px.md --root $(LOGDIR)/sweeps \
+		--seeds $(NERF_SEEDS) --metric test/psnr --out benchmarks/results/nerf_lego_100px.md --root $(LOGDIR)/sweeps $(SWEEP_OPTS) \
 		-- --config recipes/sample/nerf_lego_100px.yaml $(ARGS)
 
 GRAPH_DATASETS ?= Cora

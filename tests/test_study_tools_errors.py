@@ -176,8 +176,15 @@ def test_a_misspelt_metric_stops_after_the_first_run_naming_the_metrics_it_produ
     err = _one_line(capsys)
     assert "test/accc" in err and "test/acc," in err
     assert not (tmp_path / "t.md").exists()
-    if tool != "sweep":  # the finished run is kept for the corrected command
-        assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
+    kept = list((tmp_path / "runs").rglob("result.json"))  # the finished run is kept for the corrected command
+    assert len(kept) == 1
+    if tool == "sweep":
+        assert "the run is kept" in err
+        mtime = kept[0].stat().st_mtime_ns
+        argv[argv.index("test/accc")] = "test/acc"
+        assert main(argv) == 0
+        assert kept[0].stat().st_mtime_ns == mtime  # read back, not trained again
+        assert "(cached) test/acc=" in capsys.readouterr().out
 
 
 def test_a_lightning_refusal_during_a_study_run_is_one_line(cora_root, tmp_path, capsys):
@@ -206,3 +213,23 @@ def test_graphs_reproduce_checks_the_arguments_on_every_dataset_not_only_the_fir
     assert main(["--datasets", "Cora", "PubMed", *argv]) == 2
     assert "betas" in _one_line(capsys)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "t.md").exists()
+
+
+def test_sweep_trains_again_when_the_recipe_text_or_the_arguments_change(cora_root, tmp_path, capsys):
+    """A cached run stands only for the same recipe text, seed and overrides: an edited recipe (same file name) or
+    another --trainer.max_epochs is a different run."""
+    recipe = tmp_path / "gcn_dfa.yaml"
+    recipe.write_text(Path(GCN_DFA).read_text().replace("../callbacks/", f"{REPO}/callbacks/"))
+    argv = ["--recipes", str(recipe), "--seeds", "0", "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"),
+            "--", "--trainer.max_epochs", "1", *_data(cora_root, tmp_path)]
+    assert sweep.main(argv) == 0
+    assert sweep.main(argv) == 0
+    assert "(cached)" in capsys.readouterr().out
+    recipe.write_text(recipe.read_text().replace("lr: 0.01 ", "lr: 0.02 "))
+    assert sweep.main(argv) == 0
+    assert "(cached)" not in capsys.readouterr().out
+    argv[argv.index("1")] = "2"
+    assert sweep.main(argv) == 0
+    assert "(cached)" not in capsys.readouterr().out
+    assert sweep.main([*argv[:argv.index("--")], "--rerun", *argv[argv.index("--"):]]) == 0
+    assert "(cached)" not in capsys.readouterr().out

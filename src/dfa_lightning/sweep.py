@@ -4,15 +4,21 @@
 --metric test/acc --out results.md [-- extra CLI args]``; ``--metrics test/auroc test/logloss`` records several
 metrics (one table each, the first is the main one). Each run is a normal ``fit`` (then test at the best
 checkpoint) in this process; per-seed values and the summary go to ``--out`` (markdown) and a JSON beside it.
+
+Each finished run leaves ``<root>/<recipe stem>/seed<k>/result.json`` (every test metric and the wall time). A later
+sweep reuses it when the recipe file, the seed and the arguments after ``--`` are the same (``--rerun`` trains
+again): an interrupted ``make reproduce-lm`` goes on where it stopped, and a misspelt ``--metric`` costs no run.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dfa_lightning import studies
 from dfa_lightning.cli import split_passthrough
@@ -28,9 +34,23 @@ def _args(recipe: str, seed: int, extra: list[str], root: str) -> list[str]:
             "--trainer.logger.init_args.save_dir", f"{root}/{name}/seed{seed}", *extra]
 
 
-def run_seed(recipe: str, seed: int, extra: list[str], root: str) -> dict[str, float]:
+def run_seed(recipe: str, seed: int, extra: list[str], root: str, rerun: bool = False) -> dict[str, Any]:
+    """One run's ``{"recipe", "recipe_sha256", "seed", "overrides", "metrics": {test/...}, "seconds"}``, trained or
+    read back from its ``result.json`` (made with the same recipe text, seed and overrides)."""
+    key = {"recipe": Path(recipe).stem, "recipe_sha256": hashlib.sha256(Path(recipe).read_bytes()).hexdigest(),
+           "seed": seed, "overrides": list(extra)}
+    out = Path(root) / key["recipe"] / f"seed{seed}" / "result.json"
+    if out.is_file() and not rerun:
+        cached = json.loads(out.read_text())
+        if studies.reusable(cached, key):
+            return {**cached, "cached": True}
+    start = time.perf_counter()
     cli = run(["fit", *_args(recipe, seed, extra, root)])
-    return dict(cli.test_results)
+    result = {**key, "metrics": {k: float(v) for k, v in cli.test_results.items()},
+              "seconds": round(time.perf_counter() - start, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def check(recipes: list[str], seeds: list[int], extra: list[str], out: str, root: str) -> None:
@@ -64,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="several metrics, one table each (overrides --metric; the first is the main one)")
     parser.add_argument("--out", required=True, help="markdown file to write")
-    parser.add_argument("--root", default="logs/sweeps", help="where each run writes logs and checkpoints")
+    parser.add_argument("--root", default="logs/sweeps", help="where each run writes logs, checkpoints, result.json")
+    parser.add_argument("--rerun", action="store_true", help="train again runs whose result.json exists")
     parser.add_argument("--reference", type=json.loads, default={},
                         help='JSON {recipe stem: paper value} printed next to the measured mean (main metric), '
                              'or {metric: {recipe stem: paper value}}')
@@ -77,13 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in opts.recipes:
             stem = Path(recipe).stem
             for seed in opts.seeds:
-                t0 = time.perf_counter()
-                results = run_seed(recipe, seed, extra, opts.root)
-                studies.require_metrics(results, metrics, f"{stem} seed {seed}")
-                wall.setdefault(stem, {})[seed] = time.perf_counter() - t0
+                run_result = run_seed(recipe, seed, extra, opts.root, opts.rerun)
+                results = run_result["metrics"]
+                try:
+                    studies.require_metrics(results, metrics, f"{stem} seed {seed}")
+                except ConfigError as err:
+                    raise ConfigError(f"{err}; the run is kept: with the right --metric it is read back, not "
+                                      "trained again") from None
+                wall.setdefault(stem, {})[seed] = run_result["seconds"]
                 for metric in metrics:
                     tables[metric].setdefault(stem, {})[seed] = results[metric]
-                print(f"SWEEP {stem} seed={seed} " + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
+                print(f"SWEEP {stem} seed={seed}{' (cached)' if run_result.get('cached') else ''} "
+                      + " ".join(f"{m}={results[m]:.4f}" for m in metrics), flush=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
