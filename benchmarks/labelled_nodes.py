@@ -1,7 +1,7 @@
 """Why one BatchNorm breaks DFA on Cora: do the labelled nodes' block outputs run away from the other nodes'?
 
 ``python -m benchmarks.labelled_nodes [--rules bp dfa orthogonal] [--cells 2:none 2:layer 2:batch 8:none 8:batch]
-[--seeds 0 1 2] [--split public | dna_kfold] --root logs/labelled_nodes
+[--seeds 0 1 2] [--split public | full | dna_kfold] --root logs/labelled_nodes
 --out benchmarks/results/labelled_nodes_cora.md``
 
 Why: on full-batch Cora the error ``e`` is zero outside the 140 labelled (training) nodes, so ``B_i e`` pushes only
@@ -281,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.labelled_nodes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--split", default="public", choices=["public", "dna_kfold"],
-                        help="public: 140 labelled nodes; dna_kfold: 20 %% of the nodes (542)")
+    parser.add_argument("--split", default="public", choices=["public", "full", "dna_kfold"],
+                        help="public: 140 labelled nodes; full: 1,208 (the public validation and test nodes kept); "
+                             "dna_kfold: 20 %% of the nodes (542)")
     add_cora_cell_arguments(parser, ["2:none", "2:layer", "2:batch", "8:none", "8:batch"], root="logs/labelled_nodes",
                             out="benchmarks/results/labelled_nodes_cora.md")
     args = parser.parse_args(argv)

@@ -274,6 +274,18 @@ def test_dna_kfold_split(cora_raw, dirs):
     assert not torch.equal(other.data.train_mask, data.train_mask)
 
 
+def test_full_split_trains_on_every_node_outside_the_public_validation_and_test_nodes(cora, dirs):
+    """PyG's ``split="full"``: 1,208 labelled Cora nodes, the public 500 / 1,000 kept for validation and test."""
+    full = make_dm(dirs, split="full")
+    full.setup()
+    public, data = cora.data, full.data
+    assert int(data.train_mask.sum()) == 1208
+    assert torch.equal(data.val_mask, public.val_mask) and torch.equal(data.test_mask, public.test_mask)
+    assert not (data.train_mask & (data.val_mask | data.test_mask)).any()
+    assert (data.train_mask | public.val_mask | public.test_mask).all()
+    assert (data.train_mask & public.train_mask).sum() == 140  # the public labels are among them
+
+
 def test_link_split(dirs):
     dm = make_dm(dirs, link_split=True)
     train, val, test = (next(iter(dl)) for dl in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()))

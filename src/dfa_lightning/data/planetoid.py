@@ -44,7 +44,7 @@ NAMES = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
 PARTS = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
 URL = "https://github.com/kimiyoung/planetoid/raw/master/data"
 TRANSFORMS = ("normalize_features", "target_indegree", "none")
-SPLITS = ("public", "dna_kfold")
+SPLITS = ("public", "full", "dna_kfold")
 
 # git blob ids (``git hash-object``) of the original files, from shared/data/planetoid/PROVENANCE.md.
 GIT_BLOB_IDS = {
@@ -118,9 +118,10 @@ class PlanetoidDataModule(pl.LightningDataModule):
             ``~/.cache/dfa_lightning`` (default: None).
         transform: ``normalize_features`` (GCN, Cheb, GAT, GAE), ``target_indegree`` (Spline: TargetIndegree edge
             pseudo-coordinates in ``edge_attr``) or ``none`` (DNA) (default: ``normalize_features``).
-        split: ``public`` (Planetoid masks: 20 per class / 500 / 1000) or ``dna_kfold`` (the paper's DNA split: 5
-            stratified folds shuffled with ``seed``; train = fold 0, val = fold 1, test = folds 2-4) (default:
-            ``public``).
+        split: ``public`` (Planetoid masks: 20 per class / 500 / 1000), ``full`` (PyG's ``split="full"``: the
+            public validation and test nodes, and every other node for training: 1,208 on Cora) or ``dna_kfold`` (the
+            paper's DNA split: 5 stratified folds shuffled with ``seed``; train = fold 0, val = fold 1, test = folds
+            2-4) (default: ``public``).
         seed: seed of the ``dna_kfold`` and ``link_split`` splits (default: 0).
         download: download missing files from the original planetoid repository (default: True).
         cache_dir: work folder where the files are copied and PyG writes ``processed/``
@@ -136,7 +137,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
         name: str = "Cora",
         root: str | None = None,
         transform: Literal["normalize_features", "target_indegree", "none"] | None = "normalize_features",
-        split: Literal["public", "dna_kfold"] = "public",
+        split: Literal["public", "full", "dna_kfold"] = "public",
         seed: int = 0,
         download: bool = True,
         cache_dir: str | None = None,
@@ -312,7 +313,9 @@ class PlanetoidDataModule(pl.LightningDataModule):
             data = T.NormalizeFeatures()(data)
         elif self.transform == "target_indegree":
             data = T.TargetIndegree()(data)
-        if self.split == "dna_kfold":
+        if self.split == "full":
+            data.train_mask = ~(data.val_mask | data.test_mask)
+        elif self.split == "dna_kfold":
             folds = stratified_kfold(data.y, 5, self.seed)
             n = data.num_nodes
             data.train_mask = _index_to_mask(folds[0], n)
