@@ -963,3 +963,14 @@ def test_points_on_hidden_layers_or_at_a_chosen_output_do_not_warn(recwarn):
     inner = _stack()
     FeedbackEngine(inner, ["1"], output="2").calibrate(lambda: inner(x).sum())
     assert not [w for w in recwarn if "nothing trainable" in str(w.message)]
+
+
+def test_shallow_with_a_point_on_the_last_layer_is_refused_as_nothing_would_train():
+    """The cut at the last layer leaves the loss with no trainable parameter: it was a bare autograd traceback."""
+    model, x = _stack(), torch.randn(32, 8)
+    engine = FeedbackEngine(model, ["torch.nn.Linear"], method="shallow")
+    with pytest.raises(ConfigError, match=r"method shallow: the model's output depends on no trainable parameter "
+                                          r"outside the feedback points \(0, 2, 4\), so nothing would train"):
+        engine.calibrate(lambda: model(x).sum())
+    hidden = _stack()
+    FeedbackEngine(hidden, ["1", "3"], method="shallow").calibrate(lambda: hidden(x).sum())

@@ -562,3 +562,14 @@ def test_a_feedback_point_on_the_last_layer_is_named_in_a_warning_before_trainin
         assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
                     "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1",
                     "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 0
+
+
+def test_shallow_with_a_point_on_the_last_layer_is_one_line_before_training(tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    assert _fit("recipes/gcn_shallow.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 2
+    assert _one_line_error(capsys).startswith("error: method shallow: the model's output depends on no trainable")

@@ -346,9 +346,10 @@ class FeedbackEngine:
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
             self._projection_itemsize = self.compute_dtype(out.dtype).itemsize
-            # nothing trainable between the last point and the output: that point's layer gets B e, not e
-            self._bare_top = (self._pending.index[-1] if self._pending.index and not out.requires_grad
-                              and not self.output_name else None)
+            # nothing trainable between the points and the model's output: under DFA the last point's layer gets
+            # B e, not e; under shallow nothing trains at all
+            self._bare_top = (self._pending.index[-1] if self._pending.index else -1) \
+                if self.points and not out.requires_grad and not self.output_name else None
         if out.dtype != self._output_dtype:  # per point: the next tokens carry the error in its projection dtype
             self._output_dtype, self._token_dtype = out.dtype, self.compute_dtype(out.dtype)
         if self.capture is not None:
@@ -476,7 +477,7 @@ class FeedbackEngine:
               FlopCounterMode(display=False) as flops):
             forward()
         self._check_points_precede_output()
-        self._warn_point_at_output()
+        self._check_something_trains_above_the_points()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
         columns = sum(p.width or 0 for p in self.points)
@@ -499,14 +500,20 @@ class FeedbackEngine:
                               "error is taken at the output, so no feedback would reach them; set `output:` to the "
                               "module whose output is the network's (or a later one)")
 
-    def _warn_point_at_output(self) -> None:
+    def _check_something_trains_above_the_points(self) -> None:
         """A point with nothing trainable above it (``torch.nn.Linear`` matching an MLP's last layer too): its layer
         gets ``B e``, a random mix of the error, where DFA gives the top layer the error itself. It still trains,
-        worse, so a warning rather than a refusal. Only where the error is the model's own output: an ``output:``
-        set inside the model is where the user chose to take it (the LM's error before the vocabulary, whose last
-        block gets ``B e`` as in the paper's code)."""
+        worse, so a warning rather than a refusal; under ``shallow`` nothing would train at all: refused. Only where
+        the error is the model's own output: an ``output:`` set inside the model is where the user chose to take it
+        (the LM's error before the vocabulary, whose last block gets ``B e`` as in the paper's code)."""
         index, self._bare_top = self._bare_top, None
         if index is None or not torch.is_grad_enabled():
+            return
+        if self.method == "shallow":
+            raise ConfigError(f"method shallow: the model's output depends on no trainable parameter outside the "
+                              f"feedback points ({', '.join(p.name for p in self.points)}), so nothing would train; "
+                              "leave the last layer out of feedback_points")
+        if index < 0:
             return
         point = self.points[index]
         warnings.warn(f"feedback point {point.name!r} ({type(point.module).__name__}) has nothing trainable between "
