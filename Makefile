@@ -134,11 +134,14 @@ failure-map: ## where does DFA fail? GCN stacks on Cora over depth x skip x norm
 feedback-norm-parts: ## which part of LayerNorm's backward (centring, removing the radial component, 1/scale) makes feedback_norm rescue DFA on Cora with BatchNorm and hurt the deep plain stack? 6 parts x 4 cells x 3 seeds (about 25 min on 2 cores) into benchmarks/results/feedback_norm_parts_cora.md
 	$(PYTHON) -m benchmarks.feedback_norm_parts --seeds $(MAP_SEEDS) --root $(LOGDIR)/feedback_norm_parts $(ARGS)
 
-labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block outputs against the rest's, per rule (BP, DFA, orthogonal, DFA with the norm frozen, DFA with the bias before the norm frozen), on the public split and on 20 % labels (about 25 min on one core) into benchmarks/results/labelled_nodes_cora*.md
+labelled-nodes: ## why BatchNorm breaks DFA on Cora: the labelled nodes' block outputs against the rest's, per rule (BP, DFA, orthogonal, DFA with the norm frozen, DFA with the bias before the norm frozen), on the public split, on 20 % labels and on the full split's 1,208 (about 35 min on one core) into benchmarks/results/labelled_nodes_cora*.md
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.labelled_nodes --seeds $(MAP_SEEDS) --rules bp dfa orthogonal dfa_frozen_norm dfa_frozen_bias \
 		--root $(LOGDIR)/labelled_nodes $(ARGS)
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.labelled_nodes --seeds $(MAP_SEEDS) --rules bp dfa orthogonal dfa_frozen_norm dfa_frozen_bias \
 		--split dna_kfold --root $(LOGDIR)/labelled_nodes --out benchmarks/results/labelled_nodes_cora_dna_kfold.md $(ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.labelled_nodes --seeds $(MAP_SEEDS) --rules bp dfa dfa_frozen_bias orthogonal \
+		--cells 2:batch 8:batch 2:none --split full --root $(LOGDIR)/labelled_nodes \
+		--out benchmarks/results/labelled_nodes_cora_full.md $(ARGS)
 
 LN_AFFINE := recipes/lm_bp.yaml recipes/lm_dfa_macro.yaml recipes/lm_dfa_micro.yaml \
 	benchmarks/recipes/lm_dfa_micro_ffn_orthogonal.yaml benchmarks/recipes/lm_dfa_micro_residual_orthogonal.yaml \

@@ -11,8 +11,8 @@ feature over all nodes, so what is left is to grow the labelled nodes *relative 
 reading this script tests: under plain DFA with BatchNorm the labelled nodes' outputs grow far larger than the
 others' and the network fits them without generalising, and removing the radial component (``feedback_norm:
 orthogonal``, the rescue) shrinks that gap. A prediction follows: with more labelled nodes (``--split dna_kfold``:
-20 % of the nodes, 542, against the public split's 140) there is less to single out, and BatchNorm should cost DFA
-less.
+20 % of the nodes, 542; ``--split full``: 1,208, scored on the public test nodes; against the public split's 140)
+there is less to single out, and BatchNorm should cost DFA less.
 
 It trains the failure map's GCN stack (``recipes/gcn_stack_{bp,dfa}.yaml``) per rule, cell and seed and measures, at
 the final weights in eval mode (one full-graph forward):
