@@ -216,8 +216,8 @@ def test_graphs_reproduce_checks_the_arguments_on_every_dataset_not_only_the_fir
 
 
 def test_sweep_trains_again_when_the_recipe_text_or_the_arguments_change(cora_root, tmp_path, capsys):
-    """A cached run stands only for the same recipe text, seed and overrides: an edited recipe (same file name) or
-    another --trainer.max_epochs is a different run."""
+    """A cached run stands only for the same recipe and overlay texts, seed and overrides: an edited recipe (same
+    file name), an edited overlay or another --trainer.max_epochs is a different run."""
     recipe = tmp_path / "gcn_dfa.yaml"
     recipe.write_text(Path(GCN_DFA).read_text().replace("../callbacks/", f"{REPO}/callbacks/"))
     argv = ["--recipes", str(recipe), "--seeds", "0", "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"),
@@ -232,4 +232,13 @@ def test_sweep_trains_again_when_the_recipe_text_or_the_arguments_change(cora_ro
     assert sweep.main(argv) == 0
     assert "(cached)" not in capsys.readouterr().out
     assert sweep.main([*argv[:argv.index("--")], "--rerun", *argv[argv.index("--"):]]) == 0
+    assert "(cached)" not in capsys.readouterr().out
+    overlay = tmp_path / "overlay.yaml"  # an overlay's text counts as the recipe's does
+    overlay.write_text("trainer:\n  log_every_n_steps: 1\n")
+    argv += ["--config", str(overlay)]
+    assert sweep.main(argv) == 0
+    assert sweep.main(argv) == 0
+    assert "(cached)" in capsys.readouterr().out
+    overlay.write_text("trainer:\n  log_every_n_steps: 2\n")
+    assert sweep.main(argv) == 0
     assert "(cached)" not in capsys.readouterr().out

@@ -6,8 +6,9 @@ metrics (one table each, the first is the main one). Each run is a normal ``fit`
 checkpoint) in this process; per-seed values and the summary go to ``--out`` (markdown) and a JSON beside it.
 
 Each finished run leaves ``<root>/<recipe stem>/seed<k>/result.json`` (every test metric and the wall time). A later
-sweep reuses it when the recipe file, the seed and the arguments after ``--`` are the same (``--rerun`` trains
-again): an interrupted ``make reproduce-lm`` goes on where it stopped, and a misspelt ``--metric`` costs no run.
+sweep reuses it when the recipe's text (and any ``--config`` overlay's), the seed and the arguments after ``--`` are
+the same (``--rerun`` trains again): an interrupted ``make reproduce-lm`` goes on where it stopped, and a misspelt
+``--metric`` costs no run.
 """
 from __future__ import annotations
 
@@ -34,11 +35,20 @@ def _args(recipe: str, seed: int, extra: list[str], root: str) -> list[str]:
             "--trainer.logger.init_args.save_dir", f"{root}/{name}/seed{seed}", *extra]
 
 
+def _text_digest(recipe: str, extra: list[str]) -> str:
+    """sha256 of the recipe's text and of every ``--config`` overlay's among ``extra``: an edited file is another run."""
+    digest = hashlib.sha256(Path(recipe).read_bytes())
+    for flag, value in zip(extra, extra[1:]):
+        if flag == "--config" and Path(value).is_file():
+            digest.update(Path(value).read_bytes())
+    return digest.hexdigest()
+
+
 def run_seed(recipe: str, seed: int, extra: list[str], root: str, rerun: bool = False) -> dict[str, Any]:
     """One run's ``{"recipe", "recipe_sha256", "seed", "overrides", "metrics": {test/...}, "seconds"}``, trained or
-    read back from its ``result.json`` (made with the same recipe text, seed and overrides)."""
-    key = {"recipe": Path(recipe).stem, "recipe_sha256": hashlib.sha256(Path(recipe).read_bytes()).hexdigest(),
-           "seed": seed, "overrides": list(extra)}
+    read back from its ``result.json`` (made with the same recipe and overlay texts, seed and overrides)."""
+    key = {"recipe": Path(recipe).stem, "recipe_sha256": _text_digest(recipe, extra), "seed": seed,
+           "overrides": list(extra)}
     out = Path(root) / key["recipe"] / f"seed{seed}" / "result.json"
     if out.is_file() and not rerun:
         cached = json.loads(out.read_text())
