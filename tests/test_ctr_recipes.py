@@ -110,3 +110,25 @@ def test_full_size_ctr_recipe_learns_on_the_real_sample(recipe, criteo):
     cli = _fit(recipe, criteo, epochs=8)
     auroc = cli.test_results["test/auroc"]
     assert auroc > 0.62 or (recipe.endswith("shallow") and torch.isfinite(torch.tensor(auroc))), cli.test_results
+
+
+def test_a_ctr_checkpoint_can_be_tested_and_resumed(criteo, capsys):
+    """The embedding is sized from the data at setup: the checkpoint check ran before that and called every CTR
+    checkpoint foreign ("2 unexpected (model.embedding.weight; ...)"), refusing test, validate and resume."""
+    from dfa_lightning.cli import main
+
+    cli = _fit("deepfm_dfa", criteo, *SMALL["deepfm"], epochs=1)
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    assert ckpt
+    common = ["--config", str(REPO / "recipes" / "deepfm_dfa.yaml"), "--config", str(SAMPLE_OVERRIDE),
+              "--data.init_args.path", str(criteo["sample"]), "--data.init_args.cache_dir", str(criteo["cache"]),
+              *SMALL["deepfm"], *QUIET, "--trainer.default_root_dir", str(criteo["runs"] / "again"),
+              "--trainer.logger.init_args.save_dir", str(criteo["runs"] / "again")]
+    assert main(["test", *common, "--ckpt_path", ckpt]) == 0
+    assert main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", ckpt]) == 0
+    assert "does not fit" not in capsys.readouterr().err
+    # a checkpoint of another model is still refused before the data is read
+    assert main(["test", *common[:2], "--config", str(SAMPLE_OVERRIDE), "--data.init_args.path",
+                 str(criteo["sample"]), "--data.init_args.cache_dir", str(criteo["cache"]), *QUIET,
+                 "--model.model.init_args.embed_dim", "4", "--ckpt_path", ckpt]) == 2
+    assert "does not fit this recipe's model (DeepFM)" in capsys.readouterr().err

@@ -34,12 +34,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"]
 
 
-def state_dict_mismatch(saved: dict[str, torch.Tensor], module: nn.Module, strict: bool = True) -> str | None:
+def state_dict_mismatch(saved: dict[str, torch.Tensor], module: nn.Module, strict: bool = True,
+                        unbuilt: bool = False) -> str | None:
     """What keeps ``module.load_state_dict(saved, strict)`` from working, in one sentence, or None. Parameters that
-    a lazy module has not sized yet accept any shape, as ``load_state_dict`` does."""
+    a lazy module has not sized yet accept any shape, as ``load_state_dict`` does. ``unbuilt``: layers sized from the
+    data (a CTR model's embedding) do not exist yet, so keys the file has and the module lacks are not counted."""
     own = module.state_dict()
     missing = [k for k in own if k not in saved] if strict else []
-    unexpected = [k for k in saved if k not in own] if strict else []
+    unexpected = [k for k in saved if k not in own] if strict and not unbuilt else []
     resized = [f"{k} {tuple(saved[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
                if k in saved and not isinstance(own[k], UninitializedParameter)
                and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)]
@@ -59,7 +61,9 @@ def checkpoint_problem(path: str | Path, module: nn.Module, saved: dict[str, tor
             saved = read_state_dict(path)
         except ValueError as err:
             return f"ckpt_path {path}: {err}"
-    mismatch = state_dict_mismatch(saved, module, strict=getattr(module, "strict_loading", True))
+    unbuilt = getattr(module, "_built", True) is False and callable(getattr(getattr(module, "model", None), "build",
+                                                                            None))
+    mismatch = state_dict_mismatch(saved, module, strict=getattr(module, "strict_loading", True), unbuilt=unbuilt)
     if mismatch is None:
         return None
     model = getattr(module, "model", module)
