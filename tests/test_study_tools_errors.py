@@ -242,3 +242,16 @@ def test_sweep_trains_again_when_the_recipe_text_or_the_arguments_change(cora_ro
     overlay.write_text("trainer:\n  log_every_n_steps: 2\n")
     assert sweep.main(argv) == 0
     assert "(cached)" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool", ["sweep", "placements", "failure_map", "graphs_reproduce"])
+@pytest.mark.parametrize("seed", [["--seed_everything", "5"], ["--seed_everything=5"]])
+def test_a_seed_among_the_run_arguments_is_a_usage_error(tool, seed, tmp_path, capsys):
+    """It came after each run's own seed and won: `--seeds 0 1` reported one run twice with a std of 0."""
+    main, argv = _tool_argv(tool, tmp_path, str(tmp_path / "t.md"), str(tmp_path / "runs"), seed)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "--seed_everything after --: every run would have that one seed; give the seeds with --seeds" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: min for */loss and */ppl, else max)")
     parser.add_argument("--out", help="markdown table (a .json beside it); without it, runs only (to share work)")
     opts = parser.parse_args(argv)
+    studies.refuse_seed_override(parser, extra)
     try:
         if opts.out:
             studies.check_writable(opts.out, "--out")

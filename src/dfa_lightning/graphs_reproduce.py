@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shallow-margin", type=float, default=20.0,
                         help="points the shallow mean must lie below the DFA mean to count as far below (default: 20)")
     opts = parser.parse_args(argv)
+    studies.refuse_seed_override(parser, extra)
     seeds_for = {}
     for spec in opts.seeds_for:
         model, _, seeds = spec.partition("=")

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="feedback points per placement, e.g. paper=hidden before_relu=conv1")
     parser.add_argument("--out", required=True, help="markdown table (a .json beside it)")
     opts = parser.parse_args(argv)
+    studies.refuse_seed_override(parser, extra)
     try:
         placements = [parse_placement(p) for p in opts.placements]
         labels = [label for label, _ in placements]

@@ -108,6 +108,13 @@ class _Unique(argparse.Action):
 SEEDS: dict[str, Any] = {"nargs": "+", "type": _seed, "action": _Unique}
 
 
+def refuse_seed_override(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """A usage error for ``--seed_everything`` among the run arguments: the tool sets each run's seed from ``--seeds``
+    before them, so the later one won and every "seed" was the same run (a table of identical values and std 0)."""
+    if any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in extra):
+        parser.error("--seed_everything after --: every run would have that one seed; give the seeds with --seeds")
+
+
 def reusable(cached: dict, key: dict) -> bool:
     """A cached result stands for a run only if every field of the run's key is the same."""
     return all(cached.get(name) == value for name, value in key.items())

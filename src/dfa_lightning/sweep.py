@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='JSON {recipe stem: paper value} printed next to the measured mean (main metric), '
                              'or {metric: {recipe stem: paper value}}')
     opts = parser.parse_args(argv)
+    studies.refuse_seed_override(parser, extra)
     metrics = opts.metrics or [opts.metric]
     tables: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
     wall: dict[str, dict[int, float]] = {}  # seconds per run (fit + test): what a run costs on this machine
