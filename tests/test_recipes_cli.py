@@ -573,3 +573,35 @@ def test_shallow_with_a_point_on_the_last_layer_is_one_line_before_training(tmp_
                 "--data.init_args.cache_dir", str(tmp_path / "cache"),
                 "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 2
     assert _one_line_error(capsys).startswith("error: method shallow: the model's output depends on no trainable")
+
+
+@pytest.mark.parametrize("callbacks", ["[../callbacks/best_val_acc.yaml]", "[]", "callbacks/alignment.yaml"])
+def test_replacing_the_callbacks_list_without_a_rule_is_refused_as_it_silently_trained_by_backprop(
+        callbacks, cora_root, tmp_path, capsys):
+    """`--trainer.callbacks [...]` replaces the recipe's list: the DFA rule went with it, and gcn_dfa trained by BP
+    under its own name (one callback without brackets was an NSKeyError traceback)."""
+    value = callbacks.replace("../callbacks/", f"{REPO}/callbacks/").replace("callbacks/alignment",
+                                                                              f"{REPO}/callbacks/alignment")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks", value) == 2
+    assert _one_line_error(capsys).startswith("error: --trainer.callbacks replaces the recipe's whole callbacks "
+                                              "list, and the new one has no FeedbackAlignmentStrategy")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_list_that_keeps_a_rule_or_an_added_callback_still_trains(cora_root, tmp_path):
+    common = ["--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+              "--trainer.max_epochs", "1"]
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, *common, "--trainer.callbacks",
+                f"[{REPO}/callbacks/best_val_acc.yaml, {REPO}/callbacks/dfa.yaml]") == 0
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, *common, f"--trainer.callbacks+={REPO}/callbacks/lr_monitor.yaml") == 0
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_epochs", "0"), ("max_steps", "0"), ("limit_train_batches", "0")])
+def test_a_fit_bounded_to_no_training_step_is_refused_rather_than_testing_the_untrained_weights(
+        key, value, cora_root, tmp_path, capsys):
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), f"--trainer.{key}", value) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({REPO}/recipes/gcn_dfa.yaml): trainer.{key} is 0: fit "
+                                       "would take no training step and test the untrained weights; to score those, "
+                                       "run `test --ckpt_path init`")

@@ -323,7 +323,15 @@ class DFALightningCLI(LightningCLI):
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
         self._check_trainer_counts(config.get("trainer", {}))
         callbacks = config.get("trainer", {}).get("callbacks") or []
+        if not isinstance(callbacks, list):  # `--trainer.callbacks callbacks/x.yaml`: one callback, not a list
+            callbacks = [callbacks]
         rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+        if not rules and self.subcommand == "fit" and any(a == "--trainer.callbacks" or a.startswith(
+                "--trainer.callbacks=") for a in self._argv):
+            raise ConfigError("--trainer.callbacks replaces the recipe's whole callbacks list, and the new one has no "
+                              "FeedbackAlignmentStrategy: the run would train by plain backprop under the recipe's "
+                              "name; add a callback with --trainer.callbacks+=<class or file>, or list the rule too "
+                              "(callbacks/dfa.yaml, or callbacks/bp.yaml for backprop)")
         if len(rules) > 1:  # allowed only as one rule over several networks: distinct names, one method
             args = [getattr(c, "init_args", None) for c in rules]
             names = [getattr(a, "name", None) for a in args]
@@ -357,7 +365,14 @@ class DFALightningCLI(LightningCLI):
         return ckpt_path
 
     def _check_trainer_counts(self, trainer: dict) -> None:
-        """Counts Lightning takes modulo without checking them: 0 is a ZeroDivisionError mid-run."""
+        """Counts Lightning takes modulo without checking them: 0 is a ZeroDivisionError mid-run; and a ``fit``
+        bounded to no training step, which tested the untrained weights as if they were a result."""
+        if self.subcommand == "fit":
+            for key in ("max_epochs", "max_steps", "limit_train_batches"):
+                if key in trainer and trainer.get(key) is not None and trainer.get(key) == 0:
+                    where = _origin(self._argv, f"trainer.{key}")
+                    raise ConfigError(f"{where}trainer.{key} is 0: fit would take no training step and test the "
+                                      "untrained weights; to score those, run `test --ckpt_path init`")
         for key, allowed, valid in (
                 ("accumulate_grad_batches", "an integer >= 1", lambda v: v >= 1),
                 ("check_val_every_n_epoch", "an integer >= 1, or null to validate by steps",
