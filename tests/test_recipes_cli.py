@@ -262,7 +262,9 @@ def test_the_checkpoint_of_the_same_recipe_still_loads(gcn_checkpoint, tmp_path,
     (["--trainer.strategy", "ddq"], "trainer.strategy: You selected an invalid strategy name: `strategy='ddq'`"),
     pytest.param(["--trainer.accelerator=gpu"], "trainer.accelerator: No supported gpu backend found!",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-], ids=["accumulate 0", "every 0 epochs", "interval 0", "max_steps", "strategy", "no gpu"])
+    pytest.param(["--trainer.devices", "-1"], "trainer.devices: `devices` selected with `CPUAccelerator` should be",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+], ids=["accumulate 0", "every 0 epochs", "interval 0", "max_steps", "strategy", "no gpu", "devices -1 on cpu"])
 def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_key(capsys, flag, expected):
     """Lightning's MisconfigurationException, and counts it takes modulo unchecked (a ZeroDivisionError mid-run)."""
     recipe = REPO / "recipes/gcn_dfa.yaml"

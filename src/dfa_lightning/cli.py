@@ -493,15 +493,16 @@ _TRAINER_KEYS = frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {
 
 def lightning_refusal(err: BaseException, argv: list[str]) -> str | None:
     """Lightning's own refusal of a setting, as one line naming the ``trainer.<key>`` and where it was set: any
-    MisconfigurationException, and a ValueError that Lightning raises about one of the Trainer's arguments (a
-    ``val_check_interval`` longer than the epoch, an unknown ``strategy``). Lightning's message says the fix."""
+    MisconfigurationException, and a ValueError or TypeError that Lightning raises about one of the Trainer's
+    arguments (a ``val_check_interval`` longer than the epoch, an unknown ``strategy``, ``devices: -1`` on the CPU).
+    Lightning's message says the fix."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     message = " ".join(str(err).split())
     key = next((w for w in re.findall(r"[A-Za-z_]+", message) if w in _TRAINER_KEYS), None)
     if isinstance(err, MisconfigurationException):
         pass
-    elif not (isinstance(err, ValueError) and key and _raised_in_lightning(err)):
+    elif not (isinstance(err, (ValueError, TypeError)) and key and _raised_in_lightning(err)):
         return None
     if key is None:  # "No supported gpu backend found!": the trainer flag whose value the message names, if typed
         flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
