@@ -281,3 +281,27 @@ def test_bad_settings_are_config_errors():
         CriteoDataModule(min_threshold=0)
     with pytest.raises(ConfigError, match="field_dims"):
         CriteoDataModule().field_dims
+
+
+def test_a_validation_or_test_split_with_one_label_is_refused_as_its_auroc_is_undefined(tmp_path):
+    """With every label 0, torchmetrics scored AUROC 0.0 (with a warning) and the best checkpoint was chosen on it."""
+    path = tmp_path / "all_zero.txt"
+    path.write_text("\n".join(make_line("0", {}, {1: f"{i:08x}"}) for i in range(50)) + "\n")
+    dm = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"all_zero.txt: the val split \(5 rows\) has only label 0: its AUROC is "
+                                          r"undefined"):
+        dm.setup("fit")
+    with pytest.raises(ConfigError, match=r"the test split \(5 rows\) has only label 0"):
+        dm.setup("test")
+
+
+def test_an_empty_split_the_stage_reads_is_refused_and_one_it_does_not_read_is_allowed(tmp_path):
+    """split [1, 0, 0] emptied validation (EarlyStopping then crashed after the first epoch) and test (no TEST
+    line); a file scored whole with `test` (split [0, 0, 1]) needs no train rows."""
+    path = tmp_path / "mixed.txt"
+    path.write_text("\n".join(make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(40)) + "\n")
+    with pytest.raises(ConfigError, match=r"mixed.txt: the val split is empty \(40 rows, split \[1.0, 0.0, 0.0\]\)"):
+        CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[1.0, 0.0, 0.0]).setup("fit")
+    scored_whole = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[0.0, 0.0, 1.0])
+    scored_whole.setup("test")
+    assert len(scored_whole.splits["test"]) == 40

@@ -652,14 +652,32 @@ class CriteoDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (preprocessing first if :meth:`prepare_data` was not called) and draw the split."""
-        if self.splits:
-            return
-        self._ensure()
-        n = self.meta["rows"]
-        n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
-        perm = np.random.default_rng(self.seed).permutation(n)
-        parts = (perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :])
-        self.splits = {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
+        if not self.splits:
+            self._ensure()
+            n = self.meta["rows"]
+            n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
+            perm = np.random.default_rng(self.seed).permutation(n)
+            parts = (perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :])
+            self.splits = {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
+        used = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        self._check_splits(used)
+
+    def _check_splits(self, names: Sequence[str]) -> None:
+        """A split the stage reads must have rows, and val/test both labels: with one, AUROC is undefined and
+        torchmetrics reports 0 or 1 with only a warning, and the best checkpoint is chosen on that number."""
+        y = np.load(self.cache / "y.npy", mmap_mode="r")
+        source = self.source_path()
+        for name in names:
+            rows = self.splits[name]
+            if len(rows) == 0:
+                raise ConfigError(f"criteo {source}: the {name} split is empty ({self.meta['rows']} rows, split "
+                                  f"{list(self.split)}); give it a larger fraction, or use more rows")
+            if name != "train":
+                labels = y[rows]
+                if labels.min() == labels.max():
+                    raise ConfigError(f"criteo {source}: the {name} split ({len(rows)} rows) has only label "
+                                      f"{int(labels[0])}: its AUROC is undefined (reported as 0 or 1); use more rows "
+                                      "or another split")
 
     @property
     def field_dims(self) -> list[int]:
