@@ -132,3 +132,17 @@ def test_a_ctr_checkpoint_can_be_tested_and_resumed(criteo, capsys):
                  str(criteo["sample"]), "--data.init_args.cache_dir", str(criteo["cache"]), *QUIET,
                  "--model.model.init_args.embed_dim", "4", "--ckpt_path", ckpt]) == 2
     assert "does not fit this recipe's model (DeepFM)" in capsys.readouterr().err
+
+
+def test_validation_off_under_early_stopping_is_refused_before_training(criteo, capsys):
+    """It was a RuntimeError after the first epoch: every CTR recipe stops early on val/auroc."""
+    from dfa_lightning.cli import main
+
+    argv = ["fit", "--config", str(REPO / "recipes" / "deepfm_bp.yaml"), "--config", str(SAMPLE_OVERRIDE),
+            "--data.init_args.path", str(criteo["sample"]), "--data.init_args.cache_dir", str(criteo["cache"]),
+            *QUIET, "--trainer.default_root_dir", str(criteo["runs"] / "noval"),
+            "--trainer.logger.init_args.save_dir", str(criteo["runs"] / "noval"), "--trainer.limit_val_batches", "0"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "trainer.limit_val_batches is 0: validation is off, but EarlyStopping monitors " \
+                              "val/auroc" in err[0]

@@ -411,6 +411,21 @@ class DFALightningCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
+        self._check_validation_feeds_early_stopping()
+
+    def _check_validation_feeds_early_stopping(self) -> None:
+        """EarlyStopping on a ``val/`` metric with validation off raised a RuntimeError after the first epoch (the
+        CTR recipes all stop early on ``val/auroc``); a ``val/`` checkpoint monitor falls back to the final weights,
+        which the TEST line says, so only early stopping is refused."""
+        if self.trainer.limit_val_batches != 0:
+            return
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(callback, pl.callbacks.EarlyStopping) and str(monitor).startswith("val"):
+                where = _origin(self._argv, "trainer.limit_val_batches")
+                raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but EarlyStopping "
+                                  f"monitors {monitor}, which validation logs; keep validation on, or leave the "
+                                  "early-stopping callback out of the recipe")
 
     def before_validate(self) -> None:
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
