@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.models import Case, Variant, cases
+from benchmarks.models import BUILDERS, Case, Variant, cases
 from dfa_lightning.compile import compile_model
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 
@@ -467,33 +467,51 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` no smaller than ``low`` (0 rounds or steps made every case fail)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--models", nargs="*", help="subset of: mlp gcn deepfm nerf lm")
+    parser.add_argument("--models", nargs="*", choices=list(BUILDERS), help="subset of: mlp gcn deepfm nerf lm")
     parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     parser.add_argument("--amp", nargs="+", choices=["fp32", "bf16"],
                         help="precisions to run instead of the preset's (the MLP alone gets the second one)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for bench_<preset>.json/.md")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--steps", type=int, help="steps per round, at least")
-    parser.add_argument("--min-seconds", type=float, help="timed seconds per variant, at least (more steps per round "
+    parser.add_argument("--warmup", type=_at_least(0))
+    parser.add_argument("--rounds", type=_at_least(1))
+    parser.add_argument("--steps", type=_at_least(1), help="steps per round, at least")
+    parser.add_argument("--min-seconds", type=_at_least(0, float), help="timed seconds per variant, at least (more steps per round "
                         "for fast models)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the cases replayed from a CUDA "
                         "graph (by default they follow the eager cases)")
-    parser.add_argument("--compile", metavar="MODE", help="run the host-bound models (and the MLP) under "
+    parser.add_argument("--compile", metavar="MODE", choices=["default", "reduce-overhead", "max-autotune",
+                                                              "max-autotune-no-cudagraphs"], help="run the host-bound models (and the MLP) under "
                         "torch.compile with this mode (default, reduce-overhead, max-autotune-no-cudagraphs) instead "
                         "of eagerly: into bench_<preset>_compiled.json/.md")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 for tiny). On an "
+    parser.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default: torch's, 1 for tiny). On an "
                         "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls of 100x")
     args = parser.parse_args(argv)
     if args.threads or args.preset == "tiny":
         torch.set_num_threads(args.threads or 1)
     torch.set_flush_denormal(True)  # CPU: Adam's tiny second moments turn denormal and slow `div` down 10-50x
-    device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("the gpu preset needs CUDA (torch.cuda.is_available() is False)")
+        what = f"--device {args.device}" if args.device else "the gpu preset"
+        parser.error(f"{what} needs CUDA (torch.cuda.is_available() is False)")
     timing = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = dict(preset=args.preset, command="python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
@@ -516,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         # written after every case: a run cut short (a device lease's time limit) keeps the cases it finished
         write_report(report, out, t0, pending=[c.name for c in todo[i + 1:]])
     log(f"wrote {out / (report['name'] + '.md')} ({report['wall_s']:.0f} s)")
+    if todo and not report["results"]:  # every case failed: no measurement, whatever the report says
+        log("error: no case was measured (the failures are listed in the report)")
+        return 1
     return 0
 
 

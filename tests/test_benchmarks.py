@@ -570,3 +570,40 @@ def test_ln_affine_drift_reads_how_far_every_post_ln_norm_moved_from_1_and_0():
     text = ln_affine.render({"LayerNorm γ (ln_1, ln_2)": (0.5, 0.9)}, {("lm_dfa_micro", 0): drift},
                             {("lm_dfa_micro", 0): 416.1}, "cmd")
     assert "| LayerNorm γ (ln_1, ln_2) | 0.500 | 0.900 |" in text and "| lm_dfa_micro | 0 | 416.1 | 1.000 |" in text
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["--models", "nosuch"], "invalid choice: 'nosuch'"), (["--rounds", "0"], "0 is below 1"),
+    (["--steps", "0"], "0 is below 1"), (["--warmup", "-1"], "-1 is below 0"),
+    (["--min-seconds", "-1"], "-1.0 is below 0"), (["--threads", "0"], "0 is below 1"),
+    (["--compile", "bogus"], "invalid choice: 'bogus'"), (["--device", "foo"], "--device 'foo': not a torch device"),
+])
+def test_bench_refuses_a_bad_argument_before_writing_any_report(argv, why, tmp_path, capsys):
+    """0 rounds or an unknown model made every case fail (or a KeyError) and still wrote, with exit 0, a report over
+    the committed one."""
+    from benchmarks import run as bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--preset", "tiny", "--out", str(tmp_path / "out"), *argv])
+    assert stop.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_names_the_device_flag_when_cuda_is_missing(tmp_path, capsys):
+    from benchmarks import run as bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "out")])
+    assert "--device cuda needs CUDA" in capsys.readouterr().err
+
+
+def test_bench_exits_non_zero_when_no_case_was_measured(tmp_path, monkeypatch):
+    from benchmarks import run as bench
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(bench, "run_case", fail)
+    assert bench.main(["--preset", "tiny", "--models", "mlp", "--out", str(tmp_path)]) == 1
+    assert json.loads((tmp_path / "bench_tiny.json").read_text())["failures"][0]["error"] == "RuntimeError: broken"
