@@ -429,6 +429,15 @@ def test_in_channels_that_do_not_fit_the_data_are_one_line_before_training(cora_
                                        "features (PlanetoidDataModule); set it to 1433")
 
 
+def test_out_channels_that_do_not_fit_the_classes_are_one_line_before_training(cora_root, tmp_path, capsys):
+    """It was `IndexError: Target 3 is out of bounds` in the first step's loss."""
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.model.init_args.out_channels",
+                "3") == 2
+    assert _one_line_error(capsys) == ("error: model.model.init_args.out_channels is 3, but the data has 7 classes "
+                                       "(PlanetoidDataModule); set it to 7")
+
+
 def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):
     missing = tmp_path / "gcn_dfa_typo.yaml"
     assert main(["fit", "--config", str(missing)]) == 2

@@ -385,18 +385,22 @@ class DFALightningCLI(LightningCLI):
                 raise ConfigError(f"{where}trainer.{key} is {value}: expected {allowed}")
 
     def _check_data_fits_model(self) -> None:
-        """``in_channels`` in the recipe against the data's feature count (``model_hints``), before a step: a
-        mismatch (Cora is 1433, PubMed 500) is otherwise a matmul shape error deep in the first forward."""
+        """``in_channels`` and ``out_channels`` in the recipe against the data's feature and class counts
+        (``model_hints``), before a step: a mismatch (Cora is 1433 features and 7 classes, PubMed 500 and 3) is
+        otherwise a matmul shape error, or an IndexError in the loss, deep in the first step."""
         hints = getattr(self.datamodule, "model_hints", None)
         config = self.config.get(self.subcommand, self.config)
         init_args = getattr(config.get("model", {}).get("model"), "init_args", None)
-        given = getattr(init_args, "in_channels", None) if init_args is not None else None
-        if given is None or not callable(hints):
+        if init_args is None or not callable(hints):
             return
-        expected = hints().get("in_channels")
-        if expected is not None and int(given) != int(expected):
-            raise ConfigError(f"model.model.init_args.in_channels is {given}, but the data has {expected} features "
-                              f"({type(self.datamodule).__name__}); set it to {expected}")
+        for key, what in (("in_channels", "features"), ("out_channels", "classes")):
+            given = getattr(init_args, key, None)
+            if given is None or (key == "out_channels" and getattr(self.datamodule, "link_split", False)):
+                continue  # a link-prediction encoder's out_channels is its embedding width, not the classes
+            expected = hints().get(key)
+            if expected is not None and int(given) != int(expected):
+                raise ConfigError(f"model.model.init_args.{key} is {given}, but the data has {expected} {what} "
+                                  f"({type(self.datamodule).__name__}); set it to {expected}")
 
     def _check_checkpoint_fits_model(self) -> None:
         """A truncated ``ckpt_path``, or one written by another recipe, named before the data is set up (it was a
