@@ -20,6 +20,7 @@ install: ## create .venv and install the pinned requirements and the package (ed
 	$(VENV)/bin/pip install -q --no-deps -e .
 
 train: ## train one recipe: make train RECIPE=recipes/gcn_dfa.yaml ARGS="--trainer.devices 4 --trainer.strategy ddp"
+	@test -n "$(strip $(RECIPE))" || { echo "error: RECIPE is empty; e.g. make train RECIPE=recipes/gcn_dfa.yaml" >&2; exit 2; }
 	$(PYTHON) -m dfa_lightning fit --config $(RECIPE) $(ARGS)
 
 test: ## the fast suite (CPU, < 15 min): everything but the `slow` marker

@@ -616,3 +616,13 @@ def test_a_fit_bounded_to_no_training_step_is_refused_rather_than_testing_the_un
     assert _one_line_error(capsys) == (f"error: command line ({REPO}/recipes/gcn_dfa.yaml): trainer.{key} is 0: fit "
                                        "would take no training step and test the untrained weights; to score those, "
                                        "run `test --ckpt_path init`")
+
+
+def test_make_train_with_an_empty_recipe_says_so():
+    """It was `error: --trainer.max_epochs: recipe file not found`: the first ARGS word taken for the recipe."""
+    import subprocess
+
+    done = subprocess.run(["make", "-s", "train", "RECIPE=", "ARGS=--trainer.max_epochs 1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "error: RECIPE is empty; e.g. make train RECIPE=recipes/gcn_dfa.yaml" in done.stderr
