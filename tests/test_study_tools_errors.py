@@ -255,3 +255,19 @@ def test_a_seed_among_the_run_arguments_is_a_usage_error(tool, seed, tmp_path, c
     assert "--seed_everything after --: every run would have that one seed; give the seeds with --seeds" in \
         capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("reference", "why"), [
+    ('{"gcn_dfaa": 0.79}', "'gcn_dfaa' is not a recipe of this sweep (gcn_dfa)"),
+    ('{"gcn_dfa": "high"}', "gcn_dfa: expected a number, got 'high'"),
+    ('{"test/acc": {"gcn": 0.8}}', "'gcn' is not a recipe of this sweep"),
+    ('[0.8]', "expected a JSON object"),
+])
+def test_sweep_refuses_a_reference_that_names_no_recipe_or_is_no_number(reference, why, tmp_path, capsys):
+    """A misspelt recipe in --reference left the paper column empty, with exit 0."""
+    argv = ["--recipes", GCN_DFA, "--seeds", "0", "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"),
+            "--reference", reference]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(argv)
+    assert stop.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

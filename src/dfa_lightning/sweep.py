@@ -76,6 +76,23 @@ def check(recipes: list[str], seeds: list[int], extra: list[str], out: str, root
         run(_args(recipe, seeds[0], extra, root), run=False)
 
 
+def _check_reference(parser: argparse.ArgumentParser, reference: Any, stems: list[str], metrics: list[str]) -> None:
+    """``--reference`` as {stem: number} or {metric: {stem: number}}: a misspelt stem or a non-number left the paper
+    column empty with no word."""
+    if not isinstance(reference, dict):
+        parser.error(f"--reference: expected a JSON object, got {reference!r}")
+    tables = reference if any(k in metrics for k in reference) else {metrics[0]: reference}
+    for metric, table in tables.items():
+        if metric not in metrics or not isinstance(table, dict):
+            parser.error(f"--reference: {metric!r} is neither a recipe ({', '.join(stems)}) nor a metric with a "
+                         f"{{recipe: value}} object ({', '.join(metrics)})")
+        for stem, value in table.items():
+            if stem not in stems:
+                parser.error(f"--reference: {stem!r} is not a recipe of this sweep ({', '.join(stems)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                parser.error(f"--reference: {stem}: expected a number, got {value!r}")
+
+
 def summarize(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     studies.refuse_seed_override(parser, extra)
     metrics = opts.metrics or [opts.metric]
+    _check_reference(parser, opts.reference, [Path(r).stem for r in opts.recipes], metrics)
     tables: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
     wall: dict[str, dict[int, float]] = {}  # seconds per run (fit + test): what a run costs on this machine
     try:
