@@ -626,3 +626,37 @@ def test_make_train_with_an_empty_recipe_says_so():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "error: RECIPE is empty; e.g. make train RECIPE=recipes/gcn_dfa.yaml" in done.stderr
+
+
+@pytest.mark.parametrize(("recipe", "flag", "value", "expected"), [
+    ("gcn_dfa.yaml", "hidden", "0", "hidden is 0: expected an integer >= 1"),
+    ("gcn_dfa.yaml", "hidden", "-4", "hidden is -4: expected an integer >= 1"),
+    ("gcn_dfa.yaml", "dropout", "1.5", "dropout is 1.5: expected a probability in [0, 1]"),
+    ("lm_dfa_macro.yaml", "n_heads", "0", "n_heads is 0: expected an integer >= 1"),
+    ("deepfm_dfa.yaml", "mlp_dims", "[]", "mlp_dims is []: expected at least one layer width"),
+    ("deepfm_dfa.yaml", "mlp_dims", "[0]", "mlp_dims is [0]: expected widths >= 1"),
+], ids=["hidden 0", "hidden -4", "dropout 1.5", "n_heads 0", "mlp_dims []", "mlp_dims [0]"])
+def test_a_model_size_below_1_or_a_dropout_outside_0_1_is_one_line_before_anything_is_built(
+        recipe, flag, value, expected, tmp_path, capsys):
+    """They were tracebacks deep in PyTorch: an uninitialised lazy parameter, a ZeroDivisionError in the heads, an
+    IndexError on the empty MLP."""
+    assert _fit(f"recipes/{recipe}", tmp_path, f"--model.model.init_args.{flag}", value) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({REPO}/recipes/{recipe}): "
+                                       f"model.model.init_args.{expected}")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_every_recipe_passes_the_model_argument_checks():
+    from dfa_lightning.model_args import model_arg_problem
+
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        cli = main_parse(recipe)
+        model = cli.config.model.model
+        assert model_arg_problem(str(model.class_path), dict(vars(model.init_args))) is None, recipe
+
+
+def main_parse(recipe: Path):
+    from dfa_lightning.cli import run as cli_run
+
+    kernels = ["--model.model.init_args.kernels", "torch"] if recipe.stem.startswith("spline") else []
+    return cli_run(["--config", str(recipe), "--trainer.logger", "false", *kernels], run=False)

@@ -22,6 +22,7 @@ from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from dfa_lightning.checkpoint_check import checkpoint_problem, read_state_dict
+from dfa_lightning.model_args import model_arg_problem
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
 
@@ -322,6 +323,7 @@ class DFALightningCLI(LightningCLI):
                 and not Path(str(ckpt_path)).is_file()):  # before any model or data is built: nothing to lose
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
         self._check_trainer_counts(config.get("trainer", {}))
+        self._check_model_args(config)
         callbacks = config.get("trainer", {}).get("callbacks") or []
         if not isinstance(callbacks, list):  # `--trainer.callbacks callbacks/x.yaml`: one callback, not a list
             callbacks = [callbacks]
@@ -346,6 +348,18 @@ class DFALightningCLI(LightningCLI):
         if paths and isinstance(logger, dict) is False and getattr(logger, "init_args", None) is not None:
             if getattr(logger.init_args, "name", None) in (None, "default", "lightning_logs"):
                 logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
+
+    def _check_model_args(self, config) -> None:
+        """A size below 1 or a dropout outside [0, 1] in ``model.model.init_args``, named before anything is built
+        (see :mod:`dfa_lightning.model_args`)."""
+        model = getattr(config.get("model", None), "model", None) if config.get("model", None) is not None else None
+        class_path, init_args = getattr(model, "class_path", None), getattr(model, "init_args", None)
+        if not class_path or init_args is None:
+            return
+        problem = model_arg_problem(str(class_path), dict(vars(init_args)))
+        if problem:
+            raise ConfigError(f"{_origin(self._argv, 'model.model.init_args.' + problem.split()[0])}"
+                              f"model.model.init_args.{problem}")
 
     def _evaluated_checkpoint(self, config, ckpt_path):
         """``validate``/``test``/``predict`` score the weights of ``ckpt_path``: without one they would score the
