@@ -421,21 +421,15 @@ def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_fol
     assert not (tmp_path / "logs").exists()
 
 
-def test_in_channels_that_do_not_fit_the_data_are_one_line_before_training(cora_root, tmp_path, capsys):
+@pytest.mark.parametrize(("key", "value", "expected"), [("in_channels", "1400", "1433 features"),
+                                                       ("out_channels", "3", "7 classes")])
+def test_channels_that_do_not_fit_the_data_are_one_line_before_training(key, value, expected, cora_root, tmp_path,
+                                                                       capsys):
+    """A matmul shape error in the first forward, or `IndexError: Target 3 is out of bounds` in the first loss."""
     assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.model.init_args.in_channels",
-                "1400") == 2
-    assert _one_line_error(capsys) == ("error: model.model.init_args.in_channels is 1400, but the data has 1433 "
-                                       "features (PlanetoidDataModule); set it to 1433")
-
-
-def test_out_channels_that_do_not_fit_the_classes_are_one_line_before_training(cora_root, tmp_path, capsys):
-    """It was `IndexError: Target 3 is out of bounds` in the first step's loss."""
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.model.init_args.out_channels",
-                "3") == 2
-    assert _one_line_error(capsys) == ("error: model.model.init_args.out_channels is 3, but the data has 7 classes "
-                                       "(PlanetoidDataModule); set it to 7")
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), f"--model.model.init_args.{key}", value) == 2
+    assert _one_line_error(capsys) == (f"error: model.model.init_args.{key} is {value}, but the data has {expected} "
+                                       f"(PlanetoidDataModule); set it to {expected.split()[0]}")
 
 
 def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):
