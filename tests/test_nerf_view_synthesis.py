@@ -393,3 +393,34 @@ def test_alignment_is_measured_at_the_points_of_both_fields(shared_data, lego, t
         for point in (f"{field}.trunk.0", f"{field}.views.0"):
             assert -1.0 <= monitor.last[f"align/signal_cos/{point}"] <= 1.0
             assert monitor.last[f"align/update_ratio/{point}"] > 0
+
+
+def _fern_copy(fern: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "fern"
+    copy.mkdir()
+    shutil.copy(fern / "poses_bounds.npy", copy / "poses_bounds.npy")
+    shutil.copytree(fern / "images_8", copy / "images_8")
+    return copy
+
+
+@pytest.mark.parametrize("bound", [0.0, float("nan")])
+def test_a_zero_or_nan_llff_depth_bound_is_named_with_its_row(bound, fern, tmp_path):
+    """It scaled the scene by inf: a NaN loss at the first step, blamed on the learning rate."""
+    copy = _fern_copy(fern, tmp_path)
+    arr = np.load(copy / "poses_bounds.npy")
+    arr[3, 15] = bound
+    np.save(copy / "poses_bounds.npy", arr)
+    with pytest.raises(nd.DatasetError, match=r"poses_bounds.npy: row 3: depth bounds \[(0.0|nan), .*\], expected two "
+                                              r"finite numbers > 0"):
+        nd.load_llff(copy, factor=8)
+
+
+def test_llff_images_of_different_sizes_are_named(fern, tmp_path):
+    """A bare `ValueError: all input arrays must have the same shape` from np.stack (Blender already named it)."""
+    from PIL import Image
+
+    copy = _fern_copy(fern, tmp_path)
+    first = sorted((copy / "images_8").iterdir())[2]
+    Image.open(first).resize((50, 37)).save(first)
+    with pytest.raises(nd.DatasetError, match=rf"frame 2: .*{first.name} is 50x37 pixels, but frame 0 .* is 504x378"):
+        nd.load_llff(copy, factor=8)

@@ -220,7 +220,15 @@ def load_llff(folder: Path, factor: int = 8, bound_factor: float = 0.75) -> tupl
     files = sorted(p for p in image_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if len(files) != len(arr):
         raise DatasetError(f"{image_dir}: {len(files)} images for {len(arr)} poses in {path}")
-    images = np.stack([read_png(f, 3) for f in files]).astype(np.float32) / 255.0
+    bad = [(row, value) for row, value in enumerate(arr[:, 15:].tolist()) if not all(math.isfinite(v) and v > 0
+                                                                                    for v in value)]
+    if bad:  # a 0 or NaN bound scales the scene by inf: a NaN loss at the first step, blamed on the learning rate
+        row, value = bad[0]
+        raise DatasetError(f"{path}: row {row}: depth bounds {value}, expected two finite numbers > 0"
+                           + (f" ({len(bad)} such rows)" if len(bad) > 1 else ""))
+    decoded = [read_png(f, 3) for f in files]
+    _check_same_size(path, list(range(len(files))), tuple(files), decoded)
+    images = np.stack(decoded).astype(np.float32) / 255.0
     poses = arr[:, :15].reshape(-1, 3, 5).astype(np.float64)
     bounds = arr[:, 15:].astype(np.float64)
     focal = float(poses[0, 2, 4]) * images.shape[1] / float(poses[0, 0, 4])  # full-res focal scaled to the images
