@@ -352,7 +352,7 @@ class DFALightningCLI(LightningCLI):
     def _check_model_args(self, config) -> None:
         """A size below 1 or a dropout outside [0, 1] in ``model.model.init_args``, named before anything is built
         (see :mod:`dfa_lightning.model_args`)."""
-        model = getattr(config.get("model", None), "model", None) if config.get("model", None) is not None else None
+        model = getattr(config.get("model"), "model", None)
         class_path, init_args = getattr(model, "class_path", None), getattr(model, "init_args", None)
         if not class_path or init_args is None:
             return
@@ -383,7 +383,7 @@ class DFALightningCLI(LightningCLI):
         bounded to no training step, which tested the untrained weights as if they were a result."""
         if self.subcommand == "fit":
             for key in ("max_epochs", "max_steps", "limit_train_batches"):
-                if key in trainer and trainer.get(key) is not None and trainer.get(key) == 0:
+                if trainer.get(key) == 0:
                     where = _origin(self._argv, f"trainer.{key}")
                     raise ConfigError(f"{where}trainer.{key} is 0: fit would take no training step and test the "
                                       "untrained weights; to score those, run `test --ckpt_path init`")
