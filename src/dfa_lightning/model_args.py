@@ -15,8 +15,7 @@ from typing import Any
 __all__ = ["model_arg_problem", "MAY_BE_ZERO"]
 
 #: ``int`` arguments of the package's models that may be 0: no frequencies, no extra layers of one kind.
-MAY_BE_ZERO = frozenset({"num_freqs", "num_freqs_dir", "num_freqs_xyz", "num_cross_layers", "num_attn_layers",
-                         "skip"})
+MAY_BE_ZERO = frozenset({"num_freqs", "num_freqs_dir", "num_freqs_xyz", "num_cross_layers", "num_attn_layers"})
 OWN_MODELS = "dfa_lightning.models."
 
 
@@ -29,10 +28,9 @@ def _model_class(class_path: str) -> type | None:
 
 
 def _is_int_list(annotation: Any) -> bool:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origins = {typing.get_origin(annotation)} | {typing.get_origin(a) for a in args}
-    return any(o in (list, Sequence, typing.get_origin(Sequence[int])) for o in origins) and \
-        int in {x for a in [annotation, *args] for x in typing.get_args(a)}
+    """``list[int]``, ``Sequence[int]``, or either ``| None``."""
+    options = [annotation, *(a for a in typing.get_args(annotation) if a is not type(None))]
+    return any(typing.get_origin(a) in (list, Sequence) and typing.get_args(a) == (int,) for a in options)
 
 
 def model_arg_problem(class_path: str, init_args: Mapping[str, Any]) -> str | None:
