@@ -424,3 +424,38 @@ def test_llff_images_of_different_sizes_are_named(fern, tmp_path):
     Image.open(first).resize((50, 37)).save(first)
     with pytest.raises(nd.DatasetError, match=rf"frame 2: .*{first.name} is 50x37 pixels, but frame 0 .* is 504x378"):
         nd.load_llff(copy, factor=8)
+
+
+def test_a_pass_longer_than_the_rays_reshuffles_and_steps_below_one_are_refused():
+    """`steps_per_epoch` above one pass was cut to one pass without a word (the LLFF recipe's 5,000 steps were 790
+    on fern), and 0 or -1 silently became 1 step per epoch."""
+    rays = torch.arange(10.0)[:, None].expand(10, 9).contiguous()
+    data = nd.RandomRays(rays, torch.zeros(10, 3), 4, {}, seed=0, steps=5)
+    batches = [b["rays"][:, 0].long().tolist() for b in data]
+    assert len(batches) == 5 and all(len(set(b)) == 4 for b in batches)  # no ray twice in a batch
+    assert not set(batches[0]) & set(batches[1]) and not set(batches[2]) & set(batches[3])  # one permutation each
+    assert batches[:2] != batches[2:4]  # the second permutation is a fresh one
+    with pytest.raises(ConfigError, match="rays_per_batch 11 is more than the 10 training rays"):
+        nd.RandomRays(rays, torch.zeros(10, 3), 11, {}, seed=0)
+    for steps in (0, -1):
+        with pytest.raises(ConfigError, match=rf"steps_per_epoch must be >= 1 or null .*got {steps}"):
+            nd.NeRFDataModule(steps_per_epoch=steps)
+
+
+def test_the_memory_check_scales_a_probe_of_the_batch_and_leaves_the_random_state_alone(monkeypatch):
+    import dfa_lightning.tasks.view_synthesis as vs
+
+    model, task = NeRF(num_layers=2, hidden=16, skip=None), ViewSynthesis(coarse_samples=8, fine_samples=8)
+    batch = {"rays": torch.cat([torch.zeros(4096, 3), torch.nn.functional.normalize(torch.ones(4096, 3)).repeat(1, 2)],
+                               -1), "rgb": torch.rand(4096, 3), "near": 2.0, "far": 6.0, "white_background": True}
+    per_ray = vs.leaf_output_bytes(model, lambda: task.render(model, batch["rays"][:256], batch, train=True)) / 256
+    assert per_ray > 16 * 16 * 4  # at least one 16-wide layer output per sample
+    monkeypatch.setattr(vs, "free_bytes", lambda device: int(per_ray * 4096 * 2))
+    state = torch.get_rng_state()
+    task.check_step_memory(model, batch, torch.device("cpu"))  # fits twice over: no word
+    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(vs, "free_bytes", lambda device: int(per_ray * 1000))
+    with pytest.raises(ConfigError, match=r"rays_per_batch 4096: one training step needs at least .* free on cpu; "
+                                          r"lower data.init_args.rays_per_batch \(below 1000\)"):
+        task.check_step_memory(model, batch, torch.device("cpu"))
+    assert not any(m._forward_hooks for m in model.modules())  # the counting hooks are gone

@@ -654,3 +654,21 @@ def main_parse(recipe: Path):
 
     kernels = ["--model.model.init_args.kernels", "torch"] if recipe.stem.startswith("spline") else []
     return cli_run(["--config", str(recipe), "--trainer.logger", "false", *kernels], run=False)
+
+
+def test_a_nerf_batch_too_big_for_memory_is_one_line_before_anything_trains(shared_data, tmp_path, monkeypatch, capsys):
+    """A huge `rays_per_batch` was the kernel's out-of-memory kill, with no message at all."""
+    if not (shared_data / "nerf/nerf_synthetic_100px/lego/transforms_train.json").is_file():
+        pytest.skip("lego 100px not in the shared data")
+    import dfa_lightning.tasks.view_synthesis as vs
+
+    monkeypatch.setattr(vs, "free_bytes", lambda device: 2**30)  # as if 1 GiB were free
+    recipe = ["recipes/nerf_dfa.yaml", "--config", str(REPO / "recipes/sample/nerf_lego_100px.yaml"),
+              "--data.init_args.root", str(shared_data), "--data.init_args.download", "false",
+              "--trainer.max_steps", "1"]
+    assert _fit(*recipe[:1], tmp_path, *recipe[1:], "--data.init_args.rays_per_batch", "20000") == 2
+    line = _one_line_error(capsys)
+    assert "rays_per_batch 20000: one training step needs at least" in line and "free on cpu" in line, line
+    assert _fit(*recipe[:1], tmp_path, *recipe[1:], "--data.init_args.rays_per_batch", "2000000") == 2
+    assert "rays_per_batch 2000000 is more than the 1000000 training rays" in _one_line_error(capsys)
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))

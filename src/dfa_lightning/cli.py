@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -430,6 +431,20 @@ class DFALightningCLI(LightningCLI):
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
         self._check_validation_feeds_early_stopping()
+        self._check_step_memory()
+
+    def _check_step_memory(self) -> None:
+        """A task that can size its step (NeRF's rays per batch) refuses a first batch whose activations cannot fit
+        on the run's device: on the CPU the kernel's out-of-memory kill was the only message. Its first batch is
+        drawn with the random state forked, so the run is unchanged."""
+        check = getattr(getattr(self.model, "task", None), "check_step_memory", None)
+        if not callable(check) or self.datamodule is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(self.datamodule.train_dataloader()), None)
+        if batch is not None:
+            check(self.model.model, batch, self.trainer.strategy.root_device,
+                  self.trainer.precision_plugin.forward_context())
 
     def _check_validation_feeds_early_stopping(self) -> None:
         """EarlyStopping on a ``val/`` metric with validation off raised a RuntimeError after the first epoch (the

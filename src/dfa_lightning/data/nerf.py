@@ -288,9 +288,11 @@ class RandomRays(IterableDataset):
 
     def __init__(self, rays: torch.Tensor, rgb: torch.Tensor, rays_per_batch: int, meta: dict, seed: int,
                  steps: int | None = None, center: torch.Tensor | None = None, precrop_steps: int = 0) -> None:
+        if rays_per_batch > len(rays):  # the batch was every ray, silently smaller than asked (and then an OOM)
+            raise ConfigError(f"NeRFDataModule: rays_per_batch {rays_per_batch} is more than the {len(rays)} "
+                              "training rays of the scene; lower data.init_args.rays_per_batch")
         self.rays, self.rgb, self.rays_per_batch, self.meta, self.seed = rays, rgb, rays_per_batch, meta, seed
-        full = max(1, len(rays) // rays_per_batch)
-        self.steps = full if steps is None else max(1, min(steps, full))
+        self.steps = len(rays) // rays_per_batch if steps is None else steps
         self.center, self.precrop_steps = center, precrop_steps if center is not None else 0
         self.passes = self.served = 0
 
@@ -300,12 +302,15 @@ class RandomRays(IterableDataset):
     def __iter__(self):
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.passes) * 1009 + rank)
-        order = torch.randperm(len(self.rays), generator=g)
+        full = len(self.rays) // self.rays_per_batch  # batches in one permutation; its remainder is left out
         for i in range(self.steps):
+            if i % full == 0:  # a pass longer than the rays goes on with a fresh permutation, as NeRF reshuffles
+                order = torch.randperm(len(self.rays), generator=g)
             if self.served + i < self.precrop_steps:
                 idx = self.center[torch.randint(len(self.center), (self.rays_per_batch,), generator=g)]
             else:
-                idx = order[i * self.rays_per_batch:(i + 1) * self.rays_per_batch]
+                j = i % full
+                idx = order[j * self.rays_per_batch:(j + 1) * self.rays_per_batch]
             yield {"rays": self.rays[idx], "rgb": self.rgb[idx], **self.meta}
         # counted once a pass is complete: a look at the first batch (the DFA callback's probe) changes nothing,
         # so BP and DFA runs of one seed see the same rays in the same order
@@ -353,7 +358,8 @@ class NeRFDataModule(pl.LightningDataModule):
         folder: the dataset folder under ``<root>/nerf/`` (default: ``nerf_synthetic`` / ``nerf_llff_data``).
         root: the data root (default: ``$DFA_DATA_DIR``, then ``~/.cache/dfa_lightning``).
         rays_per_batch: training rays per step (paper: 1024 Blender, 4096 LLFF) (default: ``1024``).
-        steps_per_epoch: training batches per epoch; ``None``: one pass over all training rays (default: ``None``).
+        steps_per_epoch: training batches per epoch; ``None``: one pass over all training rays; more than one pass
+            goes on with a fresh permutation of the rays (default: ``None``).
         val_views, test_views: how many views to render for validation / test (the first ones); ``None``: all
             (paper: every test view) (default: ``4`` / ``None``).
         skip: Blender: keep every ``skip``-th validation and test frame (NeRF's ``testskip``) (default: ``1``).
@@ -381,6 +387,9 @@ class NeRFDataModule(pl.LightningDataModule):
             raise ConfigError(f"NeRFDataModule: dataset must be one of {DATASETS}, got {dataset!r}")
         if rays_per_batch < 1 or skip < 1 or factor < 1 or hold_every < 2:
             raise ConfigError("NeRFDataModule: rays_per_batch, skip and factor must be >= 1, hold_every >= 2")
+        if steps_per_epoch is not None and steps_per_epoch < 1:  # it was silently 1 step per epoch
+            raise ConfigError(f"NeRFDataModule: steps_per_epoch must be >= 1 or null (one pass over the training "
+                              f"rays), got {steps_per_epoch}")
         for name, views in (("val_views", val_views), ("test_views", test_views)):
             if views is not None and views < 1:  # 0 or -1 left validation (and the best checkpoint) off, unsaid
                 raise ConfigError(f"NeRFDataModule: {name} must be >= 1 or null (every view), got {views}")

@@ -19,6 +19,7 @@ field's before volume rendering. Training is unchanged, so a trained checkpoint 
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from dfa_lightning.errors import ConfigError
+from dfa_lightning.memory import free_bytes, gib, leaf_output_bytes
 from dfa_lightning.tasks import volume_rendering as vr
 from dfa_lightning.tasks.base import StepOutput, Task
 
@@ -79,6 +81,27 @@ class ViewSynthesis(Task):
             raw = 0.5 * (raw + model(points, viewdirs, "coarse"))
         rgb_fine, _ = vr.composite(raw, depths, rays[:, 3:6], white, noise)
         return rgb_coarse, rgb_fine
+
+    def check_step_memory(self, model: nn.Module, batch: dict, device: torch.device,
+                          forward_context: AbstractContextManager | None = None, probe_rays: int = 256) -> None:
+        """Refuse a training batch whose activations alone cannot fit on ``device`` (named with
+        ``rays_per_batch``): measured on ``probe_rays`` of its rays, scaled to the batch. Run before any hook is
+        attached (the CLI's ``before_fit``); the random draws of the probe are forked, so the run is unchanged."""
+        rays = batch["rays"]
+        free = free_bytes(device)
+        if free is None or len(rays) <= probe_rays:
+            return
+        with torch.random.fork_rng(devices=[]), (forward_context or nullcontext()):
+            per_ray = leaf_output_bytes(model, lambda: self.render(model, rays[:probe_rays], batch, train=True)
+                                        ) / probe_rays
+        needed = per_ray * len(rays)
+        if needed > free:
+            fits = int(free / per_ray) if per_ray else len(rays)
+            raise ConfigError(
+                f"NeRFDataModule rays_per_batch {len(rays)}: one training step needs at least {gib(needed)} for the "
+                f"model's activations ({self.coarse_samples}+{self.fine_samples} samples a ray, "
+                f"{per_ray / 1024:.0f} KiB a ray), more than the {gib(free)} free on {device}; lower "
+                f"data.init_args.rays_per_batch (below {fits}) or the samples per ray")
 
     def step(self, model: nn.Module, batch: Any, stage: str) -> StepOutput:
         rays, target = batch["rays"], batch["rgb"]
