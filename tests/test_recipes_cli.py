@@ -1,6 +1,7 @@
 """Recipes and the command line: every recipe instantiates, Cora trains end to end, bad input is one clear line."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -264,7 +265,11 @@ def test_the_checkpoint_of_the_same_recipe_still_loads(gcn_checkpoint, tmp_path,
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     pytest.param(["--trainer.devices", "-1"], "trainer.devices: `devices` selected with `CPUAccelerator` should be",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-], ids=["accumulate 0", "every 0 epochs", "interval 0", "max_steps", "strategy", "no gpu", "devices -1 on cpu"])
+    pytest.param(["--trainer.precision", "transformer-engine"], "trainer.precision: Requirement 'transformer_engine",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                                          reason="transformer_engine is installed")),
+], ids=["accumulate 0", "every 0 epochs", "interval 0", "max_steps", "strategy", "no gpu", "devices -1 on cpu",
+        "precision without its package"])
 def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_key(capsys, flag, expected):
     """Lightning's MisconfigurationException, and counts it takes modulo unchecked (a ZeroDivisionError mid-run)."""
     recipe = REPO / "recipes/gcn_dfa.yaml"
@@ -284,6 +289,33 @@ def test_a_val_check_interval_longer_than_the_epoch_is_one_line_naming_the_key(t
     assert line.startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): trainer.val_check_interval: "
                            "`val_check_interval` (5) must be less than or equal to the number of the training "
                            "batches (1)"), line
+
+
+@pytest.mark.parametrize("ckpt_path, expected", [
+    ("hpc", 'ckpt_path hpc: `.{sub}(ckpt_path="hpc")` is set but no HPC checkpoint was found'),
+    ("registry", "ckpt_path registry: Checkpoint file not found: registry"),
+    ("https://example.invalid/x.ckpt", "ckpt_path https://example.invalid/x.ckpt: Checkpoint file not found"),
+    ("s3://bucket/x.ckpt", "ckpt_path s3://bucket/x.ckpt: Install s3fs to access S3"),
+], ids=["hpc", "registry", "url", "s3 without s3fs"])
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_checkpoint_lightning_resolves_itself_is_one_line_when_it_cannot(cora_root, tmp_path, capsys, ckpt_path,
+                                                                          expected, subcommand):
+    """`hpc`, `registry` and URLs are left to Lightning (a real user can fetch a URL); its refusal was a traceback."""
+    if ckpt_path.startswith("s3") and importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
+    assert main([subcommand, "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", ckpt_path, *QUIET,
+                 "--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert _one_line_error(capsys).startswith(f"error: {expected.format(sub=subcommand)}")
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_graph_batch_gets_the_precisions_input_cast(cora_root, tmp_path, capsys, precision):
+    """Lightning casts the tensors of a collection batch, not those in torch_geometric's Data: `precision: 64`
+    met float features with double weights (a dtype RuntimeError in the first layer)."""
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--trainer.precision", precision, "--trainer.max_epochs", "3",
+                "--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache")) == 0
+    assert "TEST (best checkpoint" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])

@@ -542,21 +542,24 @@ _TRAINER_KEYS = frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {
 def lightning_refusal(err: BaseException, argv: list[str]) -> str | None:
     """Lightning's own refusal of a setting, as one line naming the ``trainer.<key>`` and where it was set: any
     MisconfigurationException, and a ValueError or TypeError that Lightning raises about one of the Trainer's
-    arguments (a ``val_check_interval`` longer than the epoch, an unknown ``strategy``, ``devices: -1`` on the CPU).
-    Lightning's message says the fix."""
+    arguments (a ``val_check_interval`` longer than the epoch, an unknown ``strategy``, ``devices: -1`` on the CPU),
+    or a package missing for a setting (``precision: transformer-engine``). Lightning's message says the fix."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     message = " ".join(str(err).split())
     key = next((w for w in re.findall(r"[A-Za-z_]+", message) if w in _TRAINER_KEYS), None)
     if isinstance(err, MisconfigurationException):
         pass
+    elif isinstance(err, ModuleNotFoundError) and _raised_in_lightning(err):
+        pass  # a setting whose extra package is not installed (`precision: transformer-engine`): its HINT says how
     elif not (isinstance(err, (ValueError, TypeError)) and key and _raised_in_lightning(err)):
         return None
     if key is None:  # "No supported gpu backend found!": the trainer flag whose value the message names, if typed
         flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
         typed = {a[len("--trainer."):]: v for a, v in zip(flat, flat[1:]) if a.startswith("--trainer.")}
         words = set(re.findall(r"\w+", message.lower()))
-        key = next((k for k, v in typed.items() if k in _TRAINER_KEYS and v.lower() in words), None)
+        key = next((k for k, v in typed.items()  # a package's name spells the value's dashes as underscores
+                    if k in _TRAINER_KEYS and {v.lower(), v.lower().replace("-", "_")} & words), None)
     if key is None:
         recipes = _recipes(argv)
         return f"{', '.join(recipes) + ': ' if recipes else ''}Lightning refused the settings: {message}"
@@ -572,13 +575,30 @@ def _raised_in_lightning(err: BaseException) -> bool:
     return any(f"{os.sep}{package}{os.sep}" in where for package in packages)
 
 
+def checkpoint_refusal(err: BaseException, argv: list[str]) -> str | None:
+    """Lightning's or fsspec's refusal of the ``--ckpt_path`` it resolves itself (``hpc`` without an HPC
+    checkpoint, ``registry`` without the model registry, a URL it cannot reach or whose filesystem package is not
+    installed), as one line naming ``ckpt_path``; a local file is checked before anything is built."""
+    flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
+    ckpt_path = next((v for a, v in zip(flat, flat[1:]) if a == "--ckpt_path"), None)
+    if ckpt_path is None or not isinstance(err, (FileNotFoundError, ValueError, ImportError)):
+        return None
+    message = " ".join(str(err).split())
+    remote = "://" in ckpt_path and isinstance(err, ImportError)  # fsspec: "Install s3fs to access S3"
+    if not (remote or ckpt_path in message or "ckpt_path" in message):
+        return None
+    return f"ckpt_path {ckpt_path}: {message}"
+
+
 def as_user_error(err: BaseException, argv: list[str]) -> UserError | None:
     """What of ``err`` a user can fix, as a :class:`UserError` (one line): ours, also when jsonargparse wrapped it,
-    or Lightning's refusal of a setting; None for anything else (a bug: its traceback stays)."""
+    or Lightning's refusal of a setting or of a checkpoint it resolves; None for anything else (a bug: its traceback
+    stays)."""
     cause = user_error(err)
     if cause is not None:
         return cause
-    refusal = lightning_refusal(err, [str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    refusal = lightning_refusal(err, argv) or checkpoint_refusal(err, argv)
     return ConfigError(refusal) if refusal is not None else None
 
 

@@ -5,6 +5,7 @@ optimizer is configuration. Whether the update is backprop or DFA is decided onl
 """
 from __future__ import annotations
 
+import copy
 import difflib
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.plugins.precision import Precision
 from torch import nn
 
 from dfa_lightning.compile import compile_model
@@ -106,7 +108,7 @@ class TaskModule(pl.LightningModule):
         which computes and resets them at the epoch's end; ``train/loss_step`` is logged only on the steps the
         loggers write (every ``log_every_n_steps``). The only host read is the finite-loss check.
         """
-        out = self.task.step(self.runner, batch, stage)
+        out = self.task.step(self.runner, self._cast_graph_batch(batch), stage)
         if stage == "train" and self.check_finite_loss and not torch.isfinite(out.loss.detach()).all():
             raise NonFiniteLossError(
                 f"loss is {out.loss.item()} at epoch {self.current_epoch}, global step {self.global_step}: "
@@ -121,6 +123,19 @@ class TaskModule(pl.LightningModule):
                 self.log("train/loss_step", out.loss.detach(), on_step=True, on_epoch=False,
                          batch_size=out.batch_size)
         return out.loss
+
+    def _cast_graph_batch(self, batch: Any) -> Any:
+        """Lightning's precision plugin casts the floating tensors of a batch that is a collection (``precision:
+        64`` to double, ``16-true`` to half) but not those inside a graph batch (torch_geometric's ``Data``), where
+        the first layer then met float features with double weights; here they get the same cast, on a shallow copy
+        (the data module's graph stays as it is). Not a batch-transfer hook: overriding one in the module makes
+        Lightning warn on every run with a data module."""
+        plugin = self.trainer.precision_plugin if self._trainer is not None else None
+        if plugin is None or type(plugin).convert_input is Precision.convert_input:
+            return batch  # no cast (32-true, and the mixed precisions, which cast under autocast)
+        if callable(getattr(batch, "apply", None)) and callable(getattr(batch, "to_dict", None)):
+            batch = copy.copy(batch).apply(plugin.convert_input)
+        return batch
 
     def _log_epoch_metrics(self, stage: str, metrics: dict[str, nn.Module]) -> None:
         """Register this stage's epoch metrics with Lightning (once per epoch: it keeps the metric objects, computes
