@@ -673,12 +673,40 @@ def test_a_model_size_below_1_or_a_dropout_outside_0_1_is_one_line_before_anythi
 
 
 def test_every_recipe_passes_the_model_argument_checks():
-    from dfa_lightning.model_args import model_arg_problem
+    from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
-        cli = main_parse(recipe)
-        model = cli.config.model.model
+        config = main_parse(recipe).config.model
+        model = config.model
         assert model_arg_problem(str(model.class_path), dict(vars(model.init_args))) is None, recipe
+        for part in (config.optimizer, config.lr_scheduler):
+            if part is not None:
+                assert null_arg_problem(str(part.class_path), dict(vars(part.init_args))) is None, recipe
+        scheduler = dict(vars(config.lr_scheduler.init_args)) if config.lr_scheduler is not None else {}
+        assert learning_rate_problem(config.optimizer.init_args.lr, scheduler,
+                                     [dict(g) for g in config.param_groups or []]) is None, recipe
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("null", "lr is null: Adam takes a value here (default 0.001)"),
+    ("0", "lr is 0: no parameter would change, and the run would report the initial weights as trained; to score "
+          "those, run `test --ckpt_path init`"),
+    ("-0.01", "lr is -0.01: expected a rate > 0"),
+], ids=["null", "zero", "negative"])
+def test_a_learning_rate_that_trains_nothing_is_one_line_naming_the_key(value, expected, tmp_path, capsys):
+    """`lr: null` was torch's "'<=' not supported between 'float' and 'NoneType'", after the data was loaded; lr 0
+    trained nothing and reported the initial weights' score as the run's."""
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--model.optimizer.init_args.lr", value) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({REPO}/recipes/gcn_dfa.yaml): "
+                                       f"model.optimizer.init_args.{expected}")
+
+
+def test_lr_0_stays_allowed_where_a_group_or_the_scheduler_sets_the_rate():
+    from dfa_lightning.model_args import learning_rate_problem
+
+    assert learning_rate_problem(0.0, {}, [{"params": "conv1.*", "lr": 0.01}]) is None  # one group trains
+    assert learning_rate_problem(0.0, {"max_lr": 0.1, "total_steps": 100}, []) is None  # OneCycleLR
+    assert learning_rate_problem(0.0, {}, [{"params": "conv1.*", "lr": 0.0}]) is not None  # frozen everywhere
 
 
 def main_parse(recipe: Path):

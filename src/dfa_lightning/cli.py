@@ -23,7 +23,7 @@ from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from dfa_lightning.checkpoint_check import checkpoint_problem, read_state_dict
-from dfa_lightning.model_args import model_arg_problem
+from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
 
@@ -351,16 +351,27 @@ class DFALightningCLI(LightningCLI):
                 logger.init_args.name = Path(str(paths[0])).stem  # the recipe; later configs are overrides
 
     def _check_model_args(self, config) -> None:
-        """A size below 1 or a dropout outside [0, 1] in ``model.model.init_args``, named before anything is built
+        """A size below 1 or a dropout outside [0, 1] in ``model.model.init_args``, a ``null`` where the optimizer or
+        the scheduler takes a value, and a learning rate of 0 that trains nothing, named before anything is built
         (see :mod:`dfa_lightning.model_args`)."""
-        model = getattr(config.get("model"), "model", None)
-        class_path, init_args = getattr(model, "class_path", None), getattr(model, "init_args", None)
-        if not class_path or init_args is None:
-            return
-        problem = model_arg_problem(str(class_path), dict(vars(init_args)))
-        if problem:
-            raise ConfigError(f"{_origin(self._argv, 'model.model.init_args.' + problem.split()[0])}"
-                              f"model.model.init_args.{problem}")
+        model = config.get("model")
+        for part, check in (("model", model_arg_problem), ("optimizer", null_arg_problem),
+                            ("lr_scheduler", null_arg_problem)):
+            node = getattr(model, part, None)
+            class_path, init_args = getattr(node, "class_path", None), getattr(node, "init_args", None)
+            problem = check(str(class_path), dict(vars(init_args))) if class_path and init_args is not None else None
+            if problem:
+                key = f"model.{part}.init_args.{problem.split()[0]}"
+                raise ConfigError(f"{_origin(self._argv, key)}model.{part}.init_args.{problem}")
+        if self.subcommand == "fit":
+            optimizer_args = getattr(getattr(model, "optimizer", None), "init_args", None)
+            scheduler_args = getattr(getattr(model, "lr_scheduler", None), "init_args", None)
+            problem = learning_rate_problem(getattr(optimizer_args, "lr", None),
+                                            dict(vars(scheduler_args)) if scheduler_args is not None else {},
+                                            [dict(g) for g in (getattr(model, "param_groups", None) or [])])
+            if problem:
+                raise ConfigError(f"{_origin(self._argv, 'model.optimizer.init_args.lr')}model.optimizer.init_args."
+                                  f"{problem}")
 
     def _evaluated_checkpoint(self, config, ckpt_path):
         """``validate``/``test``/``predict`` score the weights of ``ckpt_path``: without one they would score the

@@ -65,3 +65,37 @@ def model_arg_problem(class_path: str, init_args: Mapping[str, Any]) -> str | No
                 return f"{key} is {list(value)}: expected widths >= 1"
     return None
 
+
+
+def null_arg_problem(class_path: str, init_args: Mapping[str, Any]) -> str | None:
+    """A ``null`` given to an argument that takes a value (``lr: null`` for Adam, whose default is 1e-3), as
+    ``"<key> is null: ..."``: torch's own message was ``'<=' not supported between 'float' and 'NoneType'``."""
+    import inspect
+
+    cls = _model_class(class_path)
+    try:
+        parameters = inspect.signature(cls).parameters if cls is not None else {}
+    except (TypeError, ValueError):
+        return None
+    for key, value in init_args.items():
+        param = parameters.get(key)
+        if value is None and param is not None and param.default is not None:
+            default = "" if param.default is inspect.Parameter.empty else f" (default {param.default})"
+            return f"{key} is null: {cls.__name__} takes a value here{default}"
+    return None
+
+
+def learning_rate_problem(lr: Any, scheduler_args: Mapping[str, Any], param_groups: Sequence[Mapping[str, Any]]
+                          ) -> str | None:
+    """``lr: 0`` with nothing that gives any parameter another rate: every weight stays where it started, and the
+    run reported the initial weights' test score as a result. A group with its own ``lr`` (some recipes freeze a
+    group with lr 0 on purpose, others train one) or a scheduler that sets the rate itself (OneCycleLR's
+    ``max_lr``, CyclicLR's ``base_lr``) keeps the run."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr > 0:
+        return None
+    if lr < 0:
+        return f"lr is {lr}: expected a rate > 0"
+    if any("lr" in key for key in scheduler_args) or any(group.get("lr", 0) != 0 for group in param_groups):
+        return None
+    return ("lr is 0: no parameter would change, and the run would report the initial weights as trained; to "
+            "score those, run `test --ckpt_path init`")
