@@ -291,3 +291,21 @@ def test_seed_sweep_tabulates_each_recipe_and_records_what_each_run_cost(planeto
         assert all(summary["wall_s"][stem][str(s)] > 0 for s in (0, 1))
     assert summary["extra_args"][:2] == ["--trainer.max_epochs", "2"]
     assert "Wall time per run" in out.read_text()
+
+
+def test_a_file_that_is_not_a_hidden_pt_is_named_with_what_it_lacks(tmp_path, capsys):
+    """A run's `.ckpt` given to `--hidden` was a KeyError on 'hidden'; a text file an unpickling traceback; two runs
+    of one name kept only the last."""
+    ckpt, text, good = tmp_path / "best.ckpt", tmp_path / "notes.txt", tmp_path / "hidden.pt"
+    torch.save({"state_dict": {}, "epoch": 3}, ckpt)
+    text.write_text("not torch")
+    torch.save({"hidden": torch.randn(20, 4), "y": torch.arange(20) % 2, "point": "conv1"}, good)
+    assert embedding_main(["--hidden", str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {ckpt}: expected a hidden.pt of graphs_reproduce ({{'hidden': "
+                                               "[N, d], 'y': [N], 'point': name}), found ['epoch', 'state_dict']")
+    assert embedding_main(["--hidden", str(text)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {text}: not a torch file (")
+    with pytest.raises(SystemExit):
+        embedding_main(["--hidden", str(good), str(good), "--names", "a", "a"])
+    assert "--names: each run needs its own name, got a a" in capsys.readouterr().err
+    assert embedding_main(["--hidden", str(good), str(good), "--names", "a", "b"]) == 0

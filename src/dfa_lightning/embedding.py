@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["pca_2d", "knn_accuracy", "rasterize", "write_png", "write_projector", "main"]
+__all__ = ["pca_2d", "knn_accuracy", "rasterize", "write_png", "write_projector", "load_hidden", "main"]
 
 #: Colours per class (tab10).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -103,6 +103,29 @@ def write_projector(runs: dict[str, dict], logdir: str | Path) -> None:
         writer.close()
 
 
+def load_hidden(path: str) -> dict:
+    """A ``hidden.pt`` of :mod:`dfa_lightning.graphs_reproduce`, checked: anything else (a run's ``.ckpt``, a
+    truncated file) is a ValueError naming the file and what it lacks, not a KeyError or an unpickling traceback."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path} not found (run dfa_lightning.graphs_reproduce on seed 0 first)")
+    try:
+        run = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many kinds for a file that is not its own)
+        raise ValueError(f"{path}: not a torch file ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+                         ) from None
+    keys = sorted(run) if isinstance(run, dict) else type(run).__name__
+    if not isinstance(run, dict) or not {"hidden", "y"} <= set(run):
+        raise ValueError(f"{path}: expected a hidden.pt of graphs_reproduce ({{'hidden': [N, d], 'y': [N], 'point': "
+                         f"name}}), found {keys}")
+    hidden, y = run["hidden"], run["y"]
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and isinstance(y, torch.Tensor) and y.dim() == 1
+            and len(y) == len(hidden) and len(y) > 10 and not y.is_floating_point()):
+        raise ValueError(f"{path}: expected 'hidden' [N, d] and integer 'y' [N] with N > 10, found "
+                         f"{tuple(getattr(hidden, 'shape', ()))} and {tuple(getattr(y, 'shape', ()))}")
+    run.setdefault("point", "?")
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="PCA plot and TensorBoard projector of hidden representations")
     parser.add_argument("--hidden", nargs="+", required=True, help="hidden.pt files (graphs_reproduce, seed 0)")
@@ -114,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     names = opts.names or [Path(p).parent.parent.name for p in opts.hidden]
     if len(names) != len(opts.hidden):
         parser.error("--names needs one name per --hidden file")
+    if len(set(names)) < len(names):  # runs are keyed by name: a repeated one dropped a file without a word
+        parser.error(f"--names: each run needs its own name, got {' '.join(names)} (give --names)")
+    if opts.size < 16:
+        parser.error(f"--size {opts.size}: expected at least 16 pixels a panel")
     runs = {}
     for name, path in zip(names, opts.hidden):
-        if not Path(path).is_file():
-            print(f"error: {path} not found (run dfa_lightning.graphs_reproduce on seed 0 first)", file=sys.stderr)
+        try:
+            runs[name] = load_hidden(path)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
-        runs[name] = torch.load(path, map_location="cpu")
     for name, run in runs.items():
         h = run["hidden"]
         print(f"{name}: hidden {tuple(h.shape)} at {run['point']!r}; 10-NN accuracy in hidden space "
