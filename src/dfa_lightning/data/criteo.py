@@ -440,9 +440,6 @@ def preprocess(
     progress.log(done=True)
     y = np.concatenate(labels_parts)
     np.save(out_dir / "y.npy", y)
-    if bad:
-        rank_zero_info(f"criteo {path.name}: skipped {bad:,} malformed lines of {lines:,} "
-                       f"(first: line {first_bad}, {reason})")
     meta = {
         "version": CACHE_VERSION,
         "source": str(path),
@@ -481,6 +478,7 @@ def ensure_cache(
         meta = json.loads(meta_file.read_text())
         _check_bad(path, meta["bad_lines"], meta["lines"], meta["first_bad_line"], meta["first_bad_reason"],
                    max_bad_fraction)
+        _say_skipped(path, meta, final)
         return final, meta, False
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -498,7 +496,17 @@ def ensure_cache(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _say_skipped(path, meta)
     return final, meta, True
+
+
+def _say_skipped(path: Path, meta: dict, cache: Path | None = None) -> None:
+    """The malformed lines left out of the data, said on every run that uses them: said only when the cache was
+    built, a later run trained on fewer rows than the file holds without a word."""
+    if meta["bad_lines"]:
+        where = f" (counted when the cache {cache} was built)" if cache is not None else ""
+        rank_zero_info(f"criteo {path.name}: skipped {meta['bad_lines']:,} malformed lines of {meta['lines']:,} "
+                       f"(first: line {meta['first_bad_line']}, {meta['first_bad_reason']}){where}")
 
 
 class _RowBatches(Dataset):
