@@ -146,6 +146,18 @@ def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
     assert all(-1.0 <= monitor.last[k] <= 1.0 for k in keys if "cos" in k)
 
 
+@pytest.mark.parametrize("method", ["bp", "shallow", None])
+def test_the_monitor_on_a_run_without_a_dfa_rule_says_it_will_log_nothing(tmp_path, method):
+    """On a BP or shallow recipe `callbacks/alignment.yaml` logged no align/ metric and said nothing."""
+    module, data, rule = build(method or "bp")
+    monitor = AlignmentMonitor(every_n_steps=1)
+    callbacks = [rule, monitor] if method else [monitor]
+    with pytest.warns(UserWarning, match=f"learning rule is {method or 'no FeedbackAlignmentStrategy'}, not dfa: "
+                                         "there is no feedback signal"):
+        trainer(tmp_path, callbacks, max_steps=2).fit(module, data)
+    assert monitor.last == {}
+
+
 def test_alignment_is_perfect_when_feedback_equals_the_transposed_top_weight(tmp_path):
     from dfa_lightning.callbacks import FeedbackAlignmentStrategy
     from dfa_lightning.models.mlp import MLP

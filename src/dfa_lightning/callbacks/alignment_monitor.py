@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
 from dfa_lightning.errors import ConfigError
@@ -40,6 +41,16 @@ class AlignmentMonitor(pl.Callback):
         self.every_n_steps = every_n_steps
         self.eps = eps
         self.last: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Said once: on a run without a DFA rule (a BP or shallow recipe) there is no ``B e`` to compare with the
+        gradient, and the monitor logged nothing without a word."""
+        rules = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)]
+        if not any(rule.method == "dfa" for rule in rules):
+            methods = sorted({rule.method for rule in rules}) or ["no FeedbackAlignmentStrategy"]
+            rank_zero_warn(f"AlignmentMonitor: this run's learning rule is {', '.join(methods)}, not dfa: there is no "
+                           "feedback signal B e to compare with the backprop gradient, so no align/ metric will be "
+                           "logged; add the monitor to a DFA recipe (e.g. recipes/gcn_dfa.yaml)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
