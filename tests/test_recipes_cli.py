@@ -418,8 +418,8 @@ def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path,
     if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
         pytest.skip("shared Cora not found")
     assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.optimizer.init_args.lr", "-1") == 2
-    assert _one_line_error(capsys) == "error: model.optimizer: Invalid learning rate: -1.0"
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.optimizer.init_args.eps", "-1") == 2
+    assert _one_line_error(capsys) == "error: model.optimizer: Invalid epsilon value: -1.0"
 
 
 def test_a_scheduler_period_of_zero_is_one_line_before_training(tmp_path, capsys):
