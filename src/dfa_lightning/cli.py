@@ -566,8 +566,7 @@ def lightning_refusal(err: BaseException, argv: list[str]) -> str | None:
     elif not (isinstance(err, (ValueError, TypeError)) and key and _raised_in_lightning(err)):
         return None
     if key is None:  # "No supported gpu backend found!": the trainer flag whose value the message names, if typed
-        flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
-        typed = {a[len("--trainer."):]: v for a, v in zip(flat, flat[1:]) if a.startswith("--trainer.")}
+        typed = {a[len("--trainer."):]: v for a, v in _flag_values(argv) if a.startswith("--trainer.")}
         words = set(re.findall(r"\w+", message.lower()))
         key = next((k for k, v in typed.items()  # a package's name spells the value's dashes as underscores
                     if k in _TRAINER_KEYS and {v.lower(), v.lower().replace("-", "_")} & words), None)
@@ -575,6 +574,12 @@ def lightning_refusal(err: BaseException, argv: list[str]) -> str | None:
         recipes = _recipes(argv)
         return f"{', '.join(recipes) + ': ' if recipes else ''}Lightning refused the settings: {message}"
     return f"{_origin(argv, f'trainer.{key}')}trainer.{key}: {message}"
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """(word, next word) pairs of the command line with ``--key=value`` split in two: each flag with its value."""
+    flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
+    return list(zip(flat, flat[1:]))
 
 
 def _raised_in_lightning(err: BaseException) -> bool:
@@ -590,8 +595,7 @@ def checkpoint_refusal(err: BaseException, argv: list[str]) -> str | None:
     """Lightning's or fsspec's refusal of the ``--ckpt_path`` it resolves itself (``hpc`` without an HPC
     checkpoint, ``registry`` without the model registry, a URL it cannot reach or whose filesystem package is not
     installed), as one line naming ``ckpt_path``; a local file is checked before anything is built."""
-    flat = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") else [a])]
-    ckpt_path = next((v for a, v in zip(flat, flat[1:]) if a == "--ckpt_path"), None)
+    ckpt_path = next((v for a, v in _flag_values(argv) if a == "--ckpt_path"), None)
     if ckpt_path is None or not isinstance(err, (FileNotFoundError, ValueError, ImportError)):
         return None
     message = " ".join(str(err).split())
