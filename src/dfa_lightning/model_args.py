@@ -1,18 +1,20 @@
-"""Range checks of a recipe's model arguments, read off the model's signature, before the model is built.
+"""Range checks of a recipe's model arguments (the network, its optimizer and scheduler), read off their
+signatures, before anything is built.
 
 Why: a size of 0 or a dropout of 1.5 passed the type check and ended as a traceback deep in PyTorch (a lazy
 parameter never initialised, a ZeroDivisionError in the attention heads, an IndexError on an empty ``mlp_dims``).
 For this package's own models an ``int`` argument is a size or count, so it must be at least 1 (a few counts may be
-0); a ``dropout`` is a probability, for any model.
+0); a ``dropout`` is a probability, for any model. The optimizer's ``lr`` must be a number, and one that trains.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["model_arg_problem", "MAY_BE_ZERO"]
+__all__ = ["model_arg_problem", "null_arg_problem", "learning_rate_problem", "MAY_BE_ZERO"]
 
 #: ``int`` arguments of the package's models that may be 0: no frequencies, no extra layers of one kind.
 MAY_BE_ZERO = frozenset({"num_freqs", "num_freqs_dir", "num_freqs_xyz", "num_cross_layers", "num_attn_layers"})
@@ -66,12 +68,9 @@ def model_arg_problem(class_path: str, init_args: Mapping[str, Any]) -> str | No
     return None
 
 
-
 def null_arg_problem(class_path: str, init_args: Mapping[str, Any]) -> str | None:
     """A ``null`` given to an argument that takes a value (``lr: null`` for Adam, whose default is 1e-3), as
     ``"<key> is null: ..."``: torch's own message was ``'<=' not supported between 'float' and 'NoneType'``."""
-    import inspect
-
     cls = _model_class(class_path)
     try:
         parameters = inspect.signature(cls).parameters if cls is not None else {}
