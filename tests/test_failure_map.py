@@ -63,8 +63,11 @@ def test_an_unknown_recipe_key_stops_the_study_before_any_training(tmp_path, cap
     (["recipes/gcn_stack_dfa.yaml", "recipes/gcn_stack_shallow.yaml"], "one bp recipe"),
     (["recipes/gcn_stack_bp.yaml", "recipes/gcn_bp.yaml", "recipes/gcn_stack_dfa.yaml"], "one bp recipe"),
     (["recipes/gcn_stack_bp.yaml", "recipes/gcn_stack_shallow.yaml"], "at least one dfa"),
-])
-def test_a_recipe_set_without_one_baseline_and_a_dfa_rule_is_refused(recipes, why):
+    (["recipes/gcn_bp.yaml", "recipes/cheb_dfa.yaml"], r"cheb_dfa.yaml has another model than the bp recipe .*gcn_bp"),
+    (["recipes/lm_bp.yaml", "recipes/gcn_dfa.yaml"], "gcn_dfa.yaml has another model than the bp recipe"),
+], ids=["no bp", "two bp", "no dfa", "other model", "other task"])
+def test_a_recipe_set_without_one_baseline_and_a_dfa_rule_on_its_model_is_refused(recipes, why):
+    """A DFA recipe of another model than the BP one (gcn_bp against cheb_dfa) trained and mapped a meaningless gap."""
     with pytest.raises(ConfigError, match=why):
         failure_map.methods_of([str(REPO / r) for r in recipes])
 

@@ -55,12 +55,30 @@ def test_a_malformed_placement_names_itself(spec):
         placements.parse_placement(spec)
 
 
-def test_a_cached_run_is_reused_only_with_the_same_recipe_points_and_arguments():
-    cached = {"recipe": "r.yaml", "points": ["conv1"], "extra": ["--trainer.max_epochs", "60"]}
-    assert placements.reusable(cached, "r.yaml", ["conv1"], ["--trainer.max_epochs", "60"])
-    assert not placements.reusable(cached, "r.yaml", ["conv1"], ["--trainer.max_epochs", "250"])
-    assert not placements.reusable(cached, "r.yaml", ["hidden"], ["--trainer.max_epochs", "60"])
-    assert not placements.reusable(cached, "other.yaml", ["conv1"], ["--trainer.max_epochs", "60"])
+def test_a_cached_run_is_reused_only_with_the_same_recipe_text_points_and_arguments(tmp_path):
+    """The key held the recipe's path, not its text: an edited recipe got the old run's numbers back."""
+    from dfa_lightning import studies
+
+    (tmp_path / "callbacks").mkdir()
+    fragment = tmp_path / "callbacks" / "dfa.yaml"
+    fragment.write_text("class_path: x\n")
+    recipe, overlay = tmp_path / "recipes" / "r.yaml", tmp_path / "o.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("trainer:\n  callbacks: [../callbacks/dfa.yaml]\n")
+    overlay.write_text("a: 1\n")
+    extra = ["--config", str(overlay)]
+    digests = [studies.recipe_digest(recipe, extra)]
+    fragment.write_text("class_path: y\n")  # a file the recipe includes
+    digests.append(studies.recipe_digest(recipe, extra))
+    overlay.write_text("a: 2\n")  # an overlay among the run arguments
+    digests.append(studies.recipe_digest(recipe, extra))
+    recipe.write_text(recipe.read_text() + "seed_everything: 1\n")  # the recipe itself
+    digests.append(studies.recipe_digest(recipe, extra))
+    assert len(set(digests)) == 4 and studies.recipe_digest(recipe, extra) == digests[-1]
+    cached = {"recipe": "r.yaml", "recipe_sha256": digests[-1], "points": ["conv1"], "extra": extra}
+    assert studies.reusable(cached, dict(cached))
+    for change in ({"recipe_sha256": digests[0]}, {"points": ["hidden"]}, {"extra": []}, {"recipe": "o.yaml"}):
+        assert not studies.reusable(cached, {**cached, **change})
 
 
 def test_placement_labels_default_to_their_patterns():

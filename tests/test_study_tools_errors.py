@@ -117,12 +117,19 @@ def test_repeated_seeds_are_run_once():
     assert parser.parse_args(own).seeds == [1, 0]
 
 
-@pytest.mark.parametrize("argv", [["--seeds-for", "gcn=0,x"], ["--seeds", "-1"]])
-def test_graphs_reproduce_refuses_a_bad_seed_as_a_usage_error(argv, tmp_path, capsys):
+@pytest.mark.parametrize("argv, expected", [
+    (["--seeds-for", "gcn=0,x"], "seed"), (["--seeds", "-1"], "seed"),
+    (["--models", "gcn", "--seeds-for", "gat=0"], "--seeds-for 'gat=0': gat is not among --models (gcn)"),
+    (["--recipes", "/nonexistent/recipes"], "--recipes /nonexistent/recipes: no such folder"),
+    (["--dfa-tolerance", "-5"], "--dfa-tolerance and --shallow-margin are points, >= 0"),
+], ids=["bad seed", "negative seed", "seeds for a model not run", "no recipes folder", "negative tolerance"])
+def test_graphs_reproduce_refuses_a_bad_argument_as_a_usage_error(argv, expected, tmp_path, capsys):
+    """Among them three that were silent: seeds for a model not run, a recipes folder that does not exist (the
+    cached results stood in for it), a negative tolerance."""
     with pytest.raises(SystemExit) as stop:
         graphs_reproduce.main([*argv, "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")])
     assert stop.value.code == 2
-    assert "seed" in capsys.readouterr().err
+    assert expected in capsys.readouterr().err
 
 
 def test_a_study_run_gives_lightning_no_cause_to_warn_about_args_and_command_line(monkeypatch, tmp_path):
@@ -161,8 +168,17 @@ def test_graphs_reproduce_retrains_a_cached_result_when_the_overrides_change(cor
     longer = graphs_reproduce.run_one("gcn", "dfa", "Cora", 0, root, ["--trainer.max_epochs", "2", *data],
                                       save_hidden=False)
     assert "metrics" in longer and longer["overrides"][:2] == ["--trainer.max_epochs", "2"]
-    cached = json.loads((root / "Cora" / "gcn_dfa" / "seed0" / "result.json").read_text())
+    out = root / "Cora" / "gcn_dfa" / "seed0" / "result.json"
+    cached = json.loads(out.read_text())
     assert cached["overrides"][:2] == ["--trainer.max_epochs", "2"]
+    recipes = tmp_path / "recipes"  # the same recipe name, edited: another run, not the cached one
+    recipes.mkdir()
+    (recipes / "gcn_dfa.yaml").write_text(Path(GCN_DFA).read_text().replace("../callbacks/", f"{REPO}/callbacks/")
+                                          .replace("lr: 0.01 ", "lr: 0.02 "))
+    edited = graphs_reproduce.run_one("gcn", "dfa", "Cora", 0, root, ["--trainer.max_epochs", "2", *data],
+                                      recipes=recipes, save_hidden=False)
+    assert edited["recipe_sha256"] != longer["recipe_sha256"]
+    assert json.loads(out.read_text())["recipe_sha256"] == edited["recipe_sha256"]  # trained, and cached anew
 
 
 @pytest.mark.parametrize("tool", ["sweep", "placements", "failure_map"])

@@ -32,7 +32,7 @@ import yaml
 from dfa_lightning import studies
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.feedback.engine import METHODS
-from dfa_lightning.studies import mean_std, rules_of, run
+from dfa_lightning.studies import mean_std, run
 
 __all__ = ["Axis", "parse_axis", "methods_of", "check_axes", "cells", "run_cell", "summarise", "default_mode",
            "render", "main"]
@@ -85,10 +85,14 @@ def parse_axis(spec: str) -> Axis:
 
 def methods_of(recipes: list[str], extra: list[str] = ()) -> dict[str, str]:
     """``{recipe: method}``; refuses, before any training, recipes without exactly one learning rule, a set without
-    exactly one ``bp`` recipe or with more than one ``shallow``, and recipes whose names (stems) collide."""
-    methods = {}
+    exactly one ``bp`` recipe or with more than one ``shallow``, recipes whose names (stems) collide, and recipes of
+    another model, task or data than the bp one."""
+    methods, setups = {}, {}
     for recipe in recipes:
-        rules = rules_of(recipe, extra)
+        config = run(["--config", recipe, *extra], run=False).config
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+        setups[recipe] = _setup_of(config)
         if len(rules) != 1:
             raise ConfigError(f"{recipe}: expected one FeedbackAlignmentStrategy in trainer.callbacks (BP, DFA and "
                               f"shallow recipes differ only by it), found {len(rules)}")
@@ -100,7 +104,25 @@ def methods_of(recipes: list[str], extra: list[str] = ()) -> dict[str, str]:
     stems = [Path(r).stem for r in recipes]
     if len(set(stems)) < len(stems):
         raise ConfigError(f"--recipes: recipe names must differ (they name the run folders): {stems}")
+    baseline = next(r for r, m in methods.items() if m == "bp")
+    for recipe, setup in setups.items():  # the gap to BP means something only on the same model, task and data
+        differs = [part for part, value in setup.items() if value != setups[baseline][part]]
+        if differs:
+            part = differs[0]
+            raise ConfigError(f"--recipes: {recipe} has another {part} than the bp recipe {baseline} "
+                              f"({setup[part]} against {setups[baseline][part]}); a failure map compares learning "
+                              "rules on the same model and data")
     return methods
+
+
+def _setup_of(config) -> dict[str, str]:
+    """What the recipes of one map must share: the model's, task's and data module's classes and the data's
+    arguments (the learning rule, the optimizer and the model's sizes may differ)."""
+    model, data = config.get("model"), config.get("data")
+    init = getattr(data, "init_args", None)
+    return {"model": str(getattr(getattr(model, "model", None), "class_path", None)),
+            "task": str(getattr(getattr(model, "task", None), "class_path", None)),
+            "data": f"{getattr(data, 'class_path', None)} {sorted(vars(init).items()) if init is not None else ''}"}
 
 
 def check_axes(recipes: list[str], axes: list[Axis], extra: list[str] = ()) -> None:
@@ -142,7 +164,8 @@ def run_cell(recipe: str, axes: list[Axis], cell: dict[str, str], seed: int, roo
                 raise ConfigError(f"{recipe}: --{axis.key} {cell[axis.label]} did not reach the run's config "
                                   f"(it has {got!r})")
 
-    key = {"recipe": recipe, "cell": cell, "seed": seed, "extra": list(extra), "overrides": overrides}
+    key = {"recipe": recipe, "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "cell": cell, "seed": seed,
+           "extra": list(extra), "overrides": overrides}
     run_dir = Path(root) / Path(recipe).stem / _cell_dir(cell) / f"seed{seed}"
     # extra arguments first (a second --config among them must not undo the cell's values), the cell last
     return studies.run_cached(run_dir, key, recipe, ["--seed_everything", str(seed), *extra, *overrides], check,

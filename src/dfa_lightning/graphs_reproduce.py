@@ -135,14 +135,14 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
 
     The result is ``{"model", "method", "dataset", "seed", "overrides", "metrics": {test/...}, "alignment": {...},
     "deepest": point, "seconds": s}``, or with ``"error": message`` when the run could not be made. A cached result
-    is reused only if it was made with the same ``extra`` arguments: a 1-epoch smoke test must not stand for the
-    full run.
+    is reused only if it was made with the same recipe text and ``extra`` arguments: a 1-epoch smoke test, or the
+    run of a recipe since edited, must not stand for the full run.
     """
     recipe = Path(recipes) / f"{model}_{method}.yaml"
     run_dir = Path(root) / dataset / recipe.stem / f"seed{seed}"
     out = run_dir / "result.json"
     result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed,
-                              "overrides": list(extra)}
+                              "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "overrides": list(extra)}
     if out.is_file() and not rerun:
         cached = json.loads(out.read_text())
         # failed runs (missing file, missing kernels) are tried again: they are cheap
@@ -371,11 +371,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="points the shallow mean must lie below the DFA mean to count as far below (default: 20)")
     opts = parser.parse_args(argv)
     studies.refuse_seed_override(parser, extra)
+    if not opts.table_only and not Path(opts.recipes).is_dir():
+        parser.error(f"--recipes {opts.recipes}: no such folder (it holds <model>_<method>.yaml)")
+    if opts.dfa_tolerance < 0 or opts.shallow_margin < 0:
+        parser.error("--dfa-tolerance and --shallow-margin are points, >= 0")
     seeds_for = {}
     for spec in opts.seeds_for:
         model, _, seeds = spec.partition("=")
         if model not in MODELS or not seeds:
             parser.error(f"--seeds-for {spec!r}: expected MODEL=S1,S2 with MODEL in {', '.join(MODELS)}")
+        if model not in opts.models:  # its seeds would be ignored without a word
+            parser.error(f"--seeds-for {spec!r}: {model} is not among --models ({' '.join(opts.models)})")
         try:
             seeds_for[model] = list(dict.fromkeys(studies.SEEDS["type"](s) for s in seeds.split(",")))
         except argparse.ArgumentTypeError as err:

@@ -70,11 +70,6 @@ def check_recipe(recipe: str, extra: list[str] = (), placements: list[tuple[str,
             raise ConfigError(f"--placements {label}: {err}") from None
 
 
-def reusable(cached: dict, recipe: str, points: list[str], extra: list[str]) -> bool:
-    """A cached result stands for this run only if the recipe, the points and every extra argument are the same."""
-    return studies.reusable(cached, {"recipe": recipe, "points": list(points), "extra": list(extra)})
-
-
 def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | Path, extra: list[str] = (),
             rerun: bool = False) -> dict[str, Any]:
     """Train ``recipe`` with ``points`` as its feedback points and ``seed``; returns (and caches) the result:
@@ -86,7 +81,8 @@ def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | P
             raise ConfigError(f"{recipe}: the run did not use the feedback points {points} (the rule has "
                               f"{[r.config['feedback_points'] for r in rules]})")
 
-    key = {"recipe": recipe, "label": label, "points": list(points), "seed": seed, "extra": list(extra)}
+    key = {"recipe": recipe, "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "label": label,
+           "points": list(points), "seed": seed, "extra": list(extra)}
     overrides = ["--seed_everything", str(seed), *extra, "--trainer.callbacks.feedback_points", json.dumps(points)]
     return studies.run_cached(Path(root) / label / f"seed{seed}", key, recipe, overrides, check, rerun)
 

@@ -3,13 +3,16 @@
 A study trains many variants of a recipe in this process. Each run is a normal ``fit`` (then ``test`` at the recipe's
 best checkpoint) with a :class:`~dfa_lightning.callbacks.FinalAlignment` appended to the callbacks, so that every DFA
 run reports the alignment of its final weights, measured the same way. A run writes ``<run_dir>/result.json`` and is
-not trained again while that file describes the same run (same key: recipe, overrides, extra arguments), so an
-interrupted study resumes and a study with other arguments never reuses a stale result.
+not trained again while that file describes the same run (same key: recipe and the sha256 of its text, overrides,
+extra arguments), so an interrupted study resumes and a study with other arguments or an edited recipe never reuses
+a stale result.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import os
 import statistics
 import sys
@@ -23,7 +26,7 @@ from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI
 from dfa_lightning.errors import ConfigError, UserError
 
-__all__ = ["QUIET", "PROBE", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
+__all__ = ["QUIET", "PROBE", "recipe_digest", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
            "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table", "run", "user_errors",
            "require_metrics", "check_writable", "SEEDS"]
 
@@ -113,6 +116,24 @@ def refuse_seed_override(parser: argparse.ArgumentParser, extra: list[str]) -> N
     before them, so the later one won and every "seed" was the same run (a table of identical values and std 0)."""
     if any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in extra):
         parser.error("--seed_everything after --: every run would have that one seed; give the seeds with --seeds")
+
+
+def recipe_digest(recipe: str | Path, extra: list[str] = ()) -> str:
+    """sha256 of the texts a run is made of: the recipe, the YAML files it names (``../callbacks/dfa.yaml``), and
+    every ``--config`` overlay among ``extra``. An edited file is another run: a cache keyed on the path alone gave
+    the old run's numbers for an edited recipe."""
+    digest = hashlib.sha256()
+    files = [Path(recipe)] + [Path(value) for flag, value in zip(extra, extra[1:]) if flag == "--config"]
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_bytes()
+        digest.update(text)
+        for named in re.findall(rb"[\w./-]+\.ya?ml", text):  # fragments the file includes by relative path
+            fragment = path.parent / named.decode()
+            if fragment.is_file():
+                digest.update(fragment.read_bytes())
+    return digest.hexdigest()
 
 
 def reusable(cached: dict, key: dict) -> bool:

@@ -13,7 +13,6 @@ the same (``--rerun`` trains again): an interrupted ``make reproduce-lm`` goes o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -35,19 +34,10 @@ def _args(recipe: str, seed: int, extra: list[str], root: str) -> list[str]:
             "--trainer.logger.init_args.save_dir", f"{root}/{name}/seed{seed}", *extra]
 
 
-def _text_digest(recipe: str, extra: list[str]) -> str:
-    """sha256 of the recipe's text and of every ``--config`` overlay's among ``extra``: an edited file is another run."""
-    digest = hashlib.sha256(Path(recipe).read_bytes())
-    for flag, value in zip(extra, extra[1:]):
-        if flag == "--config" and Path(value).is_file():
-            digest.update(Path(value).read_bytes())
-    return digest.hexdigest()
-
-
 def run_seed(recipe: str, seed: int, extra: list[str], root: str, rerun: bool = False) -> dict[str, Any]:
     """One run's ``{"recipe", "recipe_sha256", "seed", "overrides", "metrics": {test/...}, "seconds"}``, trained or
     read back from its ``result.json`` (made with the same recipe and overlay texts, seed and overrides)."""
-    key = {"recipe": Path(recipe).stem, "recipe_sha256": _text_digest(recipe, extra), "seed": seed,
+    key = {"recipe": Path(recipe).stem, "recipe_sha256": studies.recipe_digest(recipe, extra), "seed": seed,
            "overrides": list(extra)}
     out = Path(root) / key["recipe"] / f"seed{seed}" / "result.json"
     if out.is_file() and not rerun:
