@@ -32,7 +32,7 @@ from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.feedback.points import resolve_points
 from dfa_lightning.studies import mean_std, run
 
-__all__ = ["parse_placement", "check_recipe", "reusable", "run_one", "render", "main"]
+__all__ = ["parse_placement", "check_recipe", "run_one", "render", "main"]
 
 
 def parse_placement(spec: str) -> tuple[str, list[str]]:
