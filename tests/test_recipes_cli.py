@@ -732,3 +732,25 @@ def test_a_nerf_batch_too_big_for_memory_is_one_line_before_anything_trains(shar
     assert _fit(*recipe[:1], tmp_path, *recipe[1:], "--data.init_args.rays_per_batch", "2000000") == 2
     assert "rays_per_batch 2000000 is more than the 1000000 training rays" in _one_line_error(capsys)
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_resuming_a_finished_run_is_refused_and_a_moved_best_checkpoint_falls_back_to_the_final_weights(
+        cora_root, tmp_path, capsys):
+    """`fit --ckpt_path` at the run's own limit trained nothing and printed the old run's TEST line as its result;
+    with the old run folder moved away it ended in a FileNotFoundError after training."""
+    data = ["--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path / "first", *data, "--trainer.max_epochs", "2",
+                "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true") == 0
+    best = next((tmp_path / "first" / "logs").rglob("last.ckpt"))
+    kept = tmp_path / "kept.ckpt"
+    shutil.copy(best, kept)
+    capsys.readouterr()
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "2",
+                "--ckpt_path", str(kept)) == 2
+    line = _one_line_error(capsys)
+    assert f"error: fit --ckpt_path {kept}: the checkpoint (epoch" in line and "trainer.max_epochs 2" in line, line
+    shutil.rmtree(tmp_path / "first")  # the resumed run's best checkpoint is gone
+    with pytest.warns(UserWarning, match="recorded by the resumed run\\) is gone: testing the final weights"):
+        assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "3",
+                    "--trainer.limit_val_batches", "0", "--ckpt_path", str(kept)) == 0  # no new best to replace it
+    assert "TEST (final weights)" in capsys.readouterr().out

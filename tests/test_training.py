@@ -404,3 +404,30 @@ def test_alignment_is_measured_when_nothing_trainable_lies_between_the_last_poin
         assert -1.0 <= final.alignment[f"align/signal_cos/{point}"] <= 1.0
         assert -1.0 <= final.alignment[f"align/update_cos/{point}"] <= 1.0
     assert all(final.alignment[f"align/update_ratio/{p}"] > 0 for p in final.points)  # both passes produced updates
+
+
+@pytest.mark.parametrize("change", [
+    dict(method="bp"), dict(method="shallow"), dict(error="sign"), dict(feedback_norm="layer"), dict(name="other")],
+    ids=["to bp", "to shallow", "error sign", "feedback norm", "renamed"])
+def test_resuming_a_dfa_checkpoint_under_another_rule_or_its_signal_is_refused(tmp_path, change):
+    """A DFA checkpoint resumed by a BP or shallow recipe trained on under the other rule, filed under its name; a
+    changed error or feedback norm changed the signal mid-run; a renamed rule drew a new B, with only Lightning's
+    note that a callback was missing."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.errors import ConfigError
+
+    def rule(**kwargs):
+        return FeedbackAlignmentStrategy(**{"method": "dfa", "feedback_points": ["blocks.*"], "seed": 1,
+                                            "verbose": False, **kwargs})
+
+    module, data, _ = build("dfa", optimizer=adam)
+    t = trainer(tmp_path, [rule()], max_epochs=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "dfa.ckpt"
+    t.save_checkpoint(ckpt)
+    expected = {"method": r"trained by dfa and this recipe trains by", "error": r"other feedback settings: \['error'\]",
+                "feedback_norm": r"\['feedback_norm'\]", "name": r"this run's rule is .*'other'"}[next(iter(change))]
+    with pytest.raises(ConfigError, match=expected):
+        trainer(tmp_path, [rule(**change)], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data,
+                                                             ckpt_path=str(ckpt))
+    trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))  # same

@@ -13,9 +13,14 @@ SHOWN = 3  # keys named per kind of mismatch; the count says how many more
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``state_dict``, loaded as Lightning loads it (``weights_only`` by torch's default), memory-
-    mapped when the file allows it so that a large checkpoint is not read twice. Raises ``ValueError`` saying why
-    the file is not a Lightning checkpoint."""
+    """The checkpoint's ``state_dict`` (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)["state_dict"]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint, loaded as Lightning loads it (``weights_only`` by torch's default), memory-mapped when the
+    file allows it so that a large checkpoint is not read twice. Raises ``ValueError`` saying why the file is not a
+    Lightning checkpoint."""
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", mmap=True)
@@ -31,7 +36,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         what = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"is not a Lightning checkpoint (no 'state_dict'; it holds {what}): a model saved with "
                          "torch.save(model.state_dict()) is not a run's checkpoint")
-    return checkpoint["state_dict"]
+    return checkpoint
 
 
 def state_dict_mismatch(saved: dict[str, torch.Tensor], module: nn.Module, strict: bool = True,

@@ -21,8 +21,9 @@ import torch
 import yaml
 from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
 
-from dfa_lightning.checkpoint_check import checkpoint_problem, read_state_dict
+from dfa_lightning.checkpoint_check import checkpoint_problem, read_checkpoint
 from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
@@ -282,6 +283,7 @@ class DFALightningCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self.test_results = {}  # before LightningCLI runs the subcommand (which may fill it)
         self._saved_state: dict | None = None  # ckpt_path's state_dict, read once while parsing
+        self._saved_step: int | None = None  # ckpt_path's global step: a resumed fit that takes none is refused
         given = kwargs.get("args")
         self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
         problem = _override_before_recipe(self._argv)
@@ -296,7 +298,8 @@ class DFALightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(str(ckpt_path)).is_file():
             try:
-                self._saved_state = read_state_dict(str(ckpt_path))  # memory-mapped; checked against the model later
+                checkpoint = read_checkpoint(str(ckpt_path))  # memory-mapped; checked against the model later
+                self._saved_state, self._saved_step = checkpoint["state_dict"], checkpoint.get("global_step")
             except ValueError as err:
                 raise ConfigError(f"ckpt_path {ckpt_path}: {err}") from None
         super()._parse_ckpt_path()
@@ -486,6 +489,13 @@ class DFALightningCLI(LightningCLI):
         self._check_checkpoint_fits_model()
 
     def after_fit(self) -> None:
+        if self._saved_step is not None and self.trainer.global_step == self._saved_step:
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            limits = ", ".join(f"trainer.{k} {getattr(self.trainer, k)}" for k in ("max_epochs", "max_steps")
+                               if getattr(self.trainer, k) not in (None, -1))
+            raise ConfigError(f"fit --ckpt_path {ckpt_path}: the checkpoint (epoch {self.trainer.current_epoch}, step "
+                              f"{self._saved_step}) is already where the run stops ({limits or 'its limits'}), so "
+                              "nothing was trained; raise the limit to train on, or `test --ckpt_path` it")
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
         datamodule = self.datamodule
@@ -494,6 +504,10 @@ class DFALightningCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        if ckpt_path and not Path(checkpoint.best_model_path).is_file():  # a resumed run's best, moved since
+            rank_zero_warn(f"the best checkpoint {checkpoint.best_model_path} (recorded by the resumed run) is gone: "
+                           "testing the final weights instead")
+            ckpt_path = None
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         self.test_results = results[0] if results else {}
         if self.trainer.is_global_zero and results:

@@ -187,12 +187,27 @@ class FeedbackAlignmentStrategy(pl.Callback):
         state = self.engine.feedback_state() if self.engine is not None else self._loaded
         return {"config": dict(self.config), "feedback": None if state is None else {k: v.clone() for k, v in state.items()}}
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+                           ) -> None:
+        """Resuming a fit: a checkpoint whose feedback state sits under another rule's key (a rule renamed, or
+        a named rule resumed unnamed) would leave this rule's B drawn afresh, with only Lightning's note that a
+        callback is missing."""
+        saved = [k for k in checkpoint.get("callbacks", {}) if k.startswith(type(self).__qualname__)]
+        if self._fitting and saved and self.state_key not in saved:
+            raise ConfigError(f"the checkpoint holds the feedback state of {saved}, and this run's rule is "
+                              f"{self.state_key!r} (its `name` differs): resume with the recipe it was trained with")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config", {})
         # only training uses B: `test`/`validate`/`predict` from a checkpoint accept any feedback settings (the run's
         # seed, which a rule with `seed: null` has not even resolved outside fit)
+        if self._fitting and saved.get("method", self.method) != self.method:  # one run, one learning rule
+            raise ConfigError(f"the checkpoint was trained by {saved['method']} and this recipe trains by "
+                              f"{self.method}: resume with the recipe it was trained with (a checkpoint's weights "
+                              "under another rule are a new run: `test --ckpt_path` scores them)")
         if self._fitting and saved.get("method") == "dfa" and self.method == "dfa":
-            keys = ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz")
+            keys = ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz",
+                    "error", "feedback_norm", "batch_dims")
             changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
             if changed:
                 raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}; "
