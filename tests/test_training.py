@@ -431,3 +431,19 @@ def test_resuming_a_dfa_checkpoint_under_another_rule_or_its_signal_is_refused(t
         trainer(tmp_path, [rule(**change)], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data,
                                                              ckpt_path=str(ckpt))
     trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))  # same
+
+
+def test_shallow_under_ddp_that_does_not_look_for_unused_parameters_is_refused_before_launch():
+    """Both ranks stopped with DDP's unused-parameter traceback after the first step; the README alone said why."""
+    import pytorch_lightning as pl
+
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.errors import ConfigError
+
+    shallow = FeedbackAlignmentStrategy(method="shallow", feedback_points=["blocks.*"], verbose=False)
+    plain = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    with pytest.raises(ConfigError, match="use --trainer.strategy ddp_find_unused_parameters_true"):
+        shallow.check_strategy(plain)
+    shallow.check_strategy(pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_find_unused_parameters_true",
+                                      logger=False))
+    FeedbackAlignmentStrategy(method="dfa", feedback_points=["blocks.*"], verbose=False).check_strategy(plain)

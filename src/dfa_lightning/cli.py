@@ -446,6 +446,9 @@ class DFALightningCLI(LightningCLI):
         self._check_data_fits_model()
         self._check_validation_feeds_early_stopping()
         self._check_step_memory()
+        for callback in self.trainer.callbacks:  # before DDP launches its processes: one message, not one a rank
+            if callable(getattr(callback, "check_strategy", None)):
+                callback.check_strategy(self.trainer)
 
     def _check_step_memory(self) -> None:
         """A task that can size its step (NeRF's rays per batch) refuses a first batch whose activations cannot fit

@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
 from dfa_lightning.errors import ConfigError
@@ -122,7 +123,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"  # setup runs before Lightning restores a checkpoint into the callbacks
         if self.engine is not None or stage != "fit":
-            return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+            return
+        self.check_strategy(trainer)  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -138,6 +140,17 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self._probe(trainer, pl_module)
         if self._loaded is not None:
             self.engine.load_feedback_state(self._loaded)
+
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        """``shallow`` under DDP that does not look for unused parameters: the layers below the points get no
+        gradient, and DDP stopped both ranks with a traceback after the first step. The CLI asks before it launches
+        the processes (one message, not one per rank); ``setup`` asks again for a Trainer built in code."""
+        strategy = trainer.strategy
+        if (self.method == "shallow" and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters")):
+            raise ConfigError("method shallow trains only the layers above the last point: the others get no "
+                              "gradient, which plain DDP stops at after the first step; use --trainer.strategy "
+                              "ddp_find_unused_parameters_true")
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
