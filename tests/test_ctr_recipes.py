@@ -146,3 +146,24 @@ def test_validation_off_under_early_stopping_is_refused_before_training(criteo, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "trainer.limit_val_batches is 0: validation is off, but EarlyStopping monitors " \
                               "val/auroc" in err[0]
+
+
+@pytest.mark.parametrize("extra, refused", [
+    (["--trainer.max_steps", "2"], True),
+    (["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"], False),
+    (["--trainer.max_steps", "16", "--trainer.accumulate_grad_batches", "2"], False),
+], ids=["before the first validation", "validating sooner", "accumulated to the epoch"])
+def test_max_steps_ending_before_the_first_validation_under_early_stopping_is_refused(criteo, capsys, extra, refused):
+    """`--trainer.max_steps 2` on a CTR recipe trained, then EarlyStopping's RuntimeError: no val/auroc to read."""
+    from dfa_lightning.cli import main
+
+    runs = criteo["runs"] / f"steps{len(extra)}"
+    argv = ["fit", "--config", str(REPO / "recipes" / "deepfm_bp.yaml"), "--config", str(SAMPLE_OVERRIDE),
+            "--data.init_args.path", str(criteo["sample"]), "--data.init_args.cache_dir", str(criteo["cache"]),
+            *QUIET, "--trainer.default_root_dir", str(runs), "--trainer.logger.init_args.save_dir", str(runs), *extra]
+    assert main(argv) == (2 if refused else 0)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    if refused:
+        assert len(err) == 1 and "trainer.max_steps is 2: the run ends before its first validation (after 32 " \
+                                  "training batches), but EarlyStopping monitors val/auroc" in err[0], err
+        assert not runs.exists() or not any(runs.rglob("*.ckpt"))

@@ -464,18 +464,48 @@ class DFALightningCLI(LightningCLI):
                   self.trainer.precision_plugin.forward_context())
 
     def _check_validation_feeds_early_stopping(self) -> None:
-        """EarlyStopping on a ``val/`` metric with validation off raised a RuntimeError after the first epoch (the
-        CTR recipes all stop early on ``val/auroc``); a ``val/`` checkpoint monitor falls back to the final weights,
-        which the TEST line says, so only early stopping is refused."""
-        if self.trainer.limit_val_batches != 0:
+        """EarlyStopping on a ``val/`` metric with validation off, or with ``max_steps`` ending the run before the
+        first validation, raised a RuntimeError once training stopped (the CTR recipes all stop early on
+        ``val/auroc``; ``--trainer.max_steps 2`` on one of them was enough); a ``val/`` checkpoint monitor falls back
+        to the final weights, which the TEST line says, so only early stopping is refused."""
+        stoppers = [cb.monitor for cb in self.trainer.callbacks
+                    if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("val")]
+        if not stoppers:
             return
-        for callback in self.trainer.callbacks:
-            monitor = getattr(callback, "monitor", None)
-            if isinstance(callback, pl.callbacks.EarlyStopping) and str(monitor).startswith("val"):
-                where = _origin(self._argv, "trainer.limit_val_batches")
-                raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but EarlyStopping "
-                                  f"monitors {monitor}, which validation logs; keep validation on, or leave the "
-                                  "early-stopping callback out of the recipe")
+        if self.trainer.limit_val_batches == 0:
+            where = _origin(self._argv, "trainer.limit_val_batches")
+            raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but EarlyStopping "
+                              f"monitors {stoppers[0]}, which validation logs; keep validation on, or leave the "
+                              "early-stopping callback out of the recipe")
+        first = self._batches_before_first_validation()
+        max_steps = self.trainer.max_steps
+        if first is not None and max_steps not in (None, -1) and max_steps * self.trainer.accumulate_grad_batches < first:
+            where = _origin(self._argv, "trainer.max_steps")
+            raise ConfigError(f"{where}trainer.max_steps is {max_steps}: the run ends before its first validation "
+                              f"(after {first} training batches), but EarlyStopping monitors {stoppers[0]}, which "
+                              f"validation logs; raise max_steps to at least "
+                              f"{-(-first // self.trainer.accumulate_grad_batches)}, or validate sooner "
+                              "(trainer.val_check_interval)")
+
+    def _batches_before_first_validation(self) -> int | None:
+        """Training batches (per process) before the first validation, as Lightning schedules it; None where the
+        epoch's length cannot be told before the run (a loader without ``len``)."""
+        trainer = self.trainer
+        interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+        if every is None:  # validation by steps across epochs
+            return int(interval)
+        if self.datamodule is None or type(self.datamodule).train_dataloader is pl.LightningDataModule.train_dataloader:
+            return None
+        self.datamodule.setup("fit")
+        try:
+            batches = len(self.datamodule.train_dataloader())
+        except TypeError:
+            return None
+        batches = -(-batches // max(1, trainer.world_size))  # each process gets its share (distributed sampler)
+        limit = trainer.limit_train_batches
+        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+        within = int(interval) if isinstance(interval, int) else max(1, int(batches * interval))
+        return (every - 1) * batches + min(within, batches)
 
     def before_validate(self) -> None:
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
