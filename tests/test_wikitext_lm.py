@@ -67,7 +67,7 @@ def test_token_ids_are_cached_and_the_cache_follows_the_file(wt2, wt2_root, tmp_
     assert torch.equal(again.ids["valid"], first.ids["valid"])
     with open(root / "wikitext-2" / "test.txt", "a", encoding="utf-8") as fh:
         fh.write(" a new line\n")
-    edited = WikiTextDataModule(root=str(root), cache_dir=str(cache), download=False)
+    edited = WikiTextDataModule(root=str(root), cache_dir=str(cache), download=False, verify=False)
     edited.setup()
     assert edited.cache_path != first.cache_path
     assert edited.ids["test"].numel() == WT2_TOKENS["test"] + 4
@@ -135,6 +135,7 @@ def _wt2_copy_with(wt2_root: Path, tmp_path: Path, split: str, content: bytes) -
 
 
 def _setup_error(path: Path, tmp_path: Path, **kwargs) -> str:
+    kwargs.setdefault("verify", False)  # past the check against the release: the file's own fault is named
     dm = WikiTextDataModule(root=str(path.parents[1]), cache_dir=str(tmp_path / "cache"), download=False, **kwargs)
     with pytest.raises(DatasetError) as err:
         dm.setup("fit")
@@ -156,7 +157,7 @@ def test_a_too_short_train_file_is_named_not_the_first_valid_word_it_lacks(wt2_r
 def test_a_split_too_short_for_more_streams_is_named_at_its_current_path_when_the_cache_is_reused(wt2_root, tmp_path):
     first = _wt2_copy_with(wt2_root, tmp_path / "a", "test", b"three tokens\n")
     WikiTextDataModule(root=str(first.parents[1]), cache_dir=str(tmp_path / "cache"), download=False,
-                       eval_streams=1).setup("fit")  # fine for one stream; cached (keyed by content)
+                       eval_streams=1, verify=False).setup("fit")  # fine for one stream; cached (keyed by content)
     moved = tmp_path / "b" / "data"
     shutil.copytree(first.parents[1], moved)
     path = moved / "wikitext-2" / "test.txt"
@@ -169,6 +170,19 @@ def test_too_many_streams_for_a_whole_file_names_the_setting_and_its_largest_val
     message = _setup_error(root / "wikitext-2" / "train.txt", tmp_path, streams=2_000_000)
     assert f"{WT2_TOKENS['train']} tokens, too few for 2000000 streams" in message
     assert f"lower data.init_args.streams (at most {WT2_TOKENS['train'] // 2} for this file)" in message
+
+
+def test_a_truncated_official_file_is_named_with_its_size_unless_verify_is_off(wt2_root, tmp_path):
+    """A test.txt cut at 20 kB was read without a word: its perplexity (2 % of the split) looked like a result."""
+    original = (wt2_root / "wikitext-2" / "test.txt").read_bytes()
+    path = _wt2_copy_with(wt2_root, tmp_path, "test", original[:20_000])
+    message = _setup_error(path, tmp_path, verify=True)
+    assert message.startswith(f"{path}: not the official wikitext-2 test split (20,000 bytes, sha256 ")
+    assert "the release's is 1,256,449 bytes" in message and "data.init_args.verify: false" in message
+    dm = WikiTextDataModule(root=str(path.parents[1]), cache_dir=str(tmp_path / "cache"), download=False, verify=False,
+                            eval_streams=4)
+    dm.setup("fit")  # on purpose: read as it is
+    assert 0 < dm.ids["test"].numel() < WT2_TOKENS["test"] // 10
 
 
 def test_a_file_that_is_not_utf8_is_named_with_its_line_and_byte(wt2_root, tmp_path):
@@ -189,7 +203,7 @@ def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):
         lines = (wt2_root / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
         (root / f"{split}.txt").write_text("".join(lines[:300]), encoding="utf-8")
     dm = WikiTextDataModule(root=str(root.parent), cache_dir=str(tmp_path / "cache"), tokenizer="bpe",
-                            vocab_size=500, streams=2, seq_len=8, download=False)
+                            vocab_size=500, streams=2, seq_len=8, download=False, verify=False)
     dm.setup()
     assert dm.vocab_size == 500 and dm.vocab[:2] == ["<unk>", "<eos>"]
     tok = tokenizers.Tokenizer.from_file(str(dm.cache_path / "tokenizer.json"))

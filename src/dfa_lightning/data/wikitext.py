@@ -68,6 +68,10 @@ ARCHIVES: dict[str, dict] = {
         "sha256": "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
         "bytes": 4_475_746,
         "folder": "wikitext-2",
+        # the three token files (shared/data/wikitext-2/PROVENANCE.md: byte-identical to the release's)
+        "files": {"train": ("9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f", 10_797_148),
+                  "valid": ("f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8", 1_121_681),
+                  "test": ("d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0", 1_256_449)},
     },
     "wikitext-103": {
         "urls": ["https://wikitext.smerity.com/wikitext-103-v1.zip",
@@ -265,6 +269,9 @@ class WikiTextDataModule(pl.LightningDataModule):
         eval_streams: streams for validation and test; None: ``streams`` (default: None).
         shuffle: visit training chunks in random order instead of stream order (default: False).
         download: download the official archive when files are missing (default: True).
+        verify: check the three files against the official WikiText-2 release (SHA-256; not known here for
+            WikiText-103): a truncated or edited copy was read without a word, and its perplexity looked like the
+            paper's; ``false`` to use other text on purpose (default: True).
         cache_dir: where archives and token-id caches are written (default: ``~/.cache/dfa_lightning/wikitext``).
         num_workers: DataLoader workers (chunks are slices of one tensor: 0 is fine) (default: 0).
 
@@ -285,6 +292,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         eval_streams: int | None = None,
         shuffle: bool = False,
         download: bool = True,
+        verify: bool = True,
         cache_dir: str | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -308,6 +316,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         self.streams, self.seq_len = int(streams), int(seq_len)
         self.eval_streams = int(eval_streams) if eval_streams is not None else self.streams
         self.shuffle, self.download, self.num_workers = shuffle, download, num_workers
+        self.verify = bool(verify)
         self.cache_dir = cache_dir
         self.ids: dict[str, torch.Tensor] = {}
         self.vocab: list[str] | None = None  # id -> token (word: words; bpe: BPE pieces)
@@ -387,8 +396,16 @@ class WikiTextDataModule(pl.LightningDataModule):
         settings = {"version": CACHE_VERSION, "tokenizer": self.tokenizer, "lowercase": self.lowercase,
                     "vocab_size": self.bpe_vocab_size if self.tokenizer == "bpe" else None}
         digest.update(json.dumps(settings, sort_keys=True).encode())
+        known = ARCHIVES[self.name].get("files", {}) if self.verify else {}
         for split in SPLITS:
-            digest.update(f"{split}:{sha256sum(files[split])}".encode())
+            file_digest = sha256sum(files[split])
+            if split in known and file_digest != known[split][0]:
+                size = files[split].stat().st_size
+                raise DatasetError(f"{files[split]}: not the official {self.name} {split} split ({size:,} bytes, "
+                                   f"sha256 {file_digest[:12]}…; the release's is {known[split][1]:,} bytes, "
+                                   f"{known[split][0][:12]}…): truncated or edited? Fetch it again, or set "
+                                   "data.init_args.verify: false to use this text on purpose")
+            digest.update(f"{split}:{file_digest}".encode())
         return digest.hexdigest()[:16]
 
     # ----------------------------------------------------------------------------------------------- encoding
