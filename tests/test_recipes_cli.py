@@ -754,3 +754,19 @@ def test_resuming_a_finished_run_is_refused_and_a_moved_best_checkpoint_falls_ba
         assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "3",
                     "--trainer.limit_val_batches", "0", "--ckpt_path", str(kept)) == 0  # no new best to replace it
     assert "TEST (final weights)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("lr", "0.5", "(lr, weight_decay) (0.01, 0.0001) in parameter group 0, the recipe (0.5, 0.0001)"),
+    ("weight_decay", "0.1", "(lr, weight_decay) (0.01, 0.0) in parameter group 1, the recipe (0.01, 0.1)"),
+], ids=["lr", "weight decay"])
+def test_resuming_with_another_learning_rate_or_weight_decay_is_refused(cora_root, tmp_path, capsys, flag, value,
+                                                                       expected):
+    """Lightning restores the checkpoint's optimizer: the recipe's new lr or weight decay was silently dropped."""
+    data = ["--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path / "first", *data, "--trainer.max_epochs", "1") == 0
+    ckpt = str(next((tmp_path / "first" / "logs").rglob("*.ckpt")))
+    capsys.readouterr()
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "2", "--ckpt_path", ckpt,
+                f"--model.optimizer.init_args.{flag}", value) == 2
+    assert f"the checkpoint's optimizer has {expected}" in _one_line_error(capsys)

@@ -23,6 +23,16 @@ from dfa_lightning.feedback.points import glob_match
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
+def _rates(optimizer: torch.optim.Optimizer) -> list[tuple]:
+    """Each group's base learning rate (``initial_lr``: before a scheduler scales it; None in a checkpoint written
+    before it was kept) and weight decay."""
+    return [(g.get("initial_lr"), g.get("weight_decay")) for g in optimizer.param_groups]
+
+
+def _rates_differ(saved: tuple, recipe: tuple) -> bool:
+    return saved[1] != recipe[1] or (saved[0] is not None and recipe[0] is not None and saved[0] != recipe[0])
+
+
 def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
@@ -155,6 +165,22 @@ class TaskModule(pl.LightningModule):
         every = trainer.log_every_n_steps
         return bool(every) and ((self.global_step + 1) % every == 0 or trainer.should_stop)
 
+    def on_train_start(self) -> None:
+        """A resumed fit continues the checkpoint's optimizer: a learning rate or weight decay that the recipe (or
+        the command line) changed was silently replaced by the checkpoint's. Said here, after the restore and
+        before the first step."""
+        recipe = getattr(self, "_recipe_rates", None)
+        if not self.trainer.ckpt_path or not recipe or len(self.trainer.optimizers) != 1:
+            return
+        saved = _rates(self.trainer.optimizers[0])
+        if len(saved) != len(recipe) or any(_rates_differ(a, b) for a, b in zip(saved, recipe)):
+            group = next((i for i, (a, b) in enumerate(zip(saved, recipe)) if _rates_differ(a, b)), 0)
+            raise ConfigError(
+                f"fit --ckpt_path {self.trainer.ckpt_path}: the checkpoint's optimizer has (lr, weight_decay) "
+                f"{saved[group] if group < len(saved) else saved} in parameter group {group}, the recipe "
+                f"{recipe[group] if group < len(recipe) else recipe}; a resumed fit continues the checkpoint's "
+                "optimizer, so resume with its settings (a new fit from its weights is another run)")
+
     def on_train_epoch_start(self) -> None:
         self._logged_this_epoch.discard("train")
 
@@ -236,7 +262,10 @@ class TaskModule(pl.LightningModule):
         except (ValueError, TypeError) as err:  # torch's own checks: "Invalid learning rate: -1.0", LBFGS and groups
             raise ConfigError(f"model.optimizer: {err}") from None
         self._check_group_options(optimizer)
+        for group in optimizer.param_groups:  # the base rate, kept in checkpoints (ReduceLROnPlateau keeps none)
+            group.setdefault("initial_lr", group["lr"])
         if self.lr_scheduler is None:
+            self._recipe_rates = _rates(optimizer)
             return optimizer
         try:
             scheduler = self.lr_scheduler(optimizer)
@@ -246,6 +275,7 @@ class TaskModule(pl.LightningModule):
             value = getattr(scheduler, period, None)
             if isinstance(value, int) and value < 1:
                 raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}")
+        self._recipe_rates = _rates(optimizer)
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.task.monitor
