@@ -112,6 +112,16 @@ def test_placements_finds_a_later_placement_matching_nothing_before_training_and
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flag", [["--trainer.callbacks.feedback_points", "[conv1]"],
+                                  ["--trainer.callbacks.init_args.feedback_points=[conv1]"]])
+def test_placements_refuses_feedback_points_among_the_run_arguments(flag, tmp_path, capsys):
+    """The placement overrode them, while the result file recorded the override as if it had been used."""
+    with pytest.raises(SystemExit) as stop:
+        placements.main(["--recipe", GCN_DFA, "--placements", "a=hidden", "--out", str(tmp_path / "t.md"), "--", *flag])
+    assert stop.value.code == 2
+    assert "feedback_points after --: each placement sets the run's feedback points" in capsys.readouterr().err
+
+
 def test_repeated_seeds_are_run_once():
     parser, _, own, _ = studies.study_arguments("placements", "doc", ["--seeds", "1", "0", "1"], [0], "logs")
     assert parser.parse_args(own).seeds == [1, 0]

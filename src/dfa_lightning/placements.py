@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="markdown table (a .json beside it)")
     opts = parser.parse_args(argv)
     studies.refuse_seed_override(parser, extra)
+    if any(a.split("=", 1)[0].endswith("feedback_points") for a in extra):  # each placement sets them: it won
+        parser.error("feedback_points after --: each placement sets the run's feedback points (give them with "
+                     "--placements)")
     try:
         placements = [parse_placement(p) for p in opts.placements]
         labels = [label for label, _ in placements]
