@@ -660,6 +660,14 @@ def test_a_lowrank_operator_no_lower_than_the_dense_one_is_warned_about():
         draw(engine, torch.randn(4, 5))
 
 
+def test_a_sparse_operator_with_as_many_non_zeros_as_the_error_is_wide_is_warned_about():
+    """nnz above the error's width was cut to it without a word: a dense B, stored and multiplied as sparse."""
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], operator="sparse", nnz=100, seed=0)
+    with pytest.warns(UserWarning, match=r"sparse operator with nnz 100 for a 3-wide error: every column listens "
+                                         r"to all 3 outputs \(nnz is cut to 3\)"):
+        draw(engine, torch.randn(4, 5))
+
+
 @pytest.mark.parametrize("every", [0, -1])
 def test_the_alignment_monitor_needs_a_period_of_at_least_one_step(every):
     from dfa_lightning.callbacks import AlignmentMonitor

@@ -574,6 +574,10 @@ class FeedbackEngine:
             warnings.warn(f"lowrank operator of rank {self.rank} for a {self.d_out} x {lay.total} B: no lower than "
                           f"the dense one (rank at most {min(self.d_out, lay.total)}), and it costs more; use "
                           "operator: dense, or a rank below that", stacklevel=2)
+        if self.operator_kind == "sparse" and self.nnz >= self.d_out:
+            warnings.warn(f"sparse operator with nnz {self.nnz} for a {self.d_out}-wide error: every column listens "
+                          f"to all {self.d_out} outputs (nnz is cut to {self.d_out}), a dense B stored sparse; use "
+                          f"operator: dense, or an nnz below {self.d_out}", stacklevel=2)
         operator = operators.draw_operator(self.operator_kind, self.d_out, lay, self.init, self.seed,
                                            self.shared_slices, self.rank, self.nnz)
         if self.shared_slices and self._post_scales is None:  # one factor for the shared columns: fold it in
