@@ -982,3 +982,12 @@ def test_shallow_with_a_point_on_the_last_layer_is_refused_as_nothing_would_trai
         engine.calibrate(lambda: model(x).sum())
     hidden = _stack()
     FeedbackEngine(hidden, ["1", "3"], method="shallow").calibrate(lambda: hidden(x).sum())
+
+
+def test_the_shallow_report_lists_no_feedback_settings():
+    """It printed operator, error and `projection=auto -> fused`, none of which a shallow run uses."""
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], method="shallow", seed=0)
+    engine.model(torch.randn(4, 5)).sum().backward()
+    first = engine.report().splitlines()[0]
+    assert "method=shallow" in first and "no feedback" in first
+    assert not any(word in first for word in ("operator=", "projection=", "error=", "seed="))

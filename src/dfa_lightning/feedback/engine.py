@@ -728,14 +728,17 @@ class FeedbackEngine:
             return "FeedbackAlignmentStrategy: method=bp (backprop, nothing attached)"
         params = dict(self.model.named_parameters())
         count = lambda names: sum(params[n].numel() for n in names)  # noqa: E731
-        lines = [
-            f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
-            f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}, init={self.init}, scale={self.scale}, "
-            f"shared_slices={self.shared_slices}, seed={self.seed}, operator={self.operator_kind}, error={self.error}, "
-            f"projection={self._projection_text()}"
-            + ("" if self.projection_dtype == "float32" else f", projection_dtype={self.projection_dtype}")
-            + ("" if self.feedback_norm == "none" else f", feedback_norm={self.feedback_norm}"),
-        ]
+        head = (f"FeedbackAlignmentStrategy: method={self.method}, output={self.output_name or '<model>'} "
+                f"(d_out={self.d_out}), batch_dims={list(self.batch_dims)}")
+        if self.method == "shallow":  # no B and no projection: their settings would read as if they were used
+            lines = [head + " (no feedback: the points cut the gradient)"]
+        else:
+            lines = [
+                f"{head}, init={self.init}, scale={self.scale}, shared_slices={self.shared_slices}, seed={self.seed}, "
+                f"operator={self.operator_kind}, error={self.error}, projection={self._projection_text()}"
+                + ("" if self.projection_dtype == "float32" else f", projection_dtype={self.projection_dtype}")
+                + ("" if self.feedback_norm == "none" else f", feedback_norm={self.feedback_norm}"),
+            ]
         for p in self.points:
             seg = self.segments.get(p.name, [])
             lines.append(f"  point {p.name:<28} {type(p.module).__name__:<14} width={p.width!s:<6} "
