@@ -181,6 +181,7 @@ def test_loop_overhead_times_the_bare_and_the_lightning_step_for_bp_and_dfa(tmp_
     assert "| bp |" in table and "| dfa |" in table and "torch" in table
 
 
+@pytest.mark.slow  # 16 s of Inductor on the CPU; the compiled case of benchmarks.run stays in the fast suite
 def test_loop_overhead_compiled_runs_both_loops_through_the_compiled_model(tmp_path, monkeypatch):
     """``--compile``: the bare loop and Trainer.fit both call the compiled model (aot_eager stands in for
     Inductor), and the results go to their own files."""

@@ -33,6 +33,7 @@ def test_ddp_two_processes_match_each_other_and_a_single_process_on_the_combined
         assert rank0["val"][key] == pytest.approx(value, rel=1e-5), key
 
 
+@pytest.mark.slow  # 30 s on 2 cores: compile + DDP; the eager DDP equivalence stays in the fast suite
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_compiled_model_under_ddp_trains_as_one_eager_process(tmp_path):
     """`compile:` under DDP: the compiled backward's gradients reach DDP's all-reduce like eager ones."""
@@ -50,6 +51,7 @@ def test_compiled_model_under_ddp_trains_as_one_eager_process(tmp_path):
         torch.testing.assert_close(value, single["params"][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # 25 s on 2 cores; the receivers' gradients against BP's stay in the fast suite (test_engine)
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_per_point_matmul_receivers_under_ddp_train_as_one_process(tmp_path):
     """Per point with matmul receivers under DDP: the receivers' matmul backward hands DDP ordinary gradients."""

@@ -18,7 +18,7 @@ SKIP = "skip=model.model.init_args.residual:false,true"
 def test_every_cell_trains_every_rule_and_reports_the_gap_and_each_layers_alignment(cora_root, tmp_path):
     out = tmp_path / "map.md"
     extra = ["--data.init_args.root", str(cora_root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
-             "--trainer.max_epochs", "20"]
+             "--trainer.max_epochs", "8"]
     argv = ["--recipes", *RECIPES, "--axis", DEPTH, "--axis", SKIP, "--seeds", "0", "--out", str(out),
             "--root", str(tmp_path / "runs"), "--", *extra]
     assert failure_map.main(argv) == 0
