@@ -477,15 +477,16 @@ class DFALightningCLI(LightningCLI):
             raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but EarlyStopping "
                               f"monitors {stoppers[0]}, which validation logs; keep validation on, or leave the "
                               "early-stopping callback out of the recipe")
+        max_steps, accumulate = self.trainer.max_steps, self.trainer.accumulate_grad_batches
+        if max_steps in (None, -1):
+            return
         first = self._batches_before_first_validation()
-        max_steps = self.trainer.max_steps
-        if first is not None and max_steps not in (None, -1) and max_steps * self.trainer.accumulate_grad_batches < first:
+        if first is not None and max_steps * accumulate < first:
             where = _origin(self._argv, "trainer.max_steps")
             raise ConfigError(f"{where}trainer.max_steps is {max_steps}: the run ends before its first validation "
                               f"(after {first} training batches), but EarlyStopping monitors {stoppers[0]}, which "
-                              f"validation logs; raise max_steps to at least "
-                              f"{-(-first // self.trainer.accumulate_grad_batches)}, or validate sooner "
-                              "(trainer.val_check_interval)")
+                              f"validation logs; raise max_steps to at least {-(-first // accumulate)}, or validate "
+                              "sooner (trainer.val_check_interval)")
 
     def _batches_before_first_validation(self) -> int | None:
         """Training batches (per process) before the first validation, as Lightning schedules it; None where the

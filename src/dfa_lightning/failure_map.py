@@ -90,8 +90,7 @@ def methods_of(recipes: list[str], extra: list[str] = ()) -> dict[str, str]:
     methods, setups = {}, {}
     for recipe in recipes:
         config = run(["--config", recipe, *extra], run=False).config
-        callbacks = config.get("trainer", {}).get("callbacks") or []
-        rules = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
+        rules = studies.rules_in(config)
         setups[recipe] = _setup_of(config)
         if len(rules) != 1:
             raise ConfigError(f"{recipe}: expected one FeedbackAlignmentStrategy in trainer.callbacks (BP, DFA and "

@@ -26,7 +26,7 @@ from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI
 from dfa_lightning.errors import ConfigError, UserError
 
-__all__ = ["QUIET", "PROBE", "recipe_digest", "reusable", "run_cached", "mean_std", "rules_of", "study_arguments", "report",
+__all__ = ["QUIET", "PROBE", "recipe_digest", "reusable", "run_cached", "mean_std", "rules_of", "rules_in", "study_arguments", "report",
            "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table", "run", "user_errors",
            "require_metrics", "check_writable", "SEEDS"]
 
@@ -213,8 +213,12 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 def rules_of(recipe: str, extra: list[str] = ()) -> list:
     """The recipe's FeedbackAlignmentStrategy entries (``class_path``/``init_args`` namespaces), parsed, not built."""
-    cli = run(["--config", recipe, *extra], run=False)
-    callbacks = cli.config.get("trainer", {}).get("callbacks") or []
+    return rules_in(run(["--config", recipe, *extra], run=False).config)
+
+
+def rules_in(config) -> list:
+    """The FeedbackAlignmentStrategy entries of a parsed config."""
+    callbacks = config.get("trainer", {}).get("callbacks") or []
     return [c for c in callbacks if str(getattr(c, "class_path", "")).endswith("FeedbackAlignmentStrategy")]
 
 

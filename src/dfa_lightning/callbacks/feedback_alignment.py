@@ -14,9 +14,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
@@ -123,8 +123,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"  # setup runs before Lightning restores a checkpoint into the callbacks
         if self.engine is not None or stage != "fit":
-            return
-        self.check_strategy(trainer)  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+            return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+        self.check_strategy(trainer)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -501,8 +501,8 @@ def ensure_cache(
 
 
 def _say_skipped(path: Path, meta: dict, cache: Path | None = None) -> None:
-    """The malformed lines left out of the data, said on every run that uses them: said only when the cache was
-    built, a later run trained on fewer rows than the file holds without a word."""
+    """The malformed lines left out of the data, said on every run that reads the cache (said only when it was
+    built, a later run trained on fewer rows than the file holds without a word)."""
     if meta["bad_lines"]:
         where = f" (counted when the cache {cache} was built)" if cache is not None else ""
         rank_zero_info(f"criteo {path.name}: skipped {meta['bad_lines']:,} malformed lines of {meta['lines']:,} "
