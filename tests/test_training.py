@@ -375,7 +375,8 @@ def test_a_dfa_checkpoint_is_tested_by_a_fresh_trainer_whatever_the_runs_seed(tm
     assert tested == expected
     assert trainer(tmp_path, [rule()], limit_val_batches=1.0).validate(fresh, data, ckpt_path=str(ckpt), verbose=False)
     pl.seed_everything(5, verbose=False)
-    with pytest.raises(ConfigError, match=r"other feedback settings: \['seed'\]"):
+    with pytest.raises(ConfigError, match=r"other feedback settings: \['seed'\] \(this rule's seed, 0, comes from "
+                                          r"seed_everything; the checkpoint's was 3\)"):
         trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))
 
 

@@ -223,7 +223,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
                     "error", "feedback_norm", "batch_dims")
             changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
             if changed:
-                raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}; "
+                why = (f" (this rule's seed, {self.config['seed']}, comes from seed_everything; the checkpoint's was "
+                       f"{saved.get('seed')})" if "seed" in changed and not self.seed_given else "")
+                raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}{why}; "
                                   "resume with the recipe it was trained with")
         self._loaded = state_dict.get("feedback")
         if self.engine is not None and self._loaded is not None and self.method == "dfa":
