@@ -448,3 +448,18 @@ def test_shallow_under_ddp_that_does_not_look_for_unused_parameters_is_refused_b
     shallow.check_strategy(pl.Trainer(accelerator="cpu", devices=1, strategy="ddp_find_unused_parameters_true",
                                       logger=False))
     FeedbackAlignmentStrategy(method="dfa", feedback_points=["blocks.*"], verbose=False).check_strategy(plain)
+
+
+def test_batch_dims_that_do_not_fit_the_points_are_named_at_setup_before_any_step(tmp_path):
+    """`batch_dims: [1]` on an MLP's [batch, classes] output was named only at the first training step, after the
+    sanity check; the probe at setup sees every point's shape."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.errors import ConfigError
+
+    module, data, _ = build("dfa")
+    before = params(module)
+    rule = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], batch_dims=[1], verbose=False)
+    with pytest.raises(ConfigError, match=r"feedback point 'blocks.0' has 32 batch elements over batch_dims \[1\] but "
+                                          r"the output has 4"):
+        trainer(tmp_path, [rule], max_steps=1).fit(module, data)
+    assert_same(before, params(module))

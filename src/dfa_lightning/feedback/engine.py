@@ -477,6 +477,7 @@ class FeedbackEngine:
               FlopCounterMode(display=False) as flops):
             forward()
         self._check_points_precede_output()
+        self._check_point_rows()
         self._check_something_trains_above_the_points()
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         rows = self._rows or 0
@@ -499,6 +500,18 @@ class FeedbackEngine:
             raise ConfigError(f"output {self.output_name!r} runs before the feedback point(s) {', '.join(late)}: the "
                               "error is taken at the output, so no feedback would reach them; set `output:` to the "
                               "module whose output is the network's (or a later one)")
+
+    def _check_point_rows(self) -> None:
+        """Every captured point has as many rows over ``batch_dims`` as the output: a ``batch_dims`` that does not
+        fit the model (``[1]`` on a graph's ``[nodes, classes]``) is named at the probe, not at the first step."""
+        if not self.capture or self._rows is None:
+            return
+        for i, point in enumerate(self.points):
+            out = self.capture.get(point.name)
+            if isinstance(out, torch.Tensor) and out.dim() > max(self.batch_dims):
+                n_point = math.prod(out.shape[d] for d in self.batch_dims)
+                if n_point != self._rows:
+                    self._rows_mismatch(i, n_point, self._rows)
 
     def _check_something_trains_above_the_points(self) -> None:
         """A point with nothing trainable above it (``torch.nn.Linear`` matching an MLP's last layer too): its layer
