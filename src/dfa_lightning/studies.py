@@ -26,9 +26,9 @@ from dfa_lightning.callbacks import FinalAlignment
 from dfa_lightning.cli import DFALightningCLI
 from dfa_lightning.errors import ConfigError, UserError
 
-__all__ = ["QUIET", "PROBE", "recipe_digest", "reusable", "run_cached", "mean_std", "rules_of", "rules_in", "study_arguments", "report",
-           "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table", "run", "user_errors",
-           "require_metrics", "check_writable", "SEEDS"]
+__all__ = ["QUIET", "PROBE", "recipe_digest", "reusable", "run_cached", "mean_std", "rules_of", "rules_in",
+           "study_arguments", "report", "write_outputs", "depth_norm_cell", "add_cora_cell_arguments", "cell_table",
+           "run", "user_errors", "require_metrics", "check_writable", "SEEDS"]
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 PROBE = "dfa_lightning.callbacks.FinalAlignment"
