@@ -991,3 +991,15 @@ def test_the_shallow_report_lists_no_feedback_settings():
     first = engine.report().splitlines()[0]
     assert "method=shallow" in first and "no feedback" in first
     assert not any(word in first for word in ("operator=", "projection=", "error=", "seed="))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"operator": "dense", "rank": 8}, "rank 8 is read by operator: lowrank only; this rule's operator is dense"),
+    ({"operator": "lowrank", "nnz": 4}, "nnz 4 is read by operator: sparse only; this rule's operator is lowrank"),
+], ids=["rank with dense", "nnz with lowrank"])
+def test_an_operator_size_the_operator_does_not_read_is_warned_about(settings, expected):
+    """`rank: 8` beside `operator: dense` was dropped without a word."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        FeedbackAlignmentStrategy(feedback_points=["blocks.*"], **settings)

@@ -8,6 +8,7 @@ checks that every rank holds the same ``B``.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import zlib
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dfa_lightning.errors import ConfigError
@@ -103,6 +104,10 @@ class FeedbackAlignmentStrategy(pl.Callback):
             check_settings(**self.config)
         except ConfigError as err:
             raise ConfigError(f"FeedbackAlignmentStrategy{f' {name!r}' if name else ''}: {err}") from None
+        for key, value, user in (("rank", rank, "lowrank"), ("nnz", nnz, "sparse")):
+            if operator != user and value != inspect.signature(type(self)).parameters[key].default:
+                rank_zero_warn(f"FeedbackAlignmentStrategy: {key} {value} is read by operator: {user} only; this "
+                               f"rule's operator is {operator}, so it has no effect")
         self.seed_given = seed is not None
         self.verbose = verbose
         self.name = name
