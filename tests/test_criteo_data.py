@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -313,3 +314,69 @@ def test_an_empty_split_the_stage_reads_is_refused_and_one_it_does_not_read_is_a
     scored_whole = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[0.0, 0.0, 1.0])
     scored_whole.setup("test")
     assert len(scored_whole.splits["test"]) == 40
+
+
+def test_a_bad_label_a_lone_minus_sign_or_a_control_byte_makes_the_line_bad_not_a_row(tmp_path):
+    """Lines skipped and named, not read: a label "10" (as 1), an I field "-" or a byte 0-8 inside a value (which
+    the 8-byte keys cannot tell from the end of a shorter value) would each be a wrong row."""
+    lines = [make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(8)]
+    lines[2] = make_line("10", {}, {})
+    lines[4] = make_line("1", {4: "-"}, {})
+    lines[6] = make_line("0", {}, {5: "ab\x01cd"})
+    path = tmp_path / "odd.txt"
+    path.write_text("\n".join(lines) + "\n")
+    meta = criteo.preprocess(path, tmp_path / "out", min_threshold=1, max_bad_fraction=1.0, log_every=0)
+    assert (meta["lines"], meta["rows"], meta["bad_lines"]) == (8, 5, 3)
+    assert meta["first_bad_line"] == 3 and meta["first_bad_reason"] == "label b'10' is not 0 or 1"
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), [0, 1, 1, 1, 1])
+    assert criteo.diagnose_line(lines[4].encode().split(b"\t")) == "I4 = b'-' is not an integer"
+    assert criteo.diagnose_line(lines[6].encode().split(b"\t")) == "contains a control character (bytes 0-8)"
+    for only in (4, 6):  # each alone is caught by the parser, not only by the message
+        single = tmp_path / f"only{only}.txt"
+        single.write_text("\n".join(lines[:2] + [lines[only]]) + "\n")
+        assert criteo.preprocess(single, tmp_path / f"o{only}", min_threshold=1, max_bad_fraction=1.0,
+                                 log_every=0)["bad_lines"] == 1
+
+
+def test_batches_keep_each_row_with_its_own_label(tmp_path):
+    """Rows are read in sorted order within a shuffled batch: the labels must follow the same rows. Here C1 names
+    the label, so any mix-up shows."""
+    path = tmp_path / "paired.txt"
+    path.write_text("\n".join(make_line(str(i % 2), {1: str(i)}, {1: f"label{i % 2}"}) for i in range(200)) + "\n")
+    dm = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), batch_size=32, min_threshold=1)
+    dm.setup("fit")
+    c1_of_label: dict[int, set[int]] = {0: set(), 1: set()}
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        for x, y in loader:
+            for c1, label in zip(x[:, 13].tolist(), y.long().tolist()):
+                c1_of_label[label].add(c1)
+    assert len(c1_of_label[0]) == len(c1_of_label[1]) == 1 and c1_of_label[0] != c1_of_label[1]
+    assert not np.array_equal(dm.splits["train"], np.arange(160))  # a random split, not the file's (time) order
+
+
+def test_the_cache_key_follows_an_edit_anywhere_in_a_large_file(tmp_path):
+    """Only the first and last MiB are hashed: an edit in the middle is seen by the mtime, one in the last MiB by
+    the hash even when the mtime is put back (a copy that keeps times)."""
+    path = tmp_path / "big.txt"
+    data = bytearray(b"0123456789abcdef" * (3 << 16))  # 3 MiB
+    path.write_bytes(bytes(data))
+    stat = path.stat()
+    keys = {criteo.cache_key(path, 10)}
+    for offset in (len(data) // 2, len(data) - 10):
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+        if offset == len(data) - 10:
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        else:
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        keys.add(criteo.cache_key(path, 10))
+    assert len(keys) == 3
+
+
+def test_a_last_training_batch_of_one_row_is_dropped_and_evaluation_keeps_every_row():
+    """BatchNorm cannot train on one row; validation and test must still score all of them."""
+    train = criteo._BatchSampler(9, 4, shuffle=True, seed=0, drop_single=True)
+    evaluation = criteo._BatchSampler(9, 4, shuffle=False, seed=0, drop_single=False)
+    assert len(train) == 2 and [len(b) for b in train] == [4, 4]
+    assert len(evaluation) == 3 and np.array_equal(np.concatenate(list(evaluation)), np.arange(9))
+    assert [len(b) for b in criteo._BatchSampler(10, 4, shuffle=True, seed=0, drop_single=True)] == [4, 4, 2]

@@ -19,6 +19,7 @@ from dfa_lightning.errors import ConfigError, DatasetError
 from dfa_lightning.models.nerf import NeRF
 from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks import volume_rendering as vr
+from dfa_lightning.tasks.base import StepOutput
 from dfa_lightning.tasks.view_synthesis import ViewSynthesis
 
 LEGO = Path("nerf") / "nerf_synthetic_100px" / "lego"
@@ -219,6 +220,49 @@ def test_a_split_that_skip_and_limit_leave_empty_says_so(lego, tmp_path):
         nd.load_blender(scene, "val", limit=0)
 
 
+def test_camera_rays_go_through_their_pixels_in_world_axes():
+    """OpenGL camera axes (x right, y up, looking down -z), turned into the world by the pose's rotation."""
+    _, d = nd.camera_rays(4, 6, 5.0, torch.eye(4)[:3])
+    assert d[0, 0, 0] < 0 and d[0, 0, 1] > 0 and d[-1, -1, 0] > 0 and d[-1, -1, 1] < 0  # top left, bottom right
+    c2w = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 2.0], [-1.0, 0.0, 0.0, 3.0]])  # turned to look down -x
+    o, d = nd.camera_rays(4, 6, 5.0, c2w)
+    assert torch.equal(d[2, 3], torch.tensor([-1.0, 0.0, 0.0])) and torch.equal(o[1, 2], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(d[0, 0], torch.tensor([-1.0, 0.4, 0.6]))  # up and to the camera's left (world +z)
+
+
+def test_ndc_view_rays_keep_the_view_directions_of_the_camera_and_use_the_near_plane_at_one():
+    """As NeRF: viewing directions are the unit camera directions taken before NDC, and NDC uses near = 1."""
+    pose = torch.tensor([[1.0, 0.0, 0.0, 0.1], [0.0, 1.0, 0.0, -0.2], [0.0, 0.0, 1.0, 0.3]])
+    views = nd.Views(torch.zeros(1, 4, 6, 3), pose[None], focal=5.0, near=0.0, far=1.0, ndc=True)
+    rays = nd.view_rays(views, 0)
+    origins, directions = nd.camera_rays(4, 6, 5.0, pose)
+    o_ndc, d_ndc = nd.ndc_rays(4, 6, 5.0, 1.0, origins, directions)
+    torch.testing.assert_close(rays[:, 6:], torch.nn.functional.normalize(directions.reshape(-1, 3), dim=-1))
+    torch.testing.assert_close(rays[:, :3], o_ndc.reshape(-1, 3))
+    torch.testing.assert_close(rays[:, 3:6], d_ndc.reshape(-1, 3))
+
+
+def test_llff_poses_are_right_handed_rotations(fern):
+    """The [down, right, back] -> [right, up, back] turn negates one axis: a sign lost there mirrors the scene."""
+    views, _ = nd.load_llff(fern, factor=8)
+    np.testing.assert_allclose(np.linalg.det(views.poses[:, :, :3].double().numpy()), np.ones(20), atol=1e-4)
+
+
+def test_validation_renders_the_validation_views(shared_data, lego, fern):
+    """Blender validates on transforms_val.json's views; LLFF on the held-out views (as the test), never on views
+    it trains on: the best checkpoint is chosen on validation."""
+    lego_data = nd.NeRFDataModule(root=str(shared_data), folder="nerf_synthetic_100px", val_views=2, test_views=1,
+                                  download=False)
+    lego_data.setup()
+    assert torch.equal(lego_data.splits["val"].poses, nd.load_blender(lego, "val", limit=2).poses)
+    assert torch.equal(lego_data.splits["test"].poses, nd.load_blender(lego, "test", limit=1).poses)
+    fern_data = nd.NeRFDataModule("llff", "fern", root=str(shared_data), download=False)
+    fern_data.setup()
+    assert torch.equal(fern_data.splits["val"].poses, fern_data.splits["test"].poses)
+    views, _ = nd.load_llff(fern, factor=8)
+    assert torch.equal(fern_data.splits["val"].poses, views.poses[::8])
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 def test_compositing_takes_the_first_opaque_sample_and_lets_empty_space_show_the_background():
     depths = torch.tensor([[2.0, 3.0, 4.0]])
@@ -245,6 +289,80 @@ def test_importance_samples_fall_where_the_coarse_weights_are():
     mids = 0.5 * (bins[1:] + bins[:-1])
     lower, upper = torch.cat([bins[:1], mids]), torch.cat([mids, bins[-1:]])
     assert torch.all((even >= lower) & (even <= upper))
+
+
+class _Slab(nn.Module):
+    """Red matter of density ln(2)/4 per world unit at ray depths t < 3.75 (world distance < 7.5 for the rays of
+    ``_slab_batch``, whose direction has length 2); empty beyond. Records the samples it is asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, points, viewdirs, network):
+        self.seen.append((network, points, viewdirs))
+        t = points[..., 2].neg().add(1.0) / 2.0  # the rays start at z = 1 and run down -z, 2 world units per t
+        raw = torch.zeros(*points.shape[:2], 4)
+        raw[..., 0], raw[..., 1:3] = 30.0, -30.0
+        raw[..., 3] = torch.where(t < 3.75, math.log(2.0) / 4.0, 0.0)
+        return raw
+
+
+def _slab_batch(white: bool) -> dict:
+    direction = torch.tensor([[0.0, 0.0, -2.0]])  # not unit: NeRF's unnormalised camera direction
+    rays = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), direction, direction / 2.0], -1)
+    return {"rays": rays, "rgb": torch.zeros(1, 3), "near": 2.0, "far": 6.0, "white_background": white}
+
+
+@pytest.mark.parametrize("white", [False, True])
+def test_rendering_integrates_density_over_world_distance_between_near_and_far_on_the_scenes_background(white):
+    """Samples at depths 2, 2.5, 3, 3.5 (of 2..6) hold the slab: 4 world units of density ln(2)/4 let half the light
+    through. Depths along a non-unit direction must be scaled to world distance (else 1 - 2**-0.5 is absorbed), lie
+    in [near, far], and the light that passes shows the batch's background (black for LLFF, white for Blender)."""
+    model = _Slab()
+    out = ViewSynthesis(coarse_samples=9, fine_samples=0).step(model, _slab_batch(white), "val")
+    background = 0.5 if white else 0.0  # the half of the light that passes
+    torch.testing.assert_close(out.output, torch.tensor([[0.5, 0.0, 0.0]]) + background, atol=1e-4, rtol=0)
+    (_, points, viewdirs), = model.seen
+    depths = (1.0 - points[0, :, 2]) / 2.0
+    torch.testing.assert_close(depths, torch.linspace(2.0, 6.0, 9))
+    assert torch.equal(viewdirs, torch.tensor([[[0.0, 0.0, -1.0]]]))  # unit view direction, for the colour branch
+
+
+def test_the_loss_trains_both_fields_and_the_metric_reads_the_fine_one():
+    """NeRF's loss is MSE(coarse) + MSE(fine): a loss of the fine colours alone leaves the coarse field untrained
+    (and with it the importance samples); the reported colours (PSNR) are the fine field's."""
+
+    class TwoColours(nn.Module):  # an opaque red coarse field and an opaque green fine field
+        def forward(self, points, viewdirs, network):
+            raw = torch.full((*points.shape[:2], 4), -30.0)
+            raw[..., 0 if network == "coarse" else 1] = 30.0
+            raw[..., 3] = 100.0
+            return raw
+
+    batch = {**_slab_batch(False), "rgb": torch.tensor([[0.0, 0.0, 1.0]])}  # blue: both fields are off by 2/3
+    out = ViewSynthesis(coarse_samples=8, fine_samples=8).step(TwoColours(), batch, "train")
+    torch.testing.assert_close(out.loss, torch.tensor(4.0 / 3.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.output, torch.tensor([[0.0, 1.0, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_the_last_sample_stands_for_the_rest_of_the_ray():
+    """NeRF's last interval is infinite: faint matter at the far bound still hides the background."""
+    depths, direction = torch.tensor([[2.0, 4.0, 6.0]]), torch.tensor([[0.0, 0.0, -1.0]])
+    raw = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-30.0, -30.0, -30.0, 1e-3]]])
+    rgb, weights = vr.composite(raw, depths, direction, white_background=True)
+    assert torch.allclose(weights, torch.tensor([[0.0, 0.0, 1.0]])) and torch.allclose(rgb, torch.zeros(1, 3))
+
+
+def test_psnr_is_the_mean_over_views_of_each_views_psnr():
+    """20 dB (MSE 1e-2) and 40 dB (MSE 1e-4) views score 30 dB, the paper's mean over test views (the PSNR of the
+    pooled MSE would be 23 dB); colours are in [0, 1] (data range 1)."""
+    task = ViewSynthesis()
+    for error in (0.1, 0.01):
+        target = torch.full((6, 3), 0.5)
+        out = StepOutput(loss=torch.tensor(0.0), output=target + error, target=target, batch_size=6)
+        task.update_metrics(out, None, "test")
+    assert task.stage_metrics("test")["psnr"].compute().item() == pytest.approx(30.0, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -1,6 +1,7 @@
 """CTR models on the real Criteo sample: shapes, deferred build, feedback points, BP learns; the CTR task."""
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from dfa_lightning.data.criteo import CriteoDataModule
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.points import glob_match, resolve_points
 from dfa_lightning.models.recsys import FEEDBACK_POINTS, MODELS
-from dfa_lightning.tasks.ctr import ClickThroughRate
+from dfa_lightning.tasks.ctr import ClickThroughRate, LogLoss
 
 SAMPLE = Path("/work/shared/data/criteo/train_10k.txt")
 pytestmark = pytest.mark.skipif(not SAMPLE.is_file(), reason="shared Criteo sample not available")
@@ -154,3 +155,22 @@ def test_click_through_rate_task(datamodule, batch):
     assert target.dtype == torch.long and ((preds >= 0) & (preds <= 1)).all()
     train_metrics = task.stage_metrics("train")
     assert len(train_metrics) == 2 and not train_metrics["auroc"].update_count  # stages keep separate metrics
+
+
+def test_logloss_is_the_mean_over_rows_not_over_batches():
+    """Epoch log loss of uneven batches (a last partial batch) = BCE over every row, as the paper's logloss."""
+    torch.manual_seed(0)
+    probs, target = torch.rand(13).double(), (torch.rand(13) > 0.5).long()
+    metric = LogLoss()
+    for part in (slice(0, 10), slice(10, 13)):
+        metric.update(probs[part], target[part])
+    expected = F.binary_cross_entropy(probs, target.double())
+    assert torch.allclose(metric.compute().double(), expected, rtol=1e-6)
+
+
+def test_logloss_of_a_certain_wrong_prediction_is_capped_at_minus_log_eps():
+    """A probability of exactly 0 for a click counts -log(1e-15) = 34.5 (sklearn/Kaggle logloss), not torch's
+    log clamp of 100, which would let one saturated row outweigh thousands of others."""
+    metric = LogLoss()
+    metric.update(torch.tensor([0.0], dtype=torch.float64), torch.tensor([1]))
+    assert metric.compute().item() == pytest.approx(-math.log(1e-15), rel=1e-6)

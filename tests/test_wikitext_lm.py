@@ -1,9 +1,11 @@
 """WikiText-2 data, the language-modelling task and the LM recipes, on the real files (copied to tmp first)."""
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
-from dfa_lightning.data.wikitext import StreamChunks, WikiTextDataModule, batchify
+from dfa_lightning.data.wikitext import ARCHIVES, StreamChunks, WikiTextDataModule, batchify
 from dfa_lightning.errors import ConfigError, DatasetError
 from dfa_lightning.models.transformer import ERROR_AT, FEEDBACK_POINTS, TransformerLM
 from dfa_lightning.module import TaskModule
@@ -404,3 +406,61 @@ def test_lm_operator_proxy_script_runs_each_variant_and_records_its_setup(wt2_ro
         assert r["steps"] == 3 and math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1
     assert results["after_lowrank_shared_bf16proj"]["config"]["projection_dtype"] == "gradient"
     assert "| before_shared |" in out.with_suffix(".md").read_text()
+
+
+def _tiny_wikitext(tmp_path: Path, texts: dict[str, str]) -> Path:
+    root = tmp_path / "data" / "wikitext-2"
+    root.mkdir(parents=True)
+    for split, text in texts.items():
+        (root / f"{split}.txt").write_text(text, encoding="utf-8")
+    return root.parent
+
+
+def test_each_setting_that_changes_the_ids_has_its_own_cache_and_lowercase_applies_to_every_split(tmp_path):
+    """A cache shared across `lowercase` (or BPE sizes) handed one setting's ids to the other without a word."""
+    root = _tiny_wikitext(tmp_path, {"train": "The cat\n the Cat sat\n", "valid": "the Cat\n", "test": "sat\n"})
+    kw = dict(root=str(root), cache_dir=str(tmp_path / "cache"), download=False, verify=False, streams=1)
+    cased, lower = WikiTextDataModule(**kw), WikiTextDataModule(lowercase=True, **kw)
+    cased.setup()
+    lower.setup()
+    assert cased.cache_path != lower.cache_path
+    assert cased.vocab == ["The", "cat", "<eos>", "the", "Cat", "sat"]
+    assert lower.vocab == ["the", "cat", "<eos>", "sat"]
+    assert lower.ids["valid"].tolist() == [0, 1, 2] and lower.ids["test"].tolist() == [3, 2]
+    files = cased.text_files()
+    bpe = [WikiTextDataModule(tokenizer="bpe", vocab_size=v, **kw).cache_key(files) for v in (100, 200)]
+    assert len({*bpe, cased.cache_key(files), lower.cache_key(files)}) == 4
+
+
+def test_each_loader_reads_its_own_split(tmp_path):
+    """Validation on valid.txt and test on test.txt (a test perplexity measured on valid.txt looks just as real)."""
+    root = _tiny_wikitext(tmp_path, {"train": "a b c d e f\n", "valid": "a b\nc\n", "test": "d e f a b c d\n"})
+    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False, verify=False,
+                            streams=1, seq_len=100)
+    dm.setup()
+    for loader, split in ((dm.train_dataloader(), "train"), (dm.val_dataloader(), "valid"),
+                          (dm.test_dataloader(), "test")):
+        (x, y), = list(loader)
+        assert torch.equal(torch.cat([x[0], y[0, -1:]]), dm.ids[split].long()), split
+
+
+def test_a_download_failing_its_checksum_is_refused_and_a_bad_archive_in_the_cache_is_fetched_again(tmp_path,
+                                                                                                  monkeypatch):
+    """The archive is checked against its SHA-256 (nothing kept when it differs), and a file already at its place
+    in the cache (an older partial download) is used only if it passes the same check."""
+    served = tmp_path / "server" / "wikitext-2-v1.zip"  # a local stand-in for the official archive
+    served.parent.mkdir()
+    with zipfile.ZipFile(served, "w") as zf:
+        for split in ("train", "valid", "test"):
+            zf.writestr(f"wikitext-2/wiki.{split}.tokens", f" {split} text \n")
+    archive = {**ARCHIVES["wikitext-2"], "urls": [served.as_uri()], "sha256": "0" * 64}
+    monkeypatch.setitem(ARCHIVES, "wikitext-2", archive)
+    (tmp_path / "empty").mkdir()
+    kw = dict(root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"), verify=False)
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        WikiTextDataModule(**kw).text_files()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    (tmp_path / "cache" / "wikitext-2-v1.zip").write_bytes(b"the first bytes of an interrupted download")
+    archive["sha256"] = hashlib.sha256(served.read_bytes()).hexdigest()
+    files = WikiTextDataModule(**kw).text_files()
+    assert files["valid"].read_text() == " valid text \n"
