@@ -644,7 +644,8 @@ def test_orthogonal_at_a_layernorm_output_acts_only_on_the_norms_own_scale_and_s
     ({"operator": "lowrank", "rank": 0}, "rank must be >= 1 for the lowrank operator, got 0"),
     ({"operator": "sparse", "nnz": 0}, "nnz must be >= 1 for the sparse operator, got 0"),
     ({"batch_dims": []}, "batch_dims must list the sample dims"),
-], ids=["rank 0", "nnz 0", "no batch dims"])
+    ({"batch_dims": [0, -1]}, "batch_dims must list the sample dims (>= 0)"),
+], ids=["rank 0", "nnz 0", "no batch dims", "negative batch dim"])
 def test_an_impossible_operator_size_or_batch_dims_is_named_when_the_rule_is_made(settings, expected):
     """Found while the recipe is read (was: at setup, after the run folder, or `batch_dims: []` silently [0])."""
     from dfa_lightning.callbacks import FeedbackAlignmentStrategy
@@ -1003,3 +1004,166 @@ def test_an_operator_size_the_operator_does_not_read_is_warned_about(settings, e
 
     with pytest.warns(UserWarning, match=re.escape(expected)):
         FeedbackAlignmentStrategy(feedback_points=["blocks.*"], **settings)
+
+
+# ---------------------------------------------------------------- pinned by mutation testing (scales, draws, order)
+def test_per_layer_scale_divides_each_points_columns_by_the_square_root_of_its_width():
+    """The default ``scale: per_layer``: point i's own columns are the seeded draw times 1/sqrt(d_i), so points of
+    different widths get signals of one size (TinyDFA's ``max_width`` is pinned by the shared-slices test)."""
+    torch.set_default_dtype(torch.float32)
+    engine = FeedbackEngine(MLP(5, 3, hidden=[16, 4]), ["blocks.*"], seed=5)
+    draw(engine, torch.randn(2, 5))
+    raw = torch.rand((3, 20), generator=torch.Generator().manual_seed(5), dtype=torch.float32) * 2 - 1
+    torch.testing.assert_close(engine.matrix[:, :16], raw[:, :16] / 4)
+    torch.testing.assert_close(engine.matrix[:, 16:], raw[:, 16:] / 2)
+
+
+def test_gaussian_init_draws_standard_normal_entries_from_the_seed():
+    torch.set_default_dtype(torch.float32)
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8, 6]), ["blocks.*"], init="gaussian", scale="none", seed=11)
+    draw(engine, torch.randn(2, 5))
+    expected = torch.randn((3, 14), generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+    torch.testing.assert_close(engine.matrix, expected)
+
+
+@pytest.mark.parametrize("operator", ["dense", "lowrank", "sparse"])
+def test_every_operator_gives_each_points_columns_the_dense_operators_scale(operator):
+    """With ±1 entries a dense column of point i has squared norm d_out/d_i (``per_layer``); the sparse operator puts
+    that norm on its nnz entries (times sqrt(d_out/nnz)) and the low-rank one, U V / sqrt(r), has it on average: a
+    cheaper operator changes the projection's cost, not the size of B_i e (learning rates transfer)."""
+    torch.set_default_dtype(torch.float32)
+    engine = FeedbackEngine(MLP(5, 64, hidden=[256, 16]), ["blocks.*"], init="sign", operator=operator, rank=8,
+                            nnz=4, seed=0)
+    draw(engine, torch.randn(2, 5))
+    for (start, stop), width in zip(engine._layout.slices, (256, 16)):
+        squared = engine.matrix[:, start:stop].square().sum(0)  # per column
+        if operator == "lowrank":
+            torch.testing.assert_close(squared.mean(), torch.tensor(64 / width), rtol=0.1, atol=0)
+        else:
+            torch.testing.assert_close(squared, torch.full((width,), 64 / width))
+
+
+def test_ternary_error_keeps_only_entries_above_half_their_mean_magnitude():
+    """m = mean |e| over non-zero entries = 0.42: |e| > m/2 = 0.21 keeps 0.9, 0.3 and 0.6 (0.3 lies between m/2
+    and m) at ±m; 0.1 and 0.2 are dropped."""
+    e = torch.tensor([[0.9, -0.3, 0.1], [0.0, 0.2, -0.6]])
+    expected = torch.tensor([[0.42, -0.42, 0.0], [0.0, 0.0, -0.42]])
+    torch.testing.assert_close(operators.transform_error(e, "ternary"), expected)
+
+
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_reset_forgets_points_recorded_by_a_forward_that_never_reached_the_output(projection):
+    """A forward cut short (an error before the output, a forward through a submodule) leaves its points pending;
+    after ``reset()`` (the callback calls it at each batch start) the next step trains as if it had never run."""
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    results = []
+    for cut_short in (False, True):
+        torch.manual_seed(0)
+        model = MLP(5, 3, hidden=[8, 8])
+        engine = FeedbackEngine(model, ["blocks.*"], seed=1, **PROJECTIONS[projection])
+        draw(engine, x)
+        if cut_short:
+            model.blocks(2 * x)  # both points run, the output does not
+            engine.reset()
+        F.cross_entropy(ran(model(x), projection), y).backward()
+        results.append(grads(model))
+    assert results[1].keys() == results[0].keys()
+    for name, g in results[0].items():
+        torch.testing.assert_close(results[1][name], g, msg=name)
+
+
+def test_the_callback_resets_the_engine_at_each_training_batch_start():
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    model = MLP(5, 3, hidden=[8, 8])
+    strategy = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], seed=0, verbose=False)
+    strategy.engine = FeedbackEngine(model, ["blocks.*"], seed=0)
+    model.blocks(torch.randn(4, 5))  # points pending: their forward never reached the output
+    assert strategy.engine._pending.index == [0, 1]
+    strategy.on_train_batch_start(None, None, None, 0)
+    assert strategy.engine._pending.index == [] and strategy.engine._pending.tensors == []
+
+
+def test_points_come_in_the_models_order_once_each_whatever_the_order_of_the_specs():
+    """The order of the points is the column layout of B: a recipe listing them otherwise draws the same B."""
+    engine = FeedbackEngine(MLP(4, 2, hidden=[3, 3, 3]), ["blocks.2", "blocks.0", "blocks.*"])
+    assert [p.name for p in engine.points] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_a_glob_question_mark_matches_one_character_inside_one_name_component():
+    assert glob_match("blocks.1", "blocks.?") and not glob_match("blocks.10", "blocks.?")
+    assert not glob_match("blocks.1", "blocks?1")  # `?` does not stand for the dot
+
+
+@pytest.mark.parametrize("key, value", [("method", "dfa2"), ("init", "xavier"), ("scale", "unit"),
+                                        ("operator", "denze"), ("error", "signed"), ("projection", "fuse"),
+                                        ("feedback_norm", "batch")])
+def test_every_choice_valued_setting_is_checked_when_the_rule_is_made(key, value):
+    """A typo is named while the recipe is read; `projection: fuse` would otherwise run fused without a word, the
+    others fail only at setup or at the first backward."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    with pytest.raises(ConfigError, match=rf"FeedbackAlignmentStrategy: {key} must be one of .*got '{value}'"):
+        FeedbackAlignmentStrategy(feedback_points=["blocks.*"], **{key: value})
+
+
+def test_a_sparse_operator_with_exactly_as_many_non_zeros_as_the_error_is_wide_is_warned_about():
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], operator="sparse", nnz=3, seed=0)
+    with pytest.warns(UserWarning, match=r"sparse operator with nnz 3 for a 3-wide error"):
+        draw(engine, torch.randn(4, 5))
+
+
+def test_receiver_flops_count_the_lowrank_rank_and_each_points_own_product_of_shared_columns():
+    """What ``receiver: auto`` weighs: a matmul receiver multiplies the point by the prepared error's width, r for
+    lowrank (not d_out), and with shared columns every point pays its own product where tokens pay one, the widest."""
+    x = torch.randn(32, 5)
+    lowrank = FeedbackEngine(MLP(5, 40, hidden=[8, 6]), ["blocks.*"], operator="lowrank", rank=4,
+                             projection="per_point")
+    assert lowrank.calibrate(lambda: lowrank.model(x).sum())["receiver_flops"] == 2 * 32 * 4 * (8 + 6)
+    shared = FeedbackEngine(MLP(5, 3, hidden=[8, 6]), ["blocks.*"], shared_slices=True, projection="per_point")
+    assert shared.calibrate(lambda: shared.model(x).sum())["receiver_flops"] == 2 * 32 * 3 * ((8 + 6) + 6)
+
+
+def test_an_auto_projection_runs_fused_until_calibrated():
+    model, x = MLP(5, 3, hidden=[8, 8]), torch.randn(4, 5)
+    engine = FeedbackEngine(model, ["blocks.*"], seed=0)
+    draw(engine, x)  # B drawn: per point would be possible, but nothing has measured the step
+    assert engine.mode == "fused"
+    ran(model(x), "fused")
+
+
+def test_calibrate_measures_its_own_forward_after_earlier_ones_and_counts_parameters_with_their_gradients():
+    """The probe's rows, not those of a forward run before it; the step's memory is the saved activations, the
+    parameters twice (their gradients) and the optimizer's state."""
+    model = MLP(4, 2, hidden=[8, 8])
+    engine = FeedbackEngine(model, ["blocks.*"], seed=0)
+    model(torch.randn(3, 4))  # an earlier forward on another batch size
+    c = engine.calibrate(lambda: model(torch.randn(32, 4)).sum(), optimizer_state_bytes=1000)
+    assert c["fused_signal_bytes"] == 32 * 16 * 8  # fp64 signals for 32 rows of 8 + 8 columns
+    assert c["parameter_bytes"] == sum(p.numel() for p in model.parameters()) * 8
+    step = c["saved_activation_bytes"] + 2 * c["parameter_bytes"] + 1000
+    assert c["fused_fraction"] == pytest.approx(c["fused_signal_bytes"] / step)
+
+
+def test_a_point_without_the_last_batch_dim_is_named():
+    """``batch_dims [0, 2]`` on a ``[N, d]`` point: dim 2 does not exist (an IndexError from ``movedim``)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+    FeedbackEngine(model, ["1"], batch_dims=[0, 2])
+    with pytest.raises(ConfigError, match=r"feedback point '1' output has shape \(2, 6\), fewer dims than batch_dims "
+                                          r"\[0, 2\]"):
+        model(torch.randn(2, 4))
+
+
+def test_a_loaded_feedback_matrix_must_fit_the_widths_and_is_kept_in_fp32():
+    engine = FeedbackEngine(MLP(5, 3, hidden=[8, 8]), ["blocks.*"], seed=0)
+    draw(engine, torch.randn(4, 5))
+    with pytest.raises(ConfigError, match=r"feedback matrix shape \(3, 15\) does not fit this model \(expected "
+                                          r"\(3, 16\): d_out x feedback columns\)"):
+        engine.set_matrix(torch.zeros(3, 15))
+    engine.set_matrix(torch.ones(3, 16, dtype=torch.float64))
+    assert engine.feedback_state()["matrix"].dtype == torch.float32  # what the checkpoint and the rank check read
+
+
+def test_the_output_module_cannot_also_be_a_feedback_point():
+    with pytest.raises(ConfigError, match=r"module 'head' is both the output and a feedback point"):
+        FeedbackEngine(MLP(5, 3, hidden=[8]), ["head"], output="head")
