@@ -1167,3 +1167,23 @@ def test_a_loaded_feedback_matrix_must_fit_the_widths_and_is_kept_in_fp32():
 def test_the_output_module_cannot_also_be_a_feedback_point():
     with pytest.raises(ConfigError, match=r"module 'head' is both the output and a feedback point"):
         FeedbackEngine(MLP(5, 3, hidden=[8]), ["head"], output="head")
+
+
+def test_nested_feedback_points_are_refused():
+    """A block and a layer inside it: the inner point's signal would be cut off by the outer one's."""
+    with pytest.raises(ConfigError, match=r"feedback points 'blocks.0' and 'blocks.0.0' are nested; choose one"):
+        FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.0", "blocks.0.0"])
+
+
+def test_an_output_module_the_model_does_not_have_is_named_with_the_modules_it_has():
+    with pytest.raises(ConfigError, match=r"output module 'heads' not found in MLP; modules: blocks, blocks.0"):
+        FeedbackEngine(MLP(5, 3, hidden=[8]), ["blocks.*"], output="heads")
+
+
+def test_method_fa_is_refused_and_a_named_rules_setting_error_names_the_rule():
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+
+    with pytest.raises(ConfigError, match=r"method 'fa' \(layer-to-layer feedback alignment\) is not implemented"):
+        FeedbackAlignmentStrategy(method="fa", feedback_points=["blocks.*"])
+    with pytest.raises(ConfigError, match=r"FeedbackAlignmentStrategy 'coarse': init must be one of"):
+        FeedbackAlignmentStrategy(feedback_points=["blocks.*"], init="xavier", name="coarse")
