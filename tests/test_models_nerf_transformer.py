@@ -1,4 +1,5 @@
-"""Fast CPU tests of the NeRF MLP and the Transformer LM: shapes, causality, feedback-point names, trainability."""
+"""Fast CPU tests of the NeRF MLP, the Transformer LM and the plain MLP: shapes, causality, feedback-point names,
+trainability."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.models import nerf, transformer
+from dfa_lightning.models.mlp import MLP
 from dfa_lightning.models.nerf import NeRFMLP, PositionalEncoding
 from dfa_lightning.models.transformer import TransformerLM
 
@@ -201,3 +203,123 @@ def test_lm_bp_reduces_loss(norm):
     ce = lambda y: torch.nn.functional.cross_entropy(y.reshape(-1, V), idx[:, 1:].reshape(-1))  # noqa: E731
     first, last = _fit(m, (idx[:, :-1],), ce)
     assert last < 0.75 * first
+
+
+def test_positional_encoding_linear_sampling_spaces_frequencies_evenly_from_1_to_2_pow_l_minus_1():
+    x = torch.randn(2, 3)
+    enc = PositionalEncoding(4, include_input=False, log_sampling=False)(x)
+    for k, f in enumerate((1.0, 1.0 + 7 / 3, 1.0 + 14 / 3, 8.0)):  # linspace(2^0, 2^3, 4)
+        torch.testing.assert_close(enc[..., 6 * k: 6 * k + 3], torch.sin(f * x))
+        torch.testing.assert_close(enc[..., 6 * k + 3: 6 * k + 6], torch.cos(f * x))
+
+
+def test_nerf_skip_feeds_the_encoded_input_first_then_the_hidden_features():
+    """Mildenhall et al.'s ``cat([input_pts, h])``: the order fixes which weight columns see the input."""
+    m = tiny_nerf(skip=1)
+    pts, dirs = torch.randn(5, 3), torch.randn(5, 3)
+    seen = {}
+    m.trunk[2].register_forward_pre_hook(lambda mod, args: seen.__setitem__("in", args[0]))
+    h1 = outputs_of(m, ["trunk.1"], pts, dirs)["trunk.1"]
+    torch.testing.assert_close(seen["in"], torch.cat((m.pe_xyz(pts), h1), dim=-1))
+
+
+def test_nerf_density_comes_from_the_trunk_alone_and_colour_depends_on_the_view_direction():
+    torch.manual_seed(0)
+    m = tiny_nerf()
+    pts = torch.randn(6, 3)
+    d1, d2 = torch.randn(6, 3), torch.randn(6, 3)
+    with torch.no_grad():
+        a, b = m(pts, d1), m(pts, d2)
+        trunk_out = outputs_of(m, ["trunk.3"], pts, d1)["trunk.3"]
+        torch.testing.assert_close(a[..., 3:], m.sigma_head(trunk_out))  # sigma = sigma_head(trunk), no view input
+    torch.testing.assert_close(a[..., 3], b[..., 3])
+    assert not torch.allclose(a[..., :3], b[..., :3])  # the view branch sees the direction
+    assert (m.sigma_head.bias == 0).all()  # zero bias: a negative draw left every density below the ReLU
+
+
+def _blocks_input(m: TransformerLM, idx: torch.Tensor) -> torch.Tensor:
+    seen = {}
+    handle = m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    with torch.no_grad():
+        m(idx)
+    handle.remove()
+    return seen["x"]
+
+
+def test_lm_input_is_the_embedding_scaled_by_sqrt_d_model_plus_the_sinusoidal_positions():
+    m = tiny_lm(dropout=0.0).eval()
+    idx = torch.randint(0, V, (2, 9))
+    pos, i = torch.arange(9.0).unsqueeze(1), torch.arange(0, 16, 2)
+    angle = pos / 10000 ** (i / 16)  # [T, C/2]
+    pe = torch.stack((torch.sin(angle), torch.cos(angle)), dim=-1).flatten(1)  # sin at even, cos at odd channels
+    torch.testing.assert_close(_blocks_input(m, idx), m.tok_emb.weight[idx] * 4.0 + pe)
+
+
+def test_lm_learned_positions_add_row_t_of_the_position_table_at_position_t():
+    m = tiny_lm(dropout=0.0, pos_encoding="learned").eval()
+    idx = torch.randint(0, V, (2, 7))
+    torch.testing.assert_close(_blocks_input(m, idx), m.tok_emb.weight[idx] * 4.0 + m.pos.emb.weight[:7])
+
+
+def test_lm_embedding_and_decoder_start_uniform_in_0_1_with_a_zero_decoder_bias():
+    m = TransformerLM(vocab_size=500, d_model=16, n_heads=2, d_ff=32, n_layers=1)
+    for w in (m.tok_emb.weight, m.decoder.weight):
+        assert w.abs().max() <= 0.1 and w.abs().max() > 0.09  # U(-0.1, 0.1), as word_language_model
+    assert (m.decoder.bias == 0).all()
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_lm_block_and_head_follow_post_and_pre_ln_residuals(norm):
+    """post: a = LN1(x + Attn(x)), y = LN2(a + FFN(a)), logits = dec(y); pre: a = x + Attn(LN1 x),
+    y = a + FFN(LN2 a), logits = dec(ln_f(y))."""
+    m = tiny_lm(norm=norm, dropout=0.0, n_layers=1).eval()
+    idx = torch.randint(0, V, (2, 6))
+    x = _blocks_input(m, idx)
+    blk = m.blocks[0]
+    with torch.no_grad():
+        if norm == "post":
+            a = blk.ln_1(x + blk.attn(x))
+            y = blk.ln_2(a + blk.ffn(a))
+            h = y
+        else:
+            a = x + blk.attn(blk.ln_1(x))
+            y = a + blk.ffn(blk.ln_2(a))
+            h = torch.nn.functional.layer_norm(y, (16,))  # ln_f, at its initial affine (1, 0)
+        torch.testing.assert_close(blk(x), y)
+        torch.testing.assert_close(m(idx), m.decoder(h))
+
+
+def test_lm_ffn_hidden_activation_has_dropout_in_training_only():
+    m = tiny_lm(dropout=0.5)
+    x = torch.randn(2, 5, 16)
+    ffn = m.blocks[0].ffn
+    relu = torch.relu(ffn.fc(x))
+    m.train()
+    assert not torch.equal(ffn.act(ffn.fc(x)), relu)
+    m.eval()
+    torch.testing.assert_close(ffn.act(ffn.fc(x)), relu)
+
+
+def test_lm_micro_preset_has_three_points_per_block_and_macro_one():
+    """``micro`` is the paper's ``--dfa full``: attention output, FFN hidden activation and block output."""
+    m = tiny_lm()
+    names = lambda variant: sorted(n for p in transformer.FEEDBACK_POINTS[variant] for n in matched(m, p))  # noqa: E731
+    assert names("micro") == [f"blocks.{i}.{p}" for i in (0, 1) for p in ("attn_out", "ffn.act", "out")]
+    assert names("macro") == ["blocks.0.out", "blocks.1.out"]
+
+
+def test_lm_takes_sequences_of_exactly_max_len_tokens():
+    m = tiny_lm(pos_encoding="learned")
+    assert m(torch.zeros(1, 32, dtype=torch.long)).shape == (1, 32, V)
+    assert tiny_lm()(torch.zeros(1, 32, dtype=torch.long)).shape == (1, 32, V)
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+def test_mlp_blocks_are_linear_activation_then_dropout_only_when_asked_and_hidden_empty_is_linear():
+    with_drop = MLP(16, 4, hidden=[8], activation="tanh", dropout=0.3)
+    assert [type(layer) for layer in with_drop.blocks[0]] == [nn.Linear, nn.Tanh, nn.Dropout]
+    assert with_drop.blocks[0][2].p == 0.3
+    assert [type(layer) for layer in MLP(16, 4, hidden=[8]).blocks[0]] == [nn.Linear, nn.ReLU]
+    linear = MLP(16, 4, hidden=[])  # no hidden layer: logistic regression
+    assert len(linear.blocks) == 0 and linear.head.in_features == 16
+    assert [b[0].out_features for b in MLP(16, 4).blocks] == [256, 256]

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch_geometric.data import Data
 
 from dfa_lightning import placements
-from dfa_lightning.callbacks import FinalAlignment
+from dfa_lightning.callbacks import AlignmentMonitor, FeedbackAlignmentStrategy, FinalAlignment
 from dfa_lightning.errors import ConfigError
+from dfa_lightning.models.mlp import MLP
+from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.classification import Classification
 
 from tests.helpers import adam, build, trainer
 
@@ -100,3 +106,33 @@ def test_final_alignment_measures_tuple_batches_at_the_end_of_fit(tmp_path, give
     for point in final.points:
         assert 0 < final.alignment[f"align/update_ratio/{point}"]
         assert -1 <= final.alignment[f"align/signal_cos/{point}"] <= 1
+
+
+def test_final_alignment_measures_in_training_mode_and_gives_the_module_back_in_its_mode(tmp_path, monkeypatch):
+    module, data, strategy = build("dfa", optimizer=adam, dropout=0.2)
+    final = FinalAlignment()
+    tr = trainer(tmp_path, [strategy, final], max_steps=1)
+    tr.fit(module, datamodule=data)
+    modes, measure = [], AlignmentMonitor.measure
+    monkeypatch.setattr(AlignmentMonitor, "measure", lambda self, pl_module, *a: modes.append(pl_module.training)
+                        or measure(self, pl_module, *a))
+    module.eval()
+    final.on_train_end(tr, module)
+    assert modes == [True] and not module.training and final.points == ["blocks.0", "blocks.1"]
+
+
+def test_final_alignment_scores_every_node_of_a_graph_batch_unless_told_otherwise(monkeypatch):
+    """The paper's ``alignment.py`` scores all nodes; ``all_nodes: false`` keeps the training mask. The data module's
+    graph itself is left as it is."""
+    graph = Data(x=torch.randn(4, 16), train_mask=torch.tensor([True, False, False, True]))
+    strategy = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
+    strategy.engine = SimpleNamespace(points=[])
+    stub = SimpleNamespace(callbacks=[strategy], datamodule=SimpleNamespace(train_dataloader=lambda: [graph]))
+    masks = []
+    monkeypatch.setattr(AlignmentMonitor, "measure",
+                        lambda self, pl_module, rule, batch: masks.append(batch.train_mask.tolist()) or {})
+    module = TaskModule(MLP(16, 4, hidden=[8]), Classification(4))
+    FinalAlignment().on_train_end(stub, module)
+    FinalAlignment(all_nodes=False).on_train_end(stub, module)
+    assert masks == [[True] * 4, [True, False, False, True]]
+    assert graph.train_mask.tolist() == [True, False, False, True]

@@ -626,3 +626,78 @@ def test_link_prediction_task(dirs, cora):
     assert 0.0 <= float(logged["val/auroc"].compute()) <= 1.0
     with pytest.raises(ConfigError, match="link_split"):
         task.step(model, cora.data, "train")
+
+
+def test_stratified_kfold_refuses_fewer_than_two_folds_or_more_folds_than_nodes():
+    y = torch.tensor([0, 1, 0, 1])
+    for k in (1, 0, 5):
+        with pytest.raises(ConfigError, match="need 2 <= k <= number of nodes"):
+            stratified_kfold(y, k)
+    assert len(stratified_kfold(y, 4)) == 4
+
+
+def test_link_split_follows_its_seed_and_leaves_the_global_random_state_alone(dirs):
+    """Each ``seed`` is another edge split (a seed sweep of GAE measures split variance), drawn without touching the
+    run's global RNG (the model's initialisation after setup must not depend on the split's seed)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = make_dm(dirs, link_split=True, seed=0)
+    first.setup()
+    assert torch.equal(torch.get_rng_state(), before)
+    other = make_dm(dirs, link_split=True, seed=1)
+    other.setup()
+    assert not torch.equal(other._splits["val"].pos_edge_label_index, first._splits["val"].pos_edge_label_index)
+
+
+def test_link_fractions_that_leave_no_training_edge_are_refused(dirs):
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        make_dm(dirs, link_split=True, link_val=0.5, link_test=0.5)
+
+
+def test_a_replaced_source_file_is_copied_again_and_processed_is_rebuilt_from_it(tmp_path, monkeypatch):
+    """The work folder's ``processed/`` was built from a bad copy (by a version without the check); once the user puts
+    the original back in the data folder it is copied over the cache copy and ``processed/`` is rebuilt from it:
+    reusing it kept serving the 500-node test set."""
+    index = _cora_copy_with(tmp_path / "data", "ind.cora.test.index", _half_the_lines)
+    with monkeypatch.context() as m:
+        m.setattr(planetoid_mod, "GIT_BLOB_IDS", {})  # as before the check
+        old = PlanetoidDataModule("Cora", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+        old.setup()
+        assert int(old.data.test_mask.sum()) == 500
+    shutil.copy(SHARED_PLANETOID / "Cora" / "raw" / index.name, index)  # the original, back in the data folder
+    dm = PlanetoidDataModule("Cora", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    dm.setup()
+    assert int(dm.data.test_mask.sum()) == 1000
+
+
+def _tiny_graph(n: int = 6, f: int = 5):
+    torch.manual_seed(0)
+    edge_index = torch.tensor([[0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 0], [1, 0, 2, 1, 3, 2, 4, 3, 5, 4, 0, 5]])
+    return torch.randn(n, f), edge_index, torch.rand(edge_index.size(1))
+
+
+def test_gcn_weighs_both_convolutions_by_the_edge_weights_given_as_e_or_e_by_1():
+    x, edge_index, w = _tiny_graph()
+    model = GCN(5, 3, dropout=0.0, cached=False).eval()
+    with torch.no_grad():
+        out = model(x, edge_index, w)
+        expected = model.conv2(torch.relu(model.conv1(x, edge_index, w)), edge_index, w)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(model(x, edge_index, w.view(-1, 1)), out)  # TargetIndegree's [E, 1]
+        assert not torch.allclose(model(x, edge_index), out)
+
+
+@pytest.mark.parametrize("name", ["gat", "spline"])
+def test_input_and_hidden_dropout_act_in_training_only(name):
+    """GAT and Spline drop the input features before conv1 and the hidden features before conv2 (paper §2.3)."""
+    x, edge_index, w = _tiny_graph()
+    model = GAT(5, 3, dropout=0.5) if name == "gat" else Spline(5, 3, dropout=0.5, kernels="torch")
+    seen = {}
+    for conv in ("conv1", "conv2"):
+        getattr(model, conv).register_forward_pre_hook(lambda mod, args, conv=conv: seen.__setitem__(conv, args[0]))
+    model.hidden.register_forward_hook(lambda mod, args, out: seen.__setitem__("hidden", out))
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(1)
+        model(x, edge_index, w.view(-1, 1))
+        assert torch.equal(seen["conv1"], x) != training and torch.equal(seen["conv2"], seen["hidden"]) != training

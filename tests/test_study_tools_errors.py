@@ -2,6 +2,7 @@
 and exit code 2, found before any training where that is cheap, and no stale or silently wrong result."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import warnings
@@ -297,3 +298,32 @@ def test_sweep_refuses_a_reference_that_names_no_recipe_or_is_no_number(referenc
         sweep.main(argv)
     assert stop.value.code == 2 and why in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_table_keeps_the_seed_order_and_gives_the_sample_mean_and_std_and_the_paper_value_of_the_main_metric(
+        tmp_path, monkeypatch, capsys):
+    """What users compare with the paper: each seed's value in the order of --seeds, mean ± sample std (n - 1), and
+    the --reference value next to the main metric only."""
+    values = {0: {"test/acc": 1.2, "test/loss": 1.0}, 1: {"test/acc": 0.7, "test/loss": 6.0},
+              2: {"test/acc": 0.8, "test/loss": 2.0}}
+    monkeypatch.setattr(sweep, "check", lambda *args: None)
+    monkeypatch.setattr(sweep, "run_seed", lambda recipe, seed, *args: {"metrics": values[seed], "seconds": 1.0})
+    out = tmp_path / "t.md"
+    assert sweep.main(["--recipes", "recipes/gcn_dfa.yaml", "--seeds", "2", "0", "1", "--metrics", "test/acc",
+                       "test/loss", "--out", str(out), "--reference", '{"gcn_dfa": 0.81}']) == 0
+    text = out.read_text()
+    assert "| gcn_dfa | 0.8000 | 1.2000 | 0.7000 | 0.9000 ± 0.2646 | 0.81 |" in text
+    assert "| gcn_dfa | 2.0000 | 1.0000 | 6.0000 | 3.0000 ± 2.6458 |  |" in text
+    assert studies.mean_std([1.0, 2.0, 6.0], digits=2) == "3.00 ± 2.65"
+    assert studies.mean_std([5.0]) == "5.0000 ± 0.0000"
+    assert json.loads(out.with_suffix(".json").read_text())["results"] == {"gcn_dfa": {"2": 0.8, "0": 1.2, "1": 0.7}}
+
+
+def test_seeds_outside_0_to_2_pow_32_minus_1_are_refused_and_every_wanted_metric_is_required():
+    assert studies._seed(str(2 ** 32 - 1)) == 2 ** 32 - 1
+    for bad in (str(2 ** 32), "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="outside 0..4294967295"):
+            studies._seed(bad)
+    with pytest.raises(studies.ConfigError, match=r"--metric test/auroc: not among the test metrics of the first run "
+                                                  r"\(test/acc\)"):
+        studies.require_metrics({"test/acc": 0.8}, ["test/acc", "test/auroc"])

@@ -1,12 +1,20 @@
 """The engine inside Lightning: accumulation, mixed precision, resume, the alignment probe, NaN handling."""
 from __future__ import annotations
 
+import csv
+from types import SimpleNamespace
+
 import pytest
 import torch
+from pytorch_lightning.loggers import CSVLogger
 
-from dfa_lightning.callbacks import AlignmentMonitor
-from dfa_lightning.errors import NonFiniteLossError
-from helpers import adam, build, params, trainer
+from dfa_lightning.callbacks import AlignmentMonitor, FeedbackAlignmentStrategy
+from dfa_lightning.data.synthetic import SyntheticClassificationDataModule
+from dfa_lightning.errors import ConfigError, NonFiniteLossError
+from dfa_lightning.models.mlp import MLP
+from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.classification import Classification
+from helpers import adam, build, params, sgd, trainer
 
 
 def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -470,3 +478,110 @@ def test_batch_dims_that_do_not_fit_the_points_are_named_at_setup_before_any_ste
                                           r"the output has 4"):
         trainer(tmp_path, [rule, Batches()], max_steps=1).fit(module, data)
     assert Batches.seen == 0  # raised by the setup probe, before any training batch
+
+
+def test_param_groups_options_reach_their_parameters_and_the_rest_keep_the_optimizers_defaults():
+    groups = [{"params": "blocks.0.**", "weight_decay": 0.1}, {"params": "head.bias", "lr": 0.5}]
+    module = TaskModule(MLP(16, 4, hidden=[8, 8]), Classification(4), optimizer=adam, param_groups=groups)
+    groups = module.configure_optimizers().param_groups
+    named = {id(p): n for n, p in module.model.named_parameters()}
+    assert [[named[id(p)] for p in g["params"]] for g in groups] == [
+        ["blocks.0.0.weight", "blocks.0.0.bias"], ["head.bias"],
+        ["blocks.1.0.weight", "blocks.1.0.bias", "head.weight"]]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 0.1), (0.5, 0), (1e-2, 0)]
+
+
+def test_the_epoch_loss_is_the_mean_over_samples_when_the_last_batch_is_smaller(tmp_path):
+    """val/loss is the per-sample mean over the split (batches weighted by their size), not the mean of batch means."""
+    module, data, strategy = build("bp", batch_size=48, num_samples=128)  # val batches of 48, 48, 32 rows
+    tr = trainer(tmp_path, [strategy], limit_val_batches=1.0)
+    got = tr.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    x, y = data.splits["val"].tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(module.model(x), y).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_training_loss_is_logged_as_train_loss_epoch_every_epoch(tmp_path):
+    module, data, strategy = build("bp", num_samples=64)
+    trainer(tmp_path, [strategy], max_epochs=3, logger=CSVLogger(tmp_path), log_every_n_steps=2).fit(module, data)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
+    assert [r["epoch"] for r in rows if r.get("train/loss_epoch")] == ["0", "1", "2"]
+    assert len([r for r in rows if r.get("train/loss_step")]) == 3  # 6 steps, written every 2nd
+
+
+def test_signal_cos_is_the_mean_over_samples_keeping_a_sample_where_only_one_signal_is_zero():
+    """A sample where DFA sends nothing but BP has a gradient counts as cos 0 (a failure to align); only samples where
+    both are zero are left out."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
+    cos = AlignmentMonitor()._sample_cos(a, b, SimpleNamespace(batch_dims=[0]))
+    assert cos == pytest.approx(1 / 3)  # (1 + 0 + 0) / 3, the all-zero sample left out
+
+
+def test_alignment_probes_use_the_same_dropout_masks_in_the_dfa_and_bp_pass(tmp_path):
+    """With B = W_headᵀ the DFA signal at the point below the head is the BP gradient, whatever dropout drew, but only
+    if both passes drew the same masks (else e differs between them)."""
+    module = TaskModule(MLP(16, 4, hidden=[32, 32], dropout=0.5), Classification(4), optimizer=sgd)
+    data = SyntheticClassificationDataModule(num_samples=64, in_features=16, num_classes=4, batch_size=32)
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.1"], scale="none", verbose=False)
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    dfa.engine.set_matrix(module.model.head.weight.detach().clone())
+    module.train()
+    out = AlignmentMonitor().measure(module, dfa, next(iter(data.train_dataloader())))
+    assert out["align/signal_cos/blocks.1"] == pytest.approx(1.0, abs=1e-5)
+    assert out["align/update_ratio/blocks.1"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_reduce_lr_on_plateau_monitors_the_tasks_metric_and_other_schedulers_step_at_the_set_interval():
+    task = Classification(4)
+    plateau = TaskModule(MLP(16, 4, hidden=[8]), task, optimizer=adam,
+                         lr_scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max"))
+    config = plateau.configure_optimizers()["lr_scheduler"]
+    assert config["monitor"] == task.monitor and config["interval"] == "epoch"
+    step = TaskModule(MLP(16, 4, hidden=[8]), task, optimizer=adam, scheduler_interval="step",
+                      lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1))
+    config = step.configure_optimizers()["lr_scheduler"]
+    assert config["interval"] == "step" and "monitor" not in config
+
+
+def test_a_param_groups_entry_without_a_params_glob_is_refused():
+    for spec in ({"weight_decay": 0.1}, {"params": ["head.weight"], "lr": 0.1}):
+        module = TaskModule(MLP(16, 4, hidden=[8]), Classification(4), optimizer=adam, param_groups=[spec])
+        with pytest.raises(ConfigError, match="needs `params:` as a glob on parameter names"):
+            module.configure_optimizers()
+
+
+@pytest.mark.parametrize("scale", [2.0, -0.5])
+def test_update_ratio_is_the_feedback_scale_and_a_negated_feedback_has_cos_minus_one(tmp_path, scale):
+    """B = s · W_headᵀ: the DFA signal and update are s times BP's: ratio |s|, cosines sign(s)."""
+    module = TaskModule(MLP(16, 4, hidden=[32]), Classification(4), optimizer=sgd)
+    data = SyntheticClassificationDataModule(num_samples=64, in_features=16, num_classes=4, batch_size=32)
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.0"], scale="none", verbose=False)
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    dfa.engine.set_matrix(scale * module.model.head.weight.detach().clone())
+    out = AlignmentMonitor().measure(module, dfa, next(iter(data.train_dataloader())))
+    sign = 1.0 if scale > 0 else -1.0
+    assert out["align/signal_cos/blocks.0"] == pytest.approx(sign, abs=1e-5)
+    assert out["align/update_cos/blocks.0"] == pytest.approx(sign, abs=1e-5)
+    assert out["align/update_ratio/blocks.0"] == pytest.approx(abs(scale), rel=1e-4)
+
+
+def test_the_probe_leaves_batchnorm_statistics_as_it_found_them(tmp_path):
+    module, data, dfa = build("dfa")
+    module.model.blocks[0].insert(1, torch.nn.BatchNorm1d(32))
+    trainer(tmp_path, [dfa], max_steps=1).fit(module, data)
+    module.train()
+    before = {k: v.clone() for k, v in module.model.named_buffers()}
+    AlignmentMonitor().measure(module, dfa, next(iter(data.train_dataloader())))
+    assert_same(before, dict(module.model.named_buffers()))
+
+
+def test_the_monitor_probes_at_steps_0_n_2n(tmp_path):
+    module, data, dfa = build("dfa")
+    monitor = AlignmentMonitor(every_n_steps=2)
+    t = trainer(tmp_path, [dfa, monitor], max_steps=4)
+    steps, measure = [], monitor.measure
+    monitor.measure = lambda *args: steps.append(t.global_step) or measure(*args)
+    t.fit(module, data)
+    assert steps == [0, 2]

@@ -94,6 +94,16 @@ def test_batchify_shapes_and_next_token_targets():
         chunks[3]
 
 
+def test_a_stream_whose_positions_fill_whole_chunks_gets_no_empty_last_chunk():
+    """25 tokens per stream give 24 input positions = 3 x 8: three chunks, none empty (an empty
+    [streams, 0] batch reached the model)."""
+    chunks = StreamChunks(torch.arange(50), streams=2, seq_len=8)  # 25 tokens per stream, 24 positions
+    assert len(chunks) == 3 and [chunks[i][0].shape[1] for i in range(3)] == [8, 8, 8]
+    assert chunks[2][1][0, -1] == 24  # the last target is the stream's last token
+    with pytest.raises(IndexError):
+        chunks[3]
+
+
 def test_real_batches_have_paper_shape(wt2):
     loader = wt2.train_dataloader()
     x, y = next(iter(loader))

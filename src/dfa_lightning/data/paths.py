@@ -66,10 +66,3 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Pa
             os.remove(tmp)
     return dest
 
-
-def require_files(folder: Path, names: list[str], what: str, hint: str = "") -> None:
-    """Raise one clear DatasetError listing every missing file of a dataset."""
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        extra = f" {hint}" if hint else ""
-        raise DatasetError(f"{what}: missing {', '.join(missing)} in {folder} (set {ENV_VAR} or `root:`).{extra}")
