@@ -5,6 +5,7 @@ import csv
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
@@ -502,12 +503,24 @@ def test_the_epoch_loss_is_the_mean_over_samples_when_the_last_batch_is_smaller(
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_the_training_loss_is_logged_as_train_loss_epoch_every_epoch(tmp_path):
+def test_the_training_loss_is_logged_as_train_loss_epoch_every_epoch_and_loss_step_is_the_written_steps_own(
+        tmp_path):
+    """``train/loss_step`` is logged only on the steps the loggers write: a value logged a step early would be
+    written as the next step's loss."""
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
     module, data, strategy = build("bp", num_samples=64)
-    trainer(tmp_path, [strategy], max_epochs=3, logger=CSVLogger(tmp_path), log_every_n_steps=2).fit(module, data)
+    trainer(tmp_path, [strategy, Losses()], max_epochs=3, logger=CSVLogger(tmp_path),
+            log_every_n_steps=2).fit(module, data)
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
     assert [r["epoch"] for r in rows if r.get("train/loss_epoch")] == ["0", "1", "2"]
-    assert len([r for r in rows if r.get("train/loss_step")]) == 3  # 6 steps, written every 2nd
+    written = [(int(r["step"]), float(r["train/loss_step"])) for r in rows if r.get("train/loss_step")]
+    assert [step for step, _ in written] == [1, 3, 5]  # 6 steps, written every 2nd
+    assert [value for _, value in written] == pytest.approx([losses[1], losses[3], losses[5]], rel=1e-6)
 
 
 def test_signal_cos_is_the_mean_over_samples_keeping_a_sample_where_only_one_signal_is_zero():
