@@ -258,3 +258,21 @@ def test_compiled_training_under_bf16_mixed_stays_with_the_eager_run(tmp_path, p
         results[bool(compile_)] = params(module)
     for n, p in results[False].items():
         torch.testing.assert_close(results[True][n], p, atol=2e-4, rtol=1e-3, msg=n)
+
+
+def test_a_rule_attached_after_compiling_is_not_skipped_by_reusing_the_hook_free_graph():
+    """The compiled function is guarded on the module hooks: hooks added to a model already compiled (traced as
+    backprop) give a new graph, not the old one that would silently keep training by backprop."""
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP(5, 3, hidden=[8, 8, 6])
+    run = compile_model(model, backend="aot_eager")
+    _grads_after_two_steps(model, run, x, y)  # traced without hooks
+    engine = FeedbackEngine(model, ["blocks.*"], seed=5)
+    model(torch.zeros(2, 5))
+    engine.reset()
+    compiled = _grads_after_two_steps(model, run, x, y)
+    eager = _grads_after_two_steps(model, model, x, y)
+    for n, g in eager.items():
+        torch.testing.assert_close(compiled[n], g, atol=1e-6, rtol=1e-5, msg=n)

@@ -17,7 +17,7 @@ import torch
 
 from dfa_lightning import graphs_reproduce as gr
 from dfa_lightning.cli import main, run
-from dfa_lightning.embedding import knn_accuracy, pca_2d
+from dfa_lightning.embedding import PALETTE, knn_accuracy, pca_2d, rasterize
 from dfa_lightning.embedding import main as embedding_main
 from dfa_lightning.models.graph import spline_available
 
@@ -309,3 +309,35 @@ def test_a_file_that_is_not_a_hidden_pt_is_named_with_what_it_lacks(tmp_path, ca
         embedding_main(["--hidden", str(good), str(good), "--names", "a", "a"])
     assert "--names: each run needs its own name, got a a" in capsys.readouterr().err
     assert embedding_main(["--hidden", str(good), str(good), "--names", "a", "b"]) == 0
+
+
+def test_knn_accuracy_leaves_each_point_out_of_its_own_vote():
+    x, y = torch.tensor([[0.0], [1.0], [10.0], [11.0]]), torch.tensor([0, 1, 0, 1])
+    assert knn_accuracy(x, y, k=1) == 0.0  # every nearest other point has the other label
+
+
+def test_pca_is_centred_and_its_sign_follows_the_largest_loading():
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x = torch.randn(50, 3) * torch.tensor([5.0, 1.0, 0.1])
+        p = pca_2d(x)
+        assert torch.allclose(pca_2d(x + 100.0), p, atol=1e-3)  # centred: an offset does not move the plot
+        for data in (x, -x):  # the main axis is x[:, 0]: its loading is made positive, so the plot keeps its side
+            assert (pca_2d(data)[:, 0] * (data[:, 0] - data[:, 0].mean())).sum() > 0
+
+
+def test_rasterize_draws_y_upwards_in_the_class_colour():
+    img = rasterize(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 1]), size=40, radius=1, margin=8)
+    assert tuple(img[9, 30].tolist()) == PALETTE[1]  # the (1, 1) point: top right
+    assert tuple(img[30, 9].tolist()) == PALETTE[0]  # the (0, 0) point: bottom left
+
+
+def test_embedding_main_refuses_tiny_panels_and_too_few_nodes(tmp_path, capsys):
+    good, few = tmp_path / "hidden.pt", tmp_path / "few.pt"
+    torch.save({"hidden": torch.randn(20, 4), "y": torch.arange(20) % 2}, good)
+    torch.save({"hidden": torch.randn(10, 4), "y": torch.arange(10) % 2}, few)
+    with pytest.raises(SystemExit):
+        embedding_main(["--hidden", str(good), "--size", "8"])
+    assert "--size 8: expected at least 16 pixels a panel" in capsys.readouterr().err
+    assert embedding_main(["--hidden", str(few)]) == 2
+    assert "with N > 10" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from torch import nn
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 from dfa_lightning.data import nerf as nd
 from dfa_lightning.errors import ConfigError, DatasetError
+from dfa_lightning.memory import free_bytes, leaf_output_bytes
 from dfa_lightning.models.nerf import NeRF
 from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks import volume_rendering as vr
@@ -577,3 +578,38 @@ def test_the_memory_check_scales_a_probe_of_the_batch_and_leaves_the_random_stat
                                           r"lower data.init_args.rays_per_batch \(below 1000\)"):
         task.check_step_memory(model, batch, torch.device("cpu"))
     assert not any(m._forward_hooks for m in model.modules())  # the counting hooks are gone
+
+
+def _mem_available() -> int:
+    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_free_cpu_bytes_is_memavailable_in_bytes_capped_by_the_cgroup_headroom(tmp_path, monkeypatch):
+    import dfa_lightning.memory as memory
+
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo")
+    monkeypatch.setattr(memory, "CGROUP_FILES", ())
+    assert free_bytes(torch.device("cpu")) == pytest.approx(_mem_available(), rel=0.2)
+    (tmp_path / "max").write_text("max\n")
+    (tmp_path / "limit").write_text("1000000\n")
+    (tmp_path / "usage").write_text("400000\n")
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(tmp_path / "max"), str(tmp_path / "usage")),))
+    assert free_bytes(torch.device("cpu")) == pytest.approx(_mem_available(), rel=0.2)  # "max": no limit
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(tmp_path / "limit"), str(tmp_path / "usage")),))
+    assert free_bytes(torch.device("cpu")) == 600000
+
+
+def test_leaf_output_bytes_counts_each_leaf_modules_output_once():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    assert leaf_output_bytes(model, lambda: model(x)) == (3 * 8 + 3 * 8 + 3 * 2) * 4
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_free_cuda_bytes_counts_the_cache_torch_holds_but_does_not_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 500)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
+    assert free_bytes(torch.device("cuda", 0)) == 1000 + 500 - 200

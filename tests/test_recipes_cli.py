@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dfa_lightning.checkpoint_check import state_dict_mismatch
 from dfa_lightning.cli import main, run
 from dfa_lightning.feedback.points import glob_match
+from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -18,7 +20,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_parses_instantiates_and_passes_the_argument_checks(recipe):
-    from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
     from dfa_lightning.models.graph import spline_available
 
     kernels = ["--model.model.init_args.kernels", "torch"] if recipe.stem.startswith("spline") and not \
@@ -734,3 +735,51 @@ def test_resuming_with_another_learning_rate_or_weight_decay_is_refused(cora_roo
     assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "2", "--ckpt_path", ckpt,
                 f"--model.optimizer.init_args.{flag}", value) == 2
     assert f"the checkpoint's optimizer has {expected}" in _one_line_error(capsys)
+
+
+def test_model_argument_checks_allow_zero_only_where_documented_and_check_only_this_packages_sizes():
+    deepcross = "dfa_lightning.models.recsys.DeepCrossNetwork"
+    assert model_arg_problem(deepcross, {"num_cross_layers": 0, "embed_dim": 1, "mlp_dims": [1]}) is None
+    assert model_arg_problem(deepcross, {"embed_dim": 0}) == "embed_dim is 0: expected an integer >= 1"
+    assert model_arg_problem(deepcross, {"embed_dim": True}) == "embed_dim is True: expected an integer >= 1"
+    assert model_arg_problem(deepcross, {"dropout": 0}) is None and model_arg_problem(deepcross, {"dropout": 1}) is None
+    assert model_arg_problem("torch.nn.Linear", {"in_features": 0}) is None  # not ours: its ints may mean anything
+
+
+def test_a_null_is_refused_only_where_the_argument_has_a_value_by_default():
+    assert null_arg_problem("torch.optim.Adam", {"lr": None}) == "lr is null: Adam takes a value here (default 0.001)"
+    assert null_arg_problem("torch.optim.lr_scheduler.OneCycleLR", {"total_steps": None}) is None
+
+
+def test_learning_rate_zero_is_refused_unless_a_group_or_the_scheduler_sets_a_rate():
+    assert learning_rate_problem(0, {}, []).startswith("lr is 0: no parameter would change")
+    assert learning_rate_problem(0, {}, [{"lr": 0}]).startswith("lr is 0: ")
+    assert learning_rate_problem(-0.1, {}, []) == "lr is -0.1: expected a rate > 0"
+    assert learning_rate_problem(0, {"max_lr": 0.1}, []) is None and learning_rate_problem(0, {}, [{"lr": 0.1}]) is None
+    assert learning_rate_problem(1e-3, {}, []) is None
+
+
+def test_state_dict_mismatch_skips_what_loading_itself_accepts():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    saved = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3), "embedding.weight": torch.zeros(9, 2)}
+    assert state_dict_mismatch(saved, model) == "1 unexpected (embedding.weight)"
+    assert state_dict_mismatch(saved, model, unbuilt=True) is None  # a CTR table not built yet: not "unexpected"
+    assert state_dict_mismatch({"0.weight": torch.zeros(3, 2)}, model) == "1 missing (0.bias)"
+    assert state_dict_mismatch({"0.weight": torch.zeros(3, 2)}, model, strict=False) is None
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(3))  # sized by the checkpoint, as load_state_dict does
+    assert state_dict_mismatch({"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3)}, lazy) is None
+
+
+def test_lr_zero_is_refused_under_a_scheduler_whose_lr_named_argument_starts_no_rate():
+    """ReduceLROnPlateau's ``min_lr`` and LambdaLR's ``lr_lambda`` have "lr" in their names but only scale or floor
+    a decrease: from lr 0 the rate stays 0, so the run would still report the initial weights as trained."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, min_lr=1e-3)
+    for _ in range(3):
+        plateau.step(1.0)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    assert learning_rate_problem(0, {"mode": "min", "patience": 0, "min_lr": 1e-3}, []).startswith("lr is 0: ")
+    assert learning_rate_problem(0, {"lr_lambda": lambda step: 1.0}, []).startswith("lr is 0: ")
+    assert learning_rate_problem(0, {"base_lr": 0.01, "max_lr": 0.1}, []) is None  # CyclicLR sets its own rate
+    assert learning_rate_problem(0, {"T_max": 4, "eta_min": 0.1}, []) is None  # cosine: anneals from 0 up to 0.1
+    assert learning_rate_problem(0, {"max_lr": 0, "total_steps": 9}, []).startswith("lr is 0: ")

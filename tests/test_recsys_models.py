@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dfa_lightning.data.criteo import CriteoDataModule
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.points import glob_match, resolve_points
-from dfa_lightning.models.recsys import FEEDBACK_POINTS, MODELS
+from dfa_lightning.models.recsys import (FEEDBACK_POINTS, LNN, MODELS, CrossNetwork, FactorizationMachine,
+                                         FeaturesEmbedding, FeaturesLinear)
 from dfa_lightning.tasks.ctr import ClickThroughRate, LogLoss
 
 SAMPLE = Path("/work/shared/data/criteo/train_10k.txt")
@@ -174,3 +176,90 @@ def test_logloss_of_a_certain_wrong_prediction_is_capped_at_minus_log_eps():
     metric = LogLoss()
     metric.update(torch.tensor([0.0], dtype=torch.float64), torch.tensor([1]))
     assert metric.compute().item() == pytest.approx(-math.log(1e-15), rel=1e-6)
+
+
+def test_fm_term_is_the_sum_of_pairwise_inner_products_of_the_field_embeddings():
+    torch.manual_seed(0)
+    e = torch.randn(3, 5, 4, dtype=torch.float64)
+    expected = sum((e[:, i] * e[:, j]).sum(1) for i in range(5) for j in range(i + 1, 5))
+    assert torch.allclose(FactorizationMachine()(e), expected.unsqueeze(1))
+
+
+def test_linear_term_sums_one_weight_per_category_over_the_fields_plus_a_zero_initialised_bias():
+    torch.manual_seed(0)
+    linear = FeaturesLinear()
+    linear.fc.build(10)
+    assert torch.equal(linear.bias, torch.zeros(1))
+    with torch.no_grad():
+        linear.bias.fill_(0.5)
+    x = torch.tensor([[0, 3, 7], [1, 1, 9]])
+    expected = linear.fc.weight[x].squeeze(-1).sum(1, keepdim=True) + 0.5
+    assert torch.allclose(linear(x), expected)
+
+
+def test_cross_network_applies_x_next_equals_x0_times_x_dot_w_plus_b_plus_x():
+    torch.manual_seed(0)
+    cross = CrossNetwork(4, num_layers=2)
+    for layer in cross.layers:
+        nn.init.normal_(layer.b)
+    x0 = torch.randn(3, 4)
+    x = x0
+    for layer in cross.layers:
+        x = x0 * (x @ layer.w.weight.T) + layer.b + x
+    assert torch.allclose(cross(x0), x, atol=1e-6)
+
+
+def test_logarithmic_neurons_compute_the_clipped_weighted_product_of_one_plus_abs_embeddings():
+    """AFN's neuron j: relu(prod_i (1 + |e_i|)^{w_ji} - 1) (with torchfm's 1e-7 inside the log)."""
+    lnn = LNN(num_fields=2, embed_dim=3, lnn_dim=3)
+    with torch.no_grad():
+        lnn.weight.copy_(torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0]]))
+    e = torch.tensor([[[0.5, -2.0, 0.0], [1.0, 0.0, -3.0]]], dtype=torch.float32)  # [B=1, F=2, E=3]
+    a = 1 + e.abs() + 1e-7
+    expected = torch.stack([a[:, 0] - 1, a[:, 0] ** 2 * a[:, 1] - 1, torch.zeros_like(a[:, 0])], 1)
+    assert torch.allclose(lnn(e), expected.flatten(1), atol=1e-5)
+
+
+def test_embedding_tables_are_xavier_uniform_and_the_linear_weights_standard_normal():
+    torch.manual_seed(0)
+    table = FeaturesEmbedding(8, num_embeddings=20000)
+    assert table.weight.abs().max() <= math.sqrt(6 / (20000 + 8))  # xavier_uniform's bound
+    linear = FeaturesEmbedding(1, num_embeddings=20000, init="normal")
+    assert 0.95 < linear.weight.std().item() < 1.05
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_parameter_of_every_model_receives_a_gradient(name):
+    """No term of the model is left out of the logit (FM's, the cross network's, AutoInt's attention and residual,
+    the linear term)."""
+    torch.manual_seed(0)
+    sizes = {"fm": {}, "deepfm": {"mlp_dims": [8]}, "deepcross": {"mlp_dims": [8], "num_cross_layers": 2},
+             "autoint": {"mlp_dims": [8], "num_attn_layers": 1}, "afn": {"lnn_dim": 4, "mlp_dims": [8]}}[name]
+    model = MODELS[name](field_dims=[3, 4, 5], embed_dim=4, **sizes)
+    x = torch.stack([torch.randint(0, 3, (6,)), torch.randint(3, 7, (6,)), torch.randint(7, 12, (6,))], 1)
+    model(x).sum().backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, silent
+
+
+@pytest.mark.parametrize("name", ["deepfm", "deepcross", "autoint", "afn"])
+def test_mlp_blocks_are_linear_batchnorm_relu_dropout_with_the_given_dropout(name):
+    model = MODELS[name](field_dims=[3, 4, 5], dropout=0.3, **SMALL.get(name, {}))
+    for block in model.mlp:
+        assert [type(m) for m in block] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+        assert block[3].p == 0.3
+    if name == "autoint":
+        assert all(layer.attn.dropout == 0.3 for layer in model.attention)
+
+
+def test_default_sizes_are_the_reference_codes():
+    deepfm, afn = MODELS["deepfm"](), MODELS["afn"]()
+    assert deepfm.detach_mlp_input and deepfm.embedding.dim == 10
+    assert [b[0].out_features for b in deepfm.mlp] == [400, 400, 400]
+    assert afn.embedding.dim == 10 and tuple(afn.lnn.weight.shape) == (1500, 39)
+    assert MODELS["fm"]().embedding.dim == 16
+    deepcross = MODELS["deepcross"]()
+    assert deepcross.embedding.dim == 16 and [b[0].out_features for b in deepcross.mlp] == [1024, 1024]
+    autoint = MODELS["autoint"]()
+    assert autoint.embedding.dim == 16 and autoint.attn_embedding.out_features == 32
+    assert autoint.attention[0].attn.num_heads == 2 and autoint.residual is not None

@@ -173,3 +173,38 @@ def test_transport_map_names_a_missing_recipe_and_writes_nothing(tmp_path, capsy
     assert transport_map.main(["--recipes", str(missing), "--out", str(tmp_path / "t.md")]) == 2
     assert f"{missing}: recipe file not found" in capsys.readouterr().err
     assert not (tmp_path / "t.md").exists()
+
+
+def test_a_weight_added_to_an_activation_that_needs_its_gradient_is_not_transported():
+    """An addition's backward passes the gradient through without reading either operand (a learned offset on a
+    hidden state, a bias added after a matmul)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"first": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+    model.shift = nn.Parameter(torch.zeros(4))
+    loss = model["head"](model["first"](torch.randn(3, 4)) + model.shift).square().mean()
+    used = transported_parameters(loss, {id(p): n for n, p in model.named_parameters()})
+    assert "head.weight" in used and "first.weight" not in used and "shift" not in used
+
+
+def test_the_summary_and_the_counts_keep_matrices_scales_and_biases_apart(tmp_path):
+    _, audit = audited_mlp(tmp_path, "bp")
+    head = by_name(audit)["head"]
+    assert (head.matrix_params, head.elementwise_params, head.other_params) == (32 * 4, 0, 4)  # a bias is no scale
+    assert audit.summary() == ("WeightTransportAudit (bp): W^T used in the backward for 1,152 of 1,664 matrix "
+                               "parameters (69%), in 2 of 3 modules: blocks.1.0, head; elementwise scales used: 0")
+
+
+def test_a_norm_scale_read_by_the_backward_is_elementwise_transport_and_no_matrix_module(tmp_path):
+    audit = lm_audit(tmp_path, "pre", ["blocks.*.out"])
+    ln = by_name(audit)["blocks.0.ln_1"]  # its input, the embeddings, needs a gradient
+    assert ln.transported and (ln.matrix_params, ln.elementwise_params, ln.other_params) == (0, 16, 16)
+    t = audit.totals()
+    assert t["transported_elementwise_params"] >= 16
+    matrix_modules = [m for m in audit.modules if m.matrix_params]
+    transported = sum(m.transported for m in matrix_modules)
+    assert t["transported_modules"] == transported < sum(m.transported for m in audit.modules)
+
+
+def test_the_indices_of_repeated_layers_print_as_ranges():
+    assert transport_map._ranges(["0", "1", "2", "5"]) == "0-2, 5"
+    assert transport_map._ranges(["3", "1", "2"]) == "1-3" and transport_map._ranges(["7"]) == "7"

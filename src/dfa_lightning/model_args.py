@@ -19,6 +19,10 @@ __all__ = ["model_arg_problem", "null_arg_problem", "learning_rate_problem", "MA
 #: ``int`` arguments of the package's models that may be 0: no frequencies, no extra layers of one kind.
 MAY_BE_ZERO = frozenset({"num_freqs", "num_freqs_dir", "num_freqs_xyz", "num_cross_layers", "num_attn_layers"})
 OWN_MODELS = "dfa_lightning.models."
+#: scheduler arguments that give a rate of their own whatever the optimizer's ``lr`` (OneCycleLR's and CyclicLR's
+#: bounds, the cosine schedules' ``eta_min``, which they anneal towards); not ``min_lr`` (ReduceLROnPlateau only
+#: floors a decrease) nor ``lr_lambda`` (LambdaLR scales the optimizer's rate)
+RATE_SETTING = frozenset({"max_lr", "base_lr", "eta_min"})
 
 
 def _model_class(class_path: str) -> type | None:
@@ -88,13 +92,20 @@ def learning_rate_problem(lr: Any, scheduler_args: Mapping[str, Any], param_grou
                           ) -> str | None:
     """``lr: 0`` with nothing that gives any parameter another rate: every weight stays where it started, and the
     run reported the initial weights' test score as a result. A group with its own ``lr`` (some recipes freeze a
-    group with lr 0 on purpose, others train one) or a scheduler that sets the rate itself (OneCycleLR's
-    ``max_lr``, CyclicLR's ``base_lr``) keeps the run."""
+    group with lr 0 on purpose, others train one) or a scheduler that gives a rate itself (OneCycleLR's
+    ``max_lr``, CyclicLR's ``base_lr``, a cosine schedule's ``eta_min``) keeps the run."""
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr > 0:
         return None
     if lr < 0:
         return f"lr is {lr}: expected a rate > 0"
-    if any("lr" in key for key in scheduler_args) or any(group.get("lr", 0) != 0 for group in param_groups):
+    if (any(key in RATE_SETTING and _nonzero(value) for key, value in scheduler_args.items())
+            or any(group.get("lr", 0) != 0 for group in param_groups)):
         return None
     return ("lr is 0: no parameter would change, and the run would report the initial weights as trained; to "
             "score those, run `test --ckpt_path init`")
+
+
+def _nonzero(value: Any) -> bool:
+    """A rate, or per-group rates, other than 0 (``max_lr: 0`` gives no rate either)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(not isinstance(v, (int, float)) or v != 0 for v in values)
