@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from dfa_lightning import memory
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 from dfa_lightning.data import nerf as nd
 from dfa_lightning.errors import ConfigError, DatasetError
@@ -581,13 +582,11 @@ def test_the_memory_check_scales_a_probe_of_the_batch_and_leaves_the_random_stat
 
 
 def _mem_available() -> int:
-    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+    line = next(row for row in Path("/proc/meminfo").read_text().splitlines() if row.startswith("MemAvailable:"))
     return int(line.split()[1]) * 1024
 
 
 def test_free_cpu_bytes_is_memavailable_in_bytes_capped_by_the_cgroup_headroom(tmp_path, monkeypatch):
-    import dfa_lightning.memory as memory
-
     if not Path("/proc/meminfo").is_file():
         pytest.skip("no /proc/meminfo")
     monkeypatch.setattr(memory, "CGROUP_FILES", ())
