@@ -207,13 +207,19 @@ def test_a_zero_filled_file_is_named_as_binary(wt2_root, tmp_path):
     assert _setup_error(path, tmp_path).startswith(f"{path}:2: a NUL byte: binary data")
 
 
-def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+def _tiny_wikitext(tmp_path: Path, texts: dict[str, str]) -> Path:
     root = tmp_path / "data" / "wikitext-2"
     root.mkdir(parents=True)
-    for split in WT2_TOKENS:  # the first 300 lines of each file: the code path, not the real vocabulary
-        lines = (wt2_root / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-        (root / f"{split}.txt").write_text("".join(lines[:300]), encoding="utf-8")
+    for split, text in texts.items():
+        (root / f"{split}.txt").write_text(text, encoding="utf-8")
+    return root.parent
+
+
+def test_bpe_tokenizer_trains_on_train_and_round_trips(wt2_root, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    # the first 300 lines of each file: the code path, not the real vocabulary
+    root = _tiny_wikitext(tmp_path, {split: "".join((wt2_root / "wikitext-2" / f"{split}.txt").read_text(
+        encoding="utf-8").splitlines(keepends=True)[:300]) for split in WT2_TOKENS}) / "wikitext-2"
     dm = WikiTextDataModule(root=str(root.parent), cache_dir=str(tmp_path / "cache"), tokenizer="bpe",
                             vocab_size=500, streams=2, seq_len=8, download=False, verify=False)
     dm.setup()
@@ -416,14 +422,6 @@ def test_lm_operator_proxy_script_runs_each_variant_and_records_its_setup(wt2_ro
         assert r["steps"] == 3 and math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1
     assert results["after_lowrank_shared_bf16proj"]["config"]["projection_dtype"] == "gradient"
     assert "| before_shared |" in out.with_suffix(".md").read_text()
-
-
-def _tiny_wikitext(tmp_path: Path, texts: dict[str, str]) -> Path:
-    root = tmp_path / "data" / "wikitext-2"
-    root.mkdir(parents=True)
-    for split, text in texts.items():
-        (root / f"{split}.txt").write_text(text, encoding="utf-8")
-    return root.parent
 
 
 def test_each_setting_that_changes_the_ids_has_its_own_cache_and_lowercase_applies_to_every_split(tmp_path):
