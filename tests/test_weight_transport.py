@@ -12,8 +12,10 @@ from dfa_lightning import transport_map
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy, WeightTransportAudit
 from dfa_lightning.callbacks.weight_transport import transported_parameters
 from dfa_lightning.feedback.engine import FeedbackEngine
+from dfa_lightning.models.mlp import MLP
 from dfa_lightning.models.transformer import TransformerLM
 from dfa_lightning.module import TaskModule
+from dfa_lightning.tasks.classification import Classification
 from dfa_lightning.tasks.language_modeling import LanguageModeling
 from helpers import build, params, trainer
 from conftest import REPO
@@ -208,3 +210,25 @@ def test_a_norm_scale_read_by_the_backward_is_elementwise_transport_and_no_matri
 def test_the_indices_of_repeated_layers_print_as_ranges():
     assert transport_map._ranges(["0", "1", "2", "5"]) == "0-2, 5"
     assert transport_map._ranges(["3", "1", "2"]) == "1-3" and transport_map._ranges(["7"]) == "7"
+
+
+
+class FirstOfSeveralLoaders(Classification):
+    """Trains on the first of the loaders given to ``fit``: Lightning hands the step one batch from each."""
+
+    def step(self, model, batch, stage):
+        return super().step(model, batch[0] if stage == "train" else batch, stage)
+
+
+def test_the_audit_stops_the_engine_capturing_activations_once_its_step_has_learned_the_segments(tmp_path):
+    """With several training loaders there is no probe batch, so the audited step captures the points' outputs to
+    learn the segments; left on, every later forward would keep a step of activations alive."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    loaders = [DataLoader(TensorDataset(x, y), batch_size=16) for _ in range(2)]
+    module = TaskModule(MLP(16, 4, hidden=[32, 32]), FirstOfSeveralLoaders(4))
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
+    audit = WeightTransportAudit(verbose=False)
+    trainer(tmp_path, [dfa, audit], max_steps=3).fit(module, train_dataloaders=loaders)
+    assert by_name(audit)["blocks.1.0"].segment == "blocks.1"  # learnt from the audited step itself
+    assert dfa.engine.capture is None
