@@ -443,6 +443,26 @@ def test_resuming_a_dfa_checkpoint_under_another_rule_or_its_signal_is_refused(t
     trainer(tmp_path, [rule()], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data, ckpt_path=str(ckpt))  # same
 
 
+def test_resuming_a_shallow_checkpoint_with_other_points_is_refused(tmp_path):
+    """The points decide which layers shallow trains: resumed with others, another set trained on in silence."""
+    from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+    from dfa_lightning.errors import ConfigError
+
+    def rule(points):
+        return FeedbackAlignmentStrategy(method="shallow", feedback_points=points, verbose=False)
+
+    module, data, _ = build("shallow", optimizer=adam)
+    t = trainer(tmp_path, [rule(["blocks.*"])], max_epochs=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "shallow.ckpt"
+    t.save_checkpoint(ckpt)
+    with pytest.raises(ConfigError, match=r"other feedback settings: \['feedback_points'\]"):
+        trainer(tmp_path, [rule(["blocks.0"])], max_epochs=2).fit(build("shallow", optimizer=adam)[0], data,
+                                                                  ckpt_path=str(ckpt))
+    trainer(tmp_path, [rule(["blocks.*"])], max_epochs=2).fit(build("shallow", optimizer=adam)[0], data,
+                                                              ckpt_path=str(ckpt))
+
+
 def test_shallow_under_ddp_that_does_not_look_for_unused_parameters_is_refused_before_launch():
     """Both ranks stopped with DDP's unused-parameter traceback after the first step; the README alone said why."""
     import pytorch_lightning as pl

@@ -223,9 +223,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             raise ConfigError(f"the checkpoint was trained by {saved['method']} and this recipe trains by "
                               f"{self.method}: resume with the recipe it was trained with (a checkpoint's weights "
                               "under another rule are a new run: `test --ckpt_path` scores them)")
-        if self._fitting and saved.get("method") == "dfa" and self.method == "dfa":
-            keys = ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz",
-                    "error", "feedback_norm", "batch_dims")
+        if self._fitting and saved.get("method") == self.method and self.method in RESUME_KEYS:
+            keys = RESUME_KEYS[self.method]
             changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
             if changed:
                 why = (f" (this rule's seed, {self.config['seed']}, comes from seed_everything; the checkpoint's was "
@@ -235,6 +234,15 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self._loaded = state_dict.get("feedback")
         if self.engine is not None and self._loaded is not None and self.method == "dfa":
             self.engine.load_feedback_state(self._loaded)
+
+
+# What a resumed fit must share with its checkpoint: under DFA every setting that shapes B or the signal through it;
+# under shallow the points and the output, which decide the layers that train.
+RESUME_KEYS = {
+    "dfa": ("feedback_points", "output", "init", "scale", "shared_slices", "seed", "operator", "rank", "nnz", "error",
+            "feedback_norm", "batch_dims"),
+    "shallow": ("feedback_points", "output"),
+}
 
 
 def attached_engines(model: nn.Module) -> list[FeedbackEngine]:
