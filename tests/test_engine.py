@@ -89,6 +89,43 @@ def test_each_layer_gets_hand_computed_dfa_update_with_random_feedback():
     torch.testing.assert_close(model.head.weight.grad, e.T @ torch.tanh(a2).detach(), atol=1e-10, rtol=1e-8)
 
 
+class SmallCNN(nn.Module):
+    """Two conv blocks (points with 4-D outputs [N, C, H, W]) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh()),
+                                    nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh()))
+        self.head = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).flatten(1))
+
+
+@pytest.mark.parametrize("projection", list(PROJECTIONS))
+def test_a_conv_point_gets_b_e_over_its_channels_and_pixels_and_no_gradient_from_above(projection):
+    """Any model: a conv block's point is C·H·W wide; each sample's B_i e is shaped as its feature map."""
+    torch.manual_seed(4)
+    model = SmallCNN()
+    engine = FeedbackEngine(model, ["blocks.*"], init="gaussian", seed=2, **PROJECTIONS[projection])
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 5, (6,))
+    draw(engine, x)
+    assert [p.width for p in engine.points] == [3 * 5 * 5, 4 * 3 * 3]
+    engine.reset()
+    logits = ran(model(x), projection)
+    F.cross_entropy(logits, y).backward()
+    e = (torch.softmax(logits.detach(), 1) - F.one_hot(y, 5)) / 6
+    M = engine.matrix.to(torch.float64)
+    (s0, t0), (s1, t1) = engine._layout.slices
+    conv1, conv2 = model.blocks[0][0], model.blocks[1][0]
+    h1 = torch.tanh(conv1(x)).detach()
+    for conv, inp, (s, t) in ((conv1, x, (s0, t0)), (conv2, h1, (s1, t1))):
+        out = torch.tanh(conv(inp))
+        expected = torch.autograd.grad(out, [conv.weight, conv.bias], (e @ M[:, s:t]).view_as(out))
+        torch.testing.assert_close(conv.weight.grad, expected[0], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(conv.bias.grad, expected[1], atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("projection", list(PROJECTIONS))
 def test_points_before_the_activation_send_b_e_to_the_pre_activation_without_f_prime(projection):
     """The f' switch is placement: with the points on each block's Linear (``blocks.*.0``), the update is

@@ -783,3 +783,62 @@ def test_lr_zero_is_refused_under_a_scheduler_whose_lr_named_argument_starts_no_
     assert learning_rate_problem(0, {"base_lr": 0.01, "max_lr": 0.1}, []) is None  # CyclicLR sets its own rate
     assert learning_rate_problem(0, {"T_max": 4, "eta_min": 0.1}, []) is None  # cosine: anneals from 0 up to 0.1
     assert learning_rate_problem(0, {"max_lr": 0, "total_steps": 9}, []).startswith("lr is 0: ")
+
+
+USER_MODEL = '''
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A user's own network: nothing in it knows of DFA."""
+
+    def __init__(self, side: int = 4, classes: int = 4, channels: int = 6) -> None:
+        super().__init__()
+        self.side = side
+        self.features = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(channels * side * side, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x.view(-1, 1, self.side, self.side)).flatten(1))
+'''
+
+USER_RECIPE = """
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  callbacks:
+    - class_path: dfa_lightning.callbacks.FeedbackAlignmentStrategy
+      init_args:
+        feedback_points: [torch.nn.Conv2d]
+model:
+  model:
+    class_path: my_models.TinyCNN
+  task:
+    class_path: dfa_lightning.tasks.classification.Classification
+    init_args:
+      num_classes: 4
+data:
+  class_path: dfa_lightning.data.synthetic.SyntheticClassificationDataModule
+  init_args:
+    num_samples: 64
+    in_features: 16
+    batch_size: 16
+"""
+
+
+def test_a_users_own_model_trains_by_dfa_from_a_recipe_with_points_chosen_by_module_type(tmp_path, monkeypatch):
+    """The card's promise: any model, by configuration only. A conv net in the user's own package, its points
+    given by type: each conv's [N, C, H, W] output gets B e over its C·H·W features, and every weight trains."""
+    (tmp_path / "my_models.py").write_text(USER_MODEL)
+    (tmp_path / "recipe.yaml").write_text(USER_RECIPE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli = run(["--config", str(tmp_path / "recipe.yaml"), *QUIET, "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"], run=False)
+    before = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    (rule,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FeedbackAlignmentStrategy"]
+    assert [(p.name, p.width) for p in rule.engine.points] == [("features.0", 96), ("features.2", 96)]
+    assert rule.engine.segments["features.0"] and rule.engine.segments["features.2"]
+    for name, p in cli.model.model.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not train"
