@@ -618,3 +618,19 @@ def test_the_monitor_probes_at_steps_0_n_2n(tmp_path):
     monitor.measure = lambda *args: steps.append(t.global_step) or measure(*args)
     t.fit(module, data)
     assert steps == [0, 2]
+
+
+def test_the_readmes_python_example_trains_by_dfa_and_reports_alignment(tmp_path, monkeypatch):
+    """The README's "From Python" block, run as written (in a scratch folder: its Trainer logs to the CWD)."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**From Python.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md (From Python)", "exec"), scope)
+    acc = scope["trainer"].callback_metrics["test/acc"]
+    assert acc > 0.8
+    last = scope["monitor"].last
+    assert set(last) == {f"align/{kind}/{p}" for kind in ("signal_cos", "update_cos", "update_ratio") for p in "13"}
+    assert last["align/signal_cos/3"] > 0.5
