@@ -261,7 +261,8 @@ def test_the_checkpoint_of_the_same_recipe_still_loads(gcn_checkpoint, tmp_path,
 
     assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(gcn_checkpoint),
                  "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir", str(tmp_path / "cache"),
-                 "--trainer.logger", "false", *QUIET]) == 0
+                 "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *QUIET]) == 0
+    assert (tmp_path / "config.yaml").exists()  # the resolved config goes to the run's folder, not the CWD
 
 
 @pytest.mark.parametrize("flag, expected", [
