@@ -11,6 +11,14 @@ from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks.classification import Classification
 
 
+class FirstOfSeveralLoaders(Classification):
+    """Trains on the first of the loaders given to ``fit`` (Lightning hands the step one batch from each): a fit
+    with several training loaders has no single first batch, so the setup probe has none."""
+
+    def step(self, model, batch, stage):
+        return super().step(model, batch[0] if stage == "train" else batch, stage)
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.1)
 

@@ -136,3 +136,15 @@ def test_final_alignment_scores_every_node_of_a_graph_batch_unless_told_otherwis
     FinalAlignment(all_nodes=False).on_train_end(stub, module)
     assert masks == [[True] * 4, [True, False, False, True]]
     assert graph.train_mask.tolist() == [True, False, False, True]
+
+
+def test_final_alignment_is_empty_for_a_shallow_run_even_after_a_dfa_fit(tmp_path):
+    """A table of runs reads BP and shallow rows as "not measured": neither a shallow rule's nor an earlier fit's
+    values may show up there."""
+    module, data, strategy = build("dfa")
+    final = FinalAlignment()
+    trainer(tmp_path, [strategy, final], max_steps=1).fit(module, datamodule=data)
+    assert final.points == ["blocks.0", "blocks.1"]
+    module, data, shallow = build("shallow")
+    trainer(tmp_path, [shallow, final], max_steps=1).fit(module, datamodule=data)
+    assert (final.alignment, final.points, final.deepest) == ({}, [], None)

@@ -15,7 +15,7 @@ from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.models.mlp import MLP
 from dfa_lightning.module import TaskModule
 from dfa_lightning.tasks.classification import Classification
-from helpers import adam, build, params, sgd, trainer
+from helpers import FirstOfSeveralLoaders, adam, build, params, sgd, trainer
 
 
 def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -149,6 +149,7 @@ def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
     monitor = AlignmentMonitor(every_n_steps=1)
     trainer(tmp_path, [dfa2, monitor], max_steps=5).fit(watched, data)
     assert_same(params(plain), params(watched))
+    assert dfa2.engine.capture is None  # the probe's capture would hold a step of activations from then on
     keys = set(monitor.last)
     for point in ("blocks.0", "blocks.1"):
         assert {f"align/signal_cos/{point}", f"align/update_cos/{point}", f"align/update_ratio/{point}"} <= keys
@@ -417,8 +418,10 @@ def test_alignment_is_measured_when_nothing_trainable_lies_between_the_last_poin
 
 
 @pytest.mark.parametrize("change", [
-    dict(method="bp"), dict(method="shallow"), dict(error="sign"), dict(feedback_norm="layer"), dict(name="other")],
-    ids=["to bp", "to shallow", "error sign", "feedback norm", "renamed"])
+    dict(method="bp"), dict(method="shallow"), dict(error="sign"), dict(feedback_norm="layer"), dict(name="other"),
+    dict(init="gaussian"), dict(feedback_points=["blocks.*.0"]), dict(operator="lowrank", rank=2)],
+    ids=["to bp", "to shallow", "error sign", "feedback norm", "renamed", "init", "other points of the same widths",
+         "operator"])
 def test_resuming_a_dfa_checkpoint_under_another_rule_or_its_signal_is_refused(tmp_path, change):
     """A DFA checkpoint resumed by a BP or shallow recipe trained on under the other rule, filed under its name; a
     changed error or feedback norm changed the signal mid-run; a renamed rule drew a new B, with only Lightning's
@@ -436,7 +439,9 @@ def test_resuming_a_dfa_checkpoint_under_another_rule_or_its_signal_is_refused(t
     ckpt = tmp_path / "dfa.ckpt"
     t.save_checkpoint(ckpt)
     expected = {"method": r"trained by dfa and this recipe trains by", "error": r"other feedback settings: \['error'\]",
-                "feedback_norm": r"\['feedback_norm'\]", "name": r"this run's rule is .*'other'"}[next(iter(change))]
+                "feedback_norm": r"\['feedback_norm'\]", "name": r"this run's rule is .*'other'",
+                "init": r"\['init'\]", "feedback_points": r"\['feedback_points'\]",
+                "operator": r"\['operator', 'rank'\]"}[next(iter(change))]
     with pytest.raises(ConfigError, match=expected):
         trainer(tmp_path, [rule(**change)], max_epochs=2).fit(build("dfa", optimizer=adam)[0], data,
                                                              ckpt_path=str(ckpt))
@@ -634,3 +639,104 @@ def test_the_readmes_python_example_trains_by_dfa_and_reports_alignment(tmp_path
     last = scope["monitor"].last
     assert set(last) == {f"align/{kind}/{p}" for kind in ("signal_cos", "update_cos", "update_ratio") for p in "13"}
     assert last["align/signal_cos/3"] > 0.5
+
+
+def test_the_setup_probe_leaves_the_mode_the_statistics_and_the_random_state_as_it_found_them(tmp_path):
+    """The probe at setup runs one forward (eval mode) on the first batch of a shuffled loader, through a step that
+    draws random numbers (as NeRF's jittered samples): training must start in train mode with the BatchNorm
+    statistics, the global RNG (the data order, dropout) and the engine's capture as they were."""
+    module, _, dfa = build("dfa", dropout=0.3)
+    module.model.blocks[0].insert(1, torch.nn.BatchNorm1d(32))
+    step = module.task.step
+    module.task.step = lambda *args: (torch.rand(1), step(*args))[1]
+    data = SyntheticClassificationDataModule(num_samples=64, in_features=16, num_classes=4, batch_size=32,
+                                             shuffle=True)
+    seen = {}
+
+    class Look(pl.Callback):
+        def __init__(self, when):
+            self.when = when
+
+        def setup(self, trainer, pl_module, stage):
+            seen[self.when] = torch.get_rng_state(), {k: v.clone() for k, v in pl_module.model.named_buffers()}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["step"] = pl_module.model.training, dfa.engine.capture
+
+    trainer(tmp_path, [Look("before"), dfa, Look("after")], max_steps=1).fit(module, data)
+    (rng, buffers), (rng_after, buffers_after) = seen["before"], seen["after"]
+    assert torch.equal(rng, rng_after)
+    assert_same(buffers, buffers_after)
+    assert seen["step"] == (True, None)
+
+
+def test_a_named_rules_checkpoint_is_scored_by_any_rule_but_resumed_only_under_its_name(tmp_path):
+    """Resumed by an unnamed rule, the named rule's B was left behind and a fresh one drawn with only Lightning's
+    note that a callback is missing; `test --ckpt_path` uses no B, so any rule (BP too) scores the checkpoint."""
+    def rule(**kwargs):
+        return FeedbackAlignmentStrategy(**{"feedback_points": ["blocks.*"], "seed": 1, "verbose": False, **kwargs})
+
+    module, data, _ = build("dfa")
+    t = trainer(tmp_path, [rule(name="net")], max_steps=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "named.ckpt"
+    t.save_checkpoint(ckpt)
+    for other in (rule(), rule(method="bp", name="net")):
+        assert trainer(tmp_path, [other]).test(build("dfa")[0], data, ckpt_path=str(ckpt), verbose=False)
+    with pytest.raises(ConfigError, match=r"holds the feedback state of .*'net'.*this run's rule is "
+                                          r"'FeedbackAlignmentStrategy'"):
+        trainer(tmp_path, [rule()], max_steps=2).fit(build("dfa")[0], data, ckpt_path=str(ckpt))
+
+
+def test_a_rule_that_scored_a_checkpoint_before_its_first_fit_trains_on_with_the_checkpoints_matrix(tmp_path):
+    """`test(ckpt_path=...)` loads the weights into the module and B into the rule: a fit that follows (a notebook)
+    goes on with that B, not a fresh draw the weights were never trained with."""
+    module, data, dfa = build("dfa")
+    t = trainer(tmp_path, [dfa], max_steps=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "k.ckpt"
+    t.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
+    torch.save(state, ckpt)
+    fresh, _, rule = build("dfa")
+    trainer(tmp_path, [rule]).test(fresh, data, ckpt_path=str(ckpt), verbose=False)
+    trainer(tmp_path, [rule], max_steps=1).fit(fresh, data)
+    torch.testing.assert_close(rule.engine.matrix, dfa.engine.matrix * 2)
+
+
+def test_the_feedback_checksum_covers_every_tensor_of_the_operator_in_any_key_order():
+    """The ranks compare these: a low-rank B that differs only in its first factor must not pass as the same one."""
+    from dfa_lightning.callbacks.feedback_alignment import feedback_checksum
+
+    g = torch.Generator().manual_seed(0)
+    state = {"u": torch.randn(4, 2, generator=g), "v": torch.randn(2, 8, generator=g)}
+    other = {k: v.clone() for k, v in state.items()}
+    other["u"][0, 0] += 1e-6
+    assert feedback_checksum(state) != feedback_checksum(other)
+    assert feedback_checksum(state) == feedback_checksum({"v": state["v"], "u": state["u"]})
+
+
+def test_the_monitor_probes_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    module, data, dfa = build("dfa", batch_size=16)
+    monitor = AlignmentMonitor(every_n_steps=1)
+    t = trainer(tmp_path, [dfa, monitor], max_steps=2, accumulate_grad_batches=2)
+    steps, measure = [], monitor.measure
+    monitor.measure = lambda *args: steps.append(t.global_step) or measure(*args)
+    t.fit(module, data)
+    assert steps == [0, 1]
+
+
+def test_the_monitor_measures_the_updates_on_a_run_without_a_probe_batch(tmp_path):
+    """With several training loaders the setup probe has no batch and the segments are unknown until the monitor's
+    own pass learns them: the update metrics were otherwise missing without a word."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    loaders = [DataLoader(TensorDataset(x, y), batch_size=16) for _ in range(2)]
+    module = TaskModule(MLP(16, 4, hidden=[32, 32]), FirstOfSeveralLoaders(4), optimizer=sgd)
+    monitor = AlignmentMonitor(every_n_steps=1)
+    dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
+    trainer(tmp_path, [dfa, monitor], max_steps=1).fit(module, train_dataloaders=loaders)
+    assert {f"align/{m}/blocks.{i}" for m in ("update_cos", "update_ratio") for i in (0, 1)} <= set(monitor.last)

@@ -15,9 +15,8 @@ from dfa_lightning.feedback.engine import FeedbackEngine
 from dfa_lightning.models.mlp import MLP
 from dfa_lightning.models.transformer import TransformerLM
 from dfa_lightning.module import TaskModule
-from dfa_lightning.tasks.classification import Classification
 from dfa_lightning.tasks.language_modeling import LanguageModeling
-from helpers import build, params, trainer
+from helpers import FirstOfSeveralLoaders, build, params, trainer
 from conftest import REPO
 
 
@@ -211,13 +210,6 @@ def test_the_indices_of_repeated_layers_print_as_ranges():
     assert transport_map._ranges(["0", "1", "2", "5"]) == "0-2, 5"
     assert transport_map._ranges(["3", "1", "2"]) == "1-3" and transport_map._ranges(["7"]) == "7"
 
-
-
-class FirstOfSeveralLoaders(Classification):
-    """Trains on the first of the loaders given to ``fit``: Lightning hands the step one batch from each."""
-
-    def step(self, model, batch, stage):
-        return super().step(model, batch[0] if stage == "train" else batch, stage)
 
 
 def test_the_audit_stops_the_engine_capturing_activations_once_its_step_has_learned_the_segments(tmp_path):
