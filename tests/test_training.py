@@ -740,3 +740,20 @@ def test_the_monitor_measures_the_updates_on_a_run_without_a_probe_batch(tmp_pat
     dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
     trainer(tmp_path, [dfa, monitor], max_steps=1).fit(module, train_dataloaders=loaders)
     assert {f"align/{m}/blocks.{i}" for m in ("update_cos", "update_ratio") for i in (0, 1)} <= set(monitor.last)
+
+
+def test_a_rule_that_only_scored_a_checkpoint_saves_that_checkpoints_matrix_again(tmp_path):
+    """`test(ckpt_path=...)` then `save_checkpoint` (a notebook) with no fit in between: the rule has no engine,
+    and the B it loaded must still go into the new file, or a later resume would draw a fresh one."""
+    module, data, dfa = build("dfa")
+    t = trainer(tmp_path, [dfa], max_steps=1)
+    t.fit(module, data)
+    ckpt = tmp_path / "k.ckpt"
+    t.save_checkpoint(ckpt)
+    fresh, _, rule = build("dfa")
+    t2 = trainer(tmp_path, [rule])
+    t2.test(fresh, data, ckpt_path=str(ckpt), verbose=False)
+    assert rule.engine is None
+    t2.save_checkpoint(tmp_path / "again.ckpt")
+    again = torch.load(tmp_path / "again.ckpt", weights_only=False)["callbacks"]["FeedbackAlignmentStrategy"]
+    torch.testing.assert_close(again["feedback"]["matrix"], dfa.engine.matrix)
