@@ -23,6 +23,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_data_left_as_it_was():
+    """Tests read the shared datasets and write only into copies: checked once over the whole session."""
+    before = _tree(SHARED_DATA) if SHARED_DATA.is_dir() else None
+    yield
+    if before is not None:
+        after = _tree(SHARED_DATA)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        assert not changed, f"the test session wrote into {SHARED_DATA}: {changed[:5]}"
+
+
+#: what a run leaves in its working directory when nothing tells it where to write (the repository root, here)
+RUN_LEFTOVERS = ("config.yaml", "lightning_logs", "checkpoints")
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_repository():
+    """A CLI run with no logger and no ``default_root_dir`` saves its resolved config in the CWD: each test's runs
+    go to its own tmp_path, so the one that writes here is named."""
+    before = {name for name in RUN_LEFTOVERS if (REPO / name).exists()}
+    yield
+    left = {name for name in RUN_LEFTOVERS if (REPO / name).exists()} - before
+    assert not left, f"this test wrote {sorted(left)} into the repository root: give its runs a tmp_path folder"
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -346,7 +346,7 @@ def test_ckpt_path_init_scores_the_initial_weights_on_purpose(tmp_path, capsys):
         pytest.skip("shared Cora not found")
     assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", "init", "--trainer.logger",
                  "false", "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir",
-                 str(tmp_path / "cache"), *QUIET]) == 0
+                 str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path), *QUIET]) == 0
 
 
 def test_predict_on_a_datamodule_without_prediction_data_is_one_line(gcn_checkpoint, capsys):
