@@ -148,3 +148,60 @@ def test_final_alignment_is_empty_for_a_shallow_run_even_after_a_dfa_fit(tmp_pat
     module, data, shallow = build("shallow")
     trainer(tmp_path, [shallow, final], max_steps=1).fit(module, datamodule=data)
     assert (final.alignment, final.points, final.deepest) == ({}, [], None)
+
+
+def test_a_placement_run_is_reused_only_for_the_same_points_and_arguments_and_must_use_its_points(tmp_path,
+                                                                                                  monkeypatch):
+    """run_one's cache key: the same label with other points, or other run arguments, trains again; and a run whose
+    rule did not get the placement's points is refused (the fake CLI stands in for training)."""
+    from dfa_lightning import studies
+
+    calls, used = [], {"points": None}
+
+    def fake_run(args, run=True):
+        calls.append(args)
+        points = used["points"] or json.loads(args[args.index("--trainer.callbacks.feedback_points") + 1])
+        rule = FeedbackAlignmentStrategy(feedback_points=points, verbose=False)
+        return SimpleNamespace(trainer=SimpleNamespace(callbacks=[rule]), test_results={"test/acc": 0.5})
+
+    monkeypatch.setattr(studies, "run", fake_run)
+    recipe, root = str(REPO / "recipes/gcn_dfa.yaml"), tmp_path / "runs"
+    one = ["--trainer.max_epochs", "1"]
+    assert placements.run_one(recipe, "paper", ["hidden"], 0, root, one)["metrics"] == {"test/acc": 0.5}
+    assert placements.run_one(recipe, "paper", ["hidden"], 0, root, one)["points"] == ["hidden"]
+    assert len(calls) == 1  # the same run: read back
+    placements.run_one(recipe, "paper", ["hidden"], 0, root, ["--trainer.max_epochs", "2"])
+    assert len(calls) == 2  # other run arguments
+    placements.run_one(recipe, "paper", ["conv1"], 0, root, ["--trainer.max_epochs", "2"])
+    assert len(calls) == 3  # other points under the same label
+    used["points"] = ["hidden"]
+    with pytest.raises(ConfigError, match=r"did not use the feedback points \['conv1'\]"):
+        placements.run_one(recipe, "paper", ["conv1"], 1, root)
+
+
+def test_the_placement_table_keeps_the_given_order_and_averages_the_alignment_over_seeds():
+    def result(label, seed, acc, cos):
+        return {"label": label, "points": ["hidden"], "seed": seed, "metrics": {"test/acc": acc},
+                "alignment": {"align/update_cos/hidden": cos, "align/signal_cos/hidden": cos}, "order": ["hidden"],
+                "seconds": 1.0}
+
+    text = placements.render([result("zeta", 0, 0.5, 0.2), result("zeta", 1, 0.7, 0.4),
+                              result("alpha", 0, 0.6, 0.9)], "test/acc", "cmd")
+    rows = [line for line in text.splitlines() if line.startswith("| zeta") or line.startswith("| alpha")]
+    assert [row.split(" | ")[0] for row in rows] == ["| zeta", "| alpha"]
+    assert rows[0].endswith("| 2 | hidden 0.30 | hidden 0.30 |")
+
+
+def test_a_recipe_with_several_rules_is_refused_as_placements_override_only_the_last(tmp_path):
+    """NeRF's recipes hold one rule per field: the placement's points would reach the fine field's rule only."""
+    with pytest.raises(ConfigError, match="must end with the recipe's one FeedbackAlignmentStrategy .found 2"):
+        placements.check_recipe(str(REPO / "recipes/nerf_dfa.yaml"))
+
+
+def test_two_placements_with_one_label_are_refused_before_training(tmp_path, capsys):
+    """They would share a run folder: the second would read back the first one's runs."""
+    argv = ["--recipe", str(REPO / "recipes/gcn_dfa.yaml"), "--placements", "a=hidden", "a=conv1", "--seeds", "0",
+            "--out", str(tmp_path / "x.md"), "--root", str(tmp_path / "runs")]
+    assert placements.main(argv) == 2
+    assert "--placements: labels must differ (got ['a', 'a'])" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

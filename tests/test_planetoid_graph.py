@@ -701,3 +701,30 @@ def test_input_and_hidden_dropout_act_in_training_only(name):
         torch.manual_seed(1)
         model(x, edge_index, w.view(-1, 1))
         assert torch.equal(seen["conv1"], x) != training and torch.equal(seen["conv2"], seen["hidden"]) != training
+
+
+def test_the_data_root_is_the_given_root_then_dfa_data_dir_then_the_cache_with_home_expanded(monkeypatch):
+    """A recipe's ``root:`` wins over ``$DFA_DATA_DIR``; ``~`` is the user's home in both; an empty variable is unset."""
+    from dfa_lightning.data import paths
+
+    monkeypatch.setenv(paths.ENV_VAR, "~/env_data")
+    assert paths.data_root("~/recipe_data") == Path.home() / "recipe_data"
+    assert paths.data_root(None) == Path.home() / "env_data"
+    monkeypatch.setenv(paths.ENV_VAR, "")
+    assert paths.data_root(None) == paths.DEFAULT_CACHE
+    monkeypatch.delenv(paths.ENV_VAR)
+    assert paths.data_root(None) == paths.DEFAULT_CACHE
+
+
+@pytest.mark.parametrize(("root", "env", "setting"), [("r", "/e", "`root:`"), (None, "/e", "$DFA_DATA_DIR"),
+                                                      (None, None, "the default folder")])
+def test_the_cache_fallback_warning_names_the_setting_the_empty_folder_came_from(root, env, setting, monkeypatch):
+    from dfa_lightning.data import paths
+
+    if env is None:
+        monkeypatch.delenv(paths.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(paths.ENV_VAR, env)
+    with pytest.warns(UserWarning, match=rf"^x: not in /s \(from {re.escape(setting)}\); using the copy in the "
+                                         "download cache /c$"):
+        paths.warn_cache_fallback("x", Path("/s"), Path("/c"), root)

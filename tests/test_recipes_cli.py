@@ -383,13 +383,15 @@ def test_an_empty_recipe_is_named_as_empty(tmp_path, capsys):
     assert _one_line_error(capsys) == f"error: {tmp_path / 'empty.yaml'}: the recipe is empty"
 
 
-@pytest.mark.parametrize("where", ["command line", "recipe"])
+@pytest.mark.parametrize("where", ["command line", "command line with init_args", "recipe"])
 def test_a_setting_of_the_wrong_type_is_named_with_the_type_expected_not_as_an_unknown_key(tmp_path, capsys, where):
     """`feedback_points: hidden` (no brackets) was "FeedbackAlignmentStrategy has no argument 'feedback_points'" on
-    the command line, and an empty reason in a recipe."""
-    if where == "command line":
+    the command line, and an empty reason in a recipe; typed with its `init_args` level it is still the command
+    line's, not the recipe's."""
+    if where.startswith("command line"):
         recipe = REPO / "recipes/gcn_dfa.yaml"
-        argv = ["fit", "--config", str(recipe), "--trainer.callbacks.feedback_points", "hidden"]
+        key = "trainer.callbacks." + ("init_args." if "init_args" in where else "") + "feedback_points"
+        argv = ["fit", "--config", str(recipe), f"--{key}", "hidden"]
         prefix = f"command line ({recipe})"
     else:
         recipe = _edited_recipe(tmp_path, "gcn_dfa.yaml", "feedback_points: [hidden]", "feedback_points: hidden")
@@ -843,3 +845,42 @@ def test_a_users_own_model_trains_by_dfa_from_a_recipe_with_points_chosen_by_mod
     assert rule.engine.segments["features.0"] and rule.engine.segments["features.2"]
     for name, p in cli.model.model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not train"
+
+
+def test_an_override_inside_a_recipe_list_typed_before_the_recipe_is_refused(capsys):
+    """`--trainer.callbacks.feedback_points [conv1] --config r.yaml`: the recipe's callbacks list comes after and
+    replaces what the flag set, so the rule would keep the recipe's points without a word."""
+    recipe = str(REPO / "recipes/gcn_dfa.yaml")
+    assert main(["fit", "--trainer.callbacks.feedback_points", "[conv1]", "--config", recipe]) == 2
+    assert _one_line_error(capsys) == (f"error: command line: --trainer.callbacks.feedback_points comes before "
+                                       f"--config {recipe}, which sets it again (later arguments win); put overrides "
+                                       "after the --config they change")
+
+
+def test_a_misspelt_key_given_with_equals_is_named_without_its_value_and_with_a_close_match(capsys):
+    recipe = REPO / "recipes/gcn_dfa.yaml"
+    assert main(["fit", "--config", str(recipe), "--trainer.max_epoch=1"]) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({recipe}): unknown key 'trainer.max_epoch' (did you "
+                                       "mean 'trainer.max_epochs'?)")
+
+
+def test_the_largest_seed_numpy_takes_is_accepted():
+    cli = run(["--config", str(REPO / "recipes/gcn_dfa.yaml"), "--seed_everything", str(2 ** 32 - 1)], run=False)
+    assert cli.config["seed_everything"] == 2 ** 32 - 1
+
+
+def test_a_folder_given_as_the_checkpoint_is_one_line_naming_the_checkpoints_in_it(tmp_path, capsys):
+    """Before anything is built; a run's checkpoints/ folder is the usual slip."""
+    (tmp_path / "best-epoch007.ckpt").touch()
+    (tmp_path / "last.ckpt").touch()
+    assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(tmp_path),
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false", *QUIET]) == 2
+    assert _one_line_error(capsys) == (f"error: ckpt_path {tmp_path}: a folder, not a checkpoint file (its "
+                                       "checkpoints: best-epoch007.ckpt, last.ckpt)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_logger_name_the_recipe_or_command_line_gives_is_kept():
+    """Only the default name is replaced by the recipe's: a name the user chose must not be overwritten."""
+    cli = run(["--config", str(REPO / "recipes/gcn_dfa.yaml"), "--trainer.logger.init_args.name", "mine"], run=False)
+    assert cli.trainer.logger.name == "mine"

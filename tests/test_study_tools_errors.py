@@ -287,6 +287,7 @@ def test_a_seed_among_the_run_arguments_is_a_usage_error(tool, seed, tmp_path, c
 @pytest.mark.parametrize(("reference", "why"), [
     ('{"gcn_dfaa": 0.79}', "'gcn_dfaa' is not a recipe of this sweep (gcn_dfa)"),
     ('{"gcn_dfa": "high"}', "gcn_dfa: expected a number, got 'high'"),
+    ('{"gcn_dfa": true}', "gcn_dfa: expected a number, got True"),  # a bool is an int to isinstance
     ('{"test/acc": {"gcn": 0.8}}', "'gcn' is not a recipe of this sweep"),
     ('[0.8]', "expected a JSON object"),
 ])
