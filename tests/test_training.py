@@ -74,6 +74,15 @@ def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(
     assert_same(params(straight), params(resumed))
 
 
+def doubled_matrix_checkpoint(t: pl.Trainer, path):
+    """``t``'s checkpoint with B doubled, a matrix the seed cannot produce: a fresh draw cannot pass for it."""
+    t.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)
+    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2
+    torch.save(state, path)
+    return path
+
+
 @pytest.mark.parametrize("bare", [False, True], ids=["datamodule", "bare dataloader"])
 def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path, bare):
     """Also without a datamodule (``fit(model, train_dataloaders=...)``): the probe still finds the first batch at
@@ -88,11 +97,7 @@ def test_resume_uses_the_checkpointed_matrix_not_a_fresh_draw(tmp_path, bare):
     t = trainer(tmp_path, [dfa], max_epochs=1)
     fit(t, first, data)
     assert dfa.engine.calibration is not None  # the probe ran at setup (the auto projection was measured)
-    ckpt = tmp_path / "k.ckpt"
-    t.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)
-    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
-    torch.save(state, ckpt)
+    ckpt = doubled_matrix_checkpoint(t, tmp_path / "k.ckpt")
     resumed, data, dfa2 = build("dfa")
     fit(trainer(tmp_path, [dfa2], max_epochs=2), resumed, data, ckpt_path=str(ckpt))
     torch.testing.assert_close(dfa2.engine.matrix, dfa.engine.matrix * 2)
@@ -694,11 +699,7 @@ def test_a_rule_that_scored_a_checkpoint_before_its_first_fit_trains_on_with_the
     module, data, dfa = build("dfa")
     t = trainer(tmp_path, [dfa], max_steps=1)
     t.fit(module, data)
-    ckpt = tmp_path / "k.ckpt"
-    t.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)
-    state["callbacks"]["FeedbackAlignmentStrategy"]["feedback"]["matrix"] *= 2  # a matrix the seed cannot produce
-    torch.save(state, ckpt)
+    ckpt = doubled_matrix_checkpoint(t, tmp_path / "k.ckpt")
     fresh, _, rule = build("dfa")
     trainer(tmp_path, [rule]).test(fresh, data, ckpt_path=str(ckpt), verbose=False)
     trainer(tmp_path, [rule], max_steps=1).fit(fresh, data)
