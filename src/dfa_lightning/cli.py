@@ -323,11 +323,12 @@ class DFALightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict"):
             ckpt_path = self._evaluated_checkpoint(config, ckpt_path)
+        path = Path(str(ckpt_path))
         if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
-                and not Path(str(ckpt_path)).is_file()):  # before any model or data is built: nothing to lose
-            if Path(str(ckpt_path)).is_dir():
-                raise ConfigError(f"ckpt_path {ckpt_path}: a folder, not a checkpoint file (its checkpoints: "
-                                  f"{', '.join(sorted(p.name for p in Path(str(ckpt_path)).glob('*.ckpt'))) or 'none'})")
+                and not path.is_file()):  # before any model or data is built: nothing to lose
+            if path.is_dir():
+                inside = ", ".join(sorted(p.name for p in path.glob("*.ckpt"))) or "none"
+                raise ConfigError(f"ckpt_path {ckpt_path}: a folder, not a checkpoint file (its checkpoints: {inside})")
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
         self._check_trainer_counts(config.get("trainer", {}))
         self._check_model_args(config)
