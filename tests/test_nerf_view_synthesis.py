@@ -15,8 +15,10 @@ from torch import nn
 
 from dfa_lightning import memory
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
+from dfa_lightning.callbacks.feedback_alignment import attached_engines
 from dfa_lightning.data import nerf as nd
 from dfa_lightning.errors import ConfigError, DatasetError
+from dfa_lightning.feedback.engine import FeedbackEngine
 from dfa_lightning.memory import free_bytes, leaf_output_bytes
 from dfa_lightning.models.nerf import NeRF
 from dfa_lightning.module import TaskModule
@@ -612,3 +614,36 @@ def test_free_cuda_bytes_counts_the_cache_torch_holds_but_does_not_use(monkeypat
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 500)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
     assert free_bytes(torch.device("cuda", 0)) == 1000 + 500 - 200
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa"])
+def test_a_python_api_fit_checks_the_batch_memory_once_and_before_the_dfa_probe(method, tmp_path, monkeypatch):
+    """The check ran from the CLI only: a Trainer built in code met the DFA callback's setup probe first, which runs
+    the whole first batch (the kernel's out-of-memory kill on the CPU)."""
+    import dfa_lightning.tasks.view_synthesis as vs
+
+    rays = torch.cat([torch.zeros(4096, 3), torch.nn.functional.normalize(torch.ones(4096, 3)).repeat(1, 2)], -1)
+    batch = {"rays": rays, "rgb": torch.rand(4096, 3), "near": 2.0, "far": 6.0, "white_background": True}
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    module = TaskModule(NeRF(num_layers=2, hidden=16, skip=None, num_freqs_xyz=2, num_freqs_dir=1),
+                        ViewSynthesis(coarse_samples=4, fine_samples=4))
+    checked, check = [], vs.ViewSynthesis.check_step_memory
+    monkeypatch.setattr(vs.ViewSynthesis, "check_step_memory",
+                        lambda self, *args, **kw: (checked.append(args[2]), check(self, *args, **kw)))
+    calibrated, calibrate = [], FeedbackEngine.calibrate
+    monkeypatch.setattr(FeedbackEngine, "calibrate",
+                        lambda self, *a, **kw: (calibrated.append(1), calibrate(self, *a, **kw))[1])
+
+    def fit() -> None:
+        pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=_rules(method)
+                   ).fit(module, train_dataloaders=loader)
+
+    monkeypatch.setattr(vs, "free_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(ConfigError, match=r"rays_per_batch 4096: one training step needs at least .* free on cpu"):
+        fit()
+    assert not calibrated and not attached_engines(module.model)  # refused before the probe, no hook left behind
+    assert checked == [torch.device("cpu")]
+    monkeypatch.setattr(vs, "free_bytes", lambda device: 2**40)
+    fit()  # it fits: trained, and checked once for this Trainer (not again by the module's setup)
+    assert checked == [torch.device("cpu")] * 2 and len(calibrated) == (method == "dfa") * 2

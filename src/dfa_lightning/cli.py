@@ -455,17 +455,14 @@ class DFALightningCLI(LightningCLI):
                 callback.check_strategy(self.trainer)
 
     def _check_step_memory(self) -> None:
-        """A task that can size its step (NeRF's rays per batch) refuses a first batch whose activations cannot fit
-        on the run's device: on the CPU the kernel's out-of-memory kill was the only message. Its first batch is
-        drawn with the random state forked, so the run is unchanged."""
-        check = getattr(getattr(self.model, "task", None), "check_step_memory", None)
-        if not callable(check) or self.datamodule is None:
-            return
+        """The model's step-memory check (NeRF's rays per batch) before DDP launches its processes: one message,
+        not one a rank. Its first batch is drawn with the random state forked, so the run is unchanged."""
+        if self.datamodule is None or not callable(getattr(self.model.task, "check_step_memory", None)):
+            return  # a batch is drawn only for a task that checks
         with torch.random.fork_rng(devices=[]):
             batch = next(iter(self.datamodule.train_dataloader()), None)
         if batch is not None:
-            check(self.model.model, batch, self.trainer.strategy.root_device,
-                  self.trainer.precision_plugin.forward_context())
+            self.model.check_step_memory(self.trainer, batch)
 
     def _check_validation_feeds_early_stopping(self) -> None:
         """EarlyStopping on a ``val/`` metric with validation off, or with ``max_steps`` ending the run before the

@@ -20,6 +20,7 @@ from torch import nn
 from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
+from dfa_lightning.first_batch import first_training_batch
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
@@ -80,6 +81,7 @@ class TaskModule(pl.LightningModule):
         self.compile_options: dict[str, Any] | None = ({} if compile is True else dict(compile)) if compile else None
         self._compiled: Callable[..., Any] | None = None  # the compiled call (a function: adds no state_dict keys)
         self._built = False
+        self._memory_checked_for: int | None = None  # id of the Trainer whose first batch was checked
         # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
         self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
         self._logged_this_epoch: set[str] = set()  # stages whose epoch metrics Lightning already holds
@@ -94,6 +96,27 @@ class TaskModule(pl.LightningModule):
         if callable(build) and callable(hints):
             build(**hints())
         self._built = True
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # a BP run has no DFA probe to do it first
+            self.check_step_memory(self.trainer)
+
+    def check_step_memory(self, trainer: pl.Trainer, batch: Any | None = None) -> None:
+        """A task that can size its step (NeRF's rays per batch) refuses a first batch whose activations cannot fit
+        on the run's device, or on the device the model is on now (the DFA callback's setup probe runs the whole
+        batch there, before Lightning moves the model): on the CPU the kernel's out-of-memory kill was the only
+        message. Once per Trainer: the CLI asks before it launches the processes, the DFA callback before its
+        probe, this module's ``setup`` for a BP run. ``batch`` defaults to the first training batch."""
+        check = getattr(self.task, "check_step_memory", None)
+        if not callable(check) or self._memory_checked_for == id(trainer):
+            return
+        self._memory_checked_for = id(trainer)
+        batch = first_training_batch(trainer) if batch is None else batch
+        if batch is None:
+            return
+        here = next((p.device for p in self.model.parameters()), trainer.strategy.root_device)
+        for device in dict.fromkeys((trainer.strategy.root_device, here)):
+            check(self.model, batch, device, trainer.precision_plugin.forward_context())
 
     @property
     def runner(self) -> nn.Module | Callable[..., Any]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
+from dfa_lightning.first_batch import first_training_batch
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -131,6 +132,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
             return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
         self.check_strategy(trainer)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
+        check_memory = getattr(pl_module, "check_step_memory", None)
+        if callable(check_memory):  # before the probe runs the whole first batch, and before any hook is attached
+            check_memory(trainer)
         if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
             if self.name is not None:  # named instances (NeRF's coarse and fine) draw different B from one run seed
@@ -159,7 +163,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
-        batch = _first_batch(trainer)
+        batch = first_training_batch(trainer)  # the widths, the auto choice, the check that ranks hold one B
         if batch is None:
             return  # widths are learnt at the first training forward; B is still drawn from the seed
         engine, model = self.engine, pl_module.model
@@ -262,20 +266,3 @@ def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:
     for key in sorted(state or {}):
         crc = zlib.crc32(state[key].detach().cpu().contiguous().numpy().tobytes(), crc)
     return float(crc)
-
-
-def _first_batch(trainer: pl.Trainer):
-    """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``):
-    the probe needs it for the widths, the ``auto`` projection choice and the check that every rank holds one B."""
-    with torch.random.fork_rng(devices=[]):
-        if trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        else:  # Lightning keeps what fit was given here (a loader, or the module's own train_dataloader)
-            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-            loader = source.dataloader() if source is not None and source.is_defined() else None
-        if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
-            return None
-        try:
-            return next(iter(loader))
-        except StopIteration:
-            return None

@@ -86,7 +86,8 @@ class ViewSynthesis(Task):
                           forward_context: AbstractContextManager | None = None, probe_rays: int = 256) -> None:
         """Refuse a training batch whose activations alone cannot fit on ``device`` (named with
         ``rays_per_batch``): measured on ``probe_rays`` of its rays, scaled to the batch. Run before any hook is
-        attached (the CLI's ``before_fit``); the random draws of the probe are forked, so the run is unchanged."""
+        attached (by :meth:`TaskModule.check_step_memory`); the probe's random draws are forked: the run is
+        unchanged."""
         rays = batch["rays"]
         free = free_bytes(device)
         if free is None or len(rays) <= probe_rays:
