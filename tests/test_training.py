@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from dfa_lightning.callbacks import AlignmentMonitor, FeedbackAlignmentStrategy
 from dfa_lightning.data.synthetic import SyntheticClassificationDataModule
@@ -55,6 +57,25 @@ def test_bf16_mixed_runs_keeps_feedback_in_fp32_and_stays_close_to_fp32(tmp_path
     for name, p in params(module).items():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
         torch.testing.assert_close(p, params(ref)[name], atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_the_setup_probe_of_a_gpu_amp_run_measures_under_its_autocast_on_the_cpu(precision, tmp_path):
+    """Lightning's setup runs before the model is moved to its device, and a CUDA autocast does nothing on the CPU:
+    the probe of an AMP run on a GPU measured fp32 activations and an fp32 error for the ``auto`` projection choice
+    (twice their size), as if AMP were off."""
+    def probed(**options) -> dict:
+        module, data, dfa = build("dfa")
+        dfa.config["projection_dtype"] = "gradient"  # the fused signal in the error's dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CUDA autocast and GradScaler, disabled without CUDA, say so
+            trainer(tmp_path, [dfa], max_steps=1, **options).fit(module, data)
+        return dfa.engine.calibration
+
+    gpu_amp = probed(plugins=[MixedPrecision(precision, device="cuda")])  # as on a GPU: the probe runs on the CPU
+    cpu_amp, fp32 = probed(precision="bf16-mixed"), probed()
+    assert gpu_amp["fused_signal_bytes"] == cpu_amp["fused_signal_bytes"] == fp32["fused_signal_bytes"] // 2
+    assert gpu_amp["saved_activation_bytes"] == cpu_amp["saved_activation_bytes"] < fp32["saved_activation_bytes"]
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(tmp_path):
@@ -279,7 +300,11 @@ def test_auto_projection_is_settled_at_fit_start_with_the_optimizers_state_count
     c = dfa.engine.calibration
     param_bytes = sum(p.numel() * p.element_size() for p in module.model.parameters())
     assert c["optimizer_state_bytes"] == 2 * param_bytes  # Adam's two moments, counted before they existed
-    assert dfa.engine.mode == c["choice"] and "optimizer state" in dfa.engine.report()
+    assert dfa.engine.mode == c["choice"]
+    step = c["saved_activation_bytes"] + 2 * param_bytes + 2 * param_bytes
+    fraction, kib = f"{100 * c['fused_signal_bytes'] / step:.0f}%", lambda n: f"{n / 1024:.1f} KiB"
+    assert (f"= {fraction} of the step's {kib(step)}: saved activations {kib(c['saved_activation_bytes'])}, params "
+            f"+ grads {kib(2 * param_bytes)}, optimizer state {kib(2 * param_bytes)};") in dfa.engine.report()
 
 
 def test_different_feedback_on_two_ranks_is_refused_and_the_same_accepted():

@@ -20,7 +20,7 @@ from torch import nn
 from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
-from dfa_lightning.first_batch import first_training_batch
+from dfa_lightning.probe import first_training_batch, probe_forward_context
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
@@ -115,8 +115,8 @@ class TaskModule(pl.LightningModule):
         if batch is None:
             return
         here = next((p.device for p in self.model.parameters()), trainer.strategy.root_device)
-        for device in dict.fromkeys((trainer.strategy.root_device, here)):
-            check(self.model, batch, device, trainer.precision_plugin.forward_context())
+        for device in dict.fromkeys((trainer.strategy.root_device, here)):  # measured here, as the run's autocast
+            check(self.model, batch, device, probe_forward_context(trainer, here))
 
     @property
     def runner(self) -> nn.Module | Callable[..., Any]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
-from dfa_lightning.first_batch import first_training_batch
+from dfa_lightning.probe import first_training_batch, probe_forward_context
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -172,7 +172,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 model.eval()
-                with trainer.precision_plugin.forward_context():  # autocast as in training: activations' true size
+                with probe_forward_context(trainer, _device_of(model)):  # the run's autocast: activations' true size
                     engine.calibrate(lambda: pl_module.task.step(model, batch, "train"))
                 engine.record_segments()
         finally:
@@ -266,3 +266,7 @@ def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:
     for key in sorted(state or {}):
         crc = zlib.crc32(state[key].detach().cpu().contiguous().numpy().tobytes(), crc)
     return float(crc)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -557,7 +557,7 @@ class FeedbackEngine:
             raise RuntimeError("count_optimizer_state() needs calibrate() first")
         c = self.calibration
         step_bytes = c["saved_activation_bytes"] + 2 * c["parameter_bytes"] + int(state_bytes)
-        c["optimizer_state_bytes"] = int(state_bytes)
+        c["optimizer_state_bytes"], c["step_bytes"] = int(state_bytes), step_bytes
         c["fused_fraction"] = c["fused_signal_bytes"] / max(step_bytes, 1)
         c["choice"] = "fused" if c["fused_fraction"] <= AUTO_FUSED_BUDGET else "per_point"
         return c
@@ -777,8 +777,9 @@ class FeedbackEngine:
         if c is None:
             return "auto -> fused (not calibrated)"
         text = (f"auto -> {self.mode} (fused signals {_size(c['fused_signal_bytes'])} = "
-                f"{100 * c['fused_fraction']:.0f}% of the step's saved activations + params + grads + optimizer "
-                f"state ({_size(c['optimizer_state_bytes'])}); fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
+                f"{100 * c['fused_fraction']:.0f}% of the step's {_size(c['step_bytes'])}: saved activations "
+                f"{_size(c['saved_activation_bytes'])}, params + grads {_size(2 * c['parameter_bytes'])}, optimizer "
+                f"state {_size(c['optimizer_state_bytes'])}; fused up to {100 * AUTO_FUSED_BUDGET:.0f}%)")
         return text + (f", receiver={self._receiver_text()}" if self.mode == "per_point" else "")
 
     def _receiver_text(self) -> str:

@@ -1,0 +1,39 @@
+"""What the setup probes (the DFA callback's, the step-memory check) run on, and under: the first training batch,
+and the run's autocast on the device the probe runs on. Both run in Lightning's ``setup``, before the model is
+moved to its device."""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+
+def first_training_batch(trainer: pl.Trainer) -> Any | None:
+    """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``),
+    drawn with the random state forked (the run's data order is unchanged); ``None`` where there is no single one
+    (several loaders, an empty loader)."""
+    with torch.random.fork_rng(devices=[]):
+        if trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        else:  # Lightning keeps what fit was given here (a loader, or the module's own train_dataloader)
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            loader = source.dataloader() if source is not None and source.is_defined() else None
+        if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
+            return None
+        try:
+            return next(iter(loader))
+        except StopIteration:
+            return None
+
+
+def probe_forward_context(trainer: pl.Trainer, device: torch.device) -> AbstractContextManager:
+    """The precision plugin's forward context, with its autocast moved to ``device``: at ``setup`` the model is still
+    on the CPU, where a CUDA autocast does nothing, so a probe for a ``bf16-mixed`` GPU run measured fp32
+    activations and an fp32 error (twice their size in the step's memory and in the ``auto`` projection choice)."""
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.device != device.type:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.half)
+    return plugin.forward_context()
