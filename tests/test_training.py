@@ -59,23 +59,33 @@ def test_bf16_mixed_runs_keeps_feedback_in_fp32_and_stays_close_to_fp32(tmp_path
         torch.testing.assert_close(p, params(ref)[name], atol=2e-2, rtol=5e-2)
 
 
+def _probed(tmp_path, **options) -> dict:
+    """What the DFA callback's setup probe measured for the ``auto`` choice, with the error's dtype projected."""
+    module, data, dfa = build("dfa")
+    dfa.config["projection_dtype"] = "gradient"  # the fused signal in the error's dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDA autocast and GradScaler, disabled without CUDA, say so
+        trainer(tmp_path, [dfa], max_steps=1, **options).fit(module, data)
+    return dfa.engine.calibration
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_the_setup_probe_of_a_gpu_amp_run_measures_under_its_autocast_on_the_cpu(precision, tmp_path):
     """Lightning's setup runs before the model is moved to its device, and a CUDA autocast does nothing on the CPU:
     the probe of an AMP run on a GPU measured fp32 activations and an fp32 error for the ``auto`` projection choice
     (twice their size), as if AMP were off."""
-    def probed(**options) -> dict:
-        module, data, dfa = build("dfa")
-        dfa.config["projection_dtype"] = "gradient"  # the fused signal in the error's dtype
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # CUDA autocast and GradScaler, disabled without CUDA, say so
-            trainer(tmp_path, [dfa], max_steps=1, **options).fit(module, data)
-        return dfa.engine.calibration
-
-    gpu_amp = probed(plugins=[MixedPrecision(precision, device="cuda")])  # as on a GPU: the probe runs on the CPU
-    cpu_amp, fp32 = probed(precision="bf16-mixed"), probed()
+    gpu_amp = _probed(tmp_path, plugins=[MixedPrecision(precision, device="cuda")])  # the probe runs on the CPU
+    cpu_amp, fp32 = _probed(tmp_path, precision="bf16-mixed"), _probed(tmp_path)
     assert gpu_amp["fused_signal_bytes"] == cpu_amp["fused_signal_bytes"] == fp32["fused_signal_bytes"] // 2
     assert gpu_amp["saved_activation_bytes"] == cpu_amp["saved_activation_bytes"] < fp32["saved_activation_bytes"]
+
+
+@pytest.mark.gpu
+def test_the_setup_probe_of_a_bf16_gpu_run_measures_as_a_bf16_cpu_run(tmp_path):
+    gpu = _probed(tmp_path, accelerator="gpu", precision="bf16-mixed")
+    cpu = _probed(tmp_path, precision="bf16-mixed")
+    assert {k: gpu[k] for k in ("saved_activation_bytes", "fused_signal_bytes")} == \
+        {k: cpu[k] for k in ("saved_activation_bytes", "fused_signal_bytes")}
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(tmp_path):
