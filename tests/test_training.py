@@ -16,6 +16,7 @@ from dfa_lightning.data.synthetic import SyntheticClassificationDataModule
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.models.mlp import MLP
 from dfa_lightning.module import TaskModule
+from dfa_lightning.probe import first_training_batch
 from dfa_lightning.tasks.classification import Classification
 from helpers import FirstOfSeveralLoaders, adam, build, params, sgd, trainer
 
@@ -86,6 +87,29 @@ def test_the_setup_probe_of_a_bf16_gpu_run_measures_as_a_bf16_cpu_run(tmp_path):
     cpu = _probed(tmp_path, precision="bf16-mixed")
     assert {k: gpu[k] for k in ("saved_activation_bytes", "fused_signal_bytes")} == \
         {k: cpu[k] for k in ("saved_activation_bytes", "fused_signal_bytes")}
+
+
+def test_the_probes_first_batch_comes_on_the_asked_device_with_the_data_order_untouched():
+    module, data, _ = build("dfa")
+    t = trainer(".", [], max_steps=1)
+    data.setup()
+    t.strategy.connect(module)
+    t._data_connector.attach_data(module, datamodule=data)
+    state = torch.get_rng_state()
+    x, y = first_training_batch(t, torch.device("meta"))
+    assert x.device.type == y.device.type == "meta" and x.shape == (32, 16)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+def test_a_model_put_on_the_gpu_before_fit_is_probed_there_with_its_batch_moved_to_it(tmp_path):
+    """Lightning's setup runs before it moves the model: a notebook's ``module.cuda()`` left the probe with a CUDA
+    model and a CPU batch."""
+    module, data, dfa = build("dfa")
+    module.cuda()
+    trainer(tmp_path, [dfa], max_steps=2, accelerator="gpu").fit(module, data)
+    assert dfa.engine.calibration["saved_activation_bytes"] > 0
+    assert all(torch.isfinite(p).all() for p in params(module).values())
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run_with_the_same_feedback(tmp_path):

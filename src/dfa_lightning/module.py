@@ -15,12 +15,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.utilities import move_data_to_device
 from torch import nn
 
 from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
-from dfa_lightning.probe import first_training_batch, probe_forward_context
+from dfa_lightning.probe import first_training_batch, model_device, probe_forward_context
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
@@ -111,10 +112,10 @@ class TaskModule(pl.LightningModule):
         if not callable(check) or self._memory_checked_for == id(trainer):
             return
         self._memory_checked_for = id(trainer)
-        batch = first_training_batch(trainer) if batch is None else batch
+        here = model_device(self.model)
+        batch = first_training_batch(trainer, here) if batch is None else move_data_to_device(batch, here)
         if batch is None:
             return
-        here = next((p.device for p in self.model.parameters()), trainer.strategy.root_device)
         for device in dict.fromkeys((trainer.strategy.root_device, here)):  # measured here, as the run's autocast
             check(self.model, batch, device, probe_forward_context(trainer, here))
 

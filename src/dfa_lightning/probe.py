@@ -1,6 +1,6 @@
-"""What the setup probes (the DFA callback's, the step-memory check) run on, and under: the first training batch,
-and the run's autocast on the device the probe runs on. Both run in Lightning's ``setup``, before the model is
-moved to its device."""
+"""What the setup probes (the DFA callback's, the step-memory check) run on, and under: the first training batch on
+the model's device, and the run's autocast on that device. Both run in Lightning's ``setup``, before the model is
+moved to its device: usually on the CPU, or wherever the user put the model before ``fit``."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -9,12 +9,19 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities import move_data_to_device
+from torch import nn
 
 
-def first_training_batch(trainer: pl.Trainer) -> Any | None:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` is now (its first parameter's device; the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None) -> Any | None:
     """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``),
-    drawn with the random state forked (the run's data order is unchanged); ``None`` where there is no single one
-    (several loaders, an empty loader)."""
+    drawn with the random state forked (the run's data order is unchanged) and moved to ``device``; ``None`` where
+    there is no single one (several loaders, an empty loader)."""
     with torch.random.fork_rng(devices=[]):
         if trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
@@ -23,10 +30,8 @@ def first_training_batch(trainer: pl.Trainer) -> Any | None:
             loader = source.dataloader() if source is not None and source.is_defined() else None
         if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
             return None
-        try:
-            return next(iter(loader))
-        except StopIteration:
-            return None
+        batch = next(iter(loader), None)
+    return batch if batch is None or device is None else move_data_to_device(batch, device)
 
 
 def probe_forward_context(trainer: pl.Trainer, device: torch.device) -> AbstractContextManager:

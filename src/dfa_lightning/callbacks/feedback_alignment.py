@@ -21,7 +21,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
-from dfa_lightning.probe import first_training_batch, probe_forward_context
+from dfa_lightning.probe import first_training_batch, model_device, probe_forward_context
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -163,16 +163,16 @@ class FeedbackAlignmentStrategy(pl.Callback):
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
-        batch = first_training_batch(trainer)  # the widths, the auto choice, the check that ranks hold one B
+        engine, model = self.engine, pl_module.model
+        batch = first_training_batch(trainer, model_device(model))  # widths, auto choice, one B on every rank
         if batch is None:
             return  # widths are learnt at the first training forward; B is still drawn from the seed
-        engine, model = self.engine, pl_module.model
         was_training = model.training
         engine.capture = {}
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 model.eval()
-                with probe_forward_context(trainer, _device_of(model)):  # the run's autocast: activations' true size
+                with probe_forward_context(trainer, model_device(model)):  # the run's autocast: activations' true size
                     engine.calibrate(lambda: pl_module.task.step(model, batch, "train"))
                 engine.record_segments()
         finally:
@@ -266,7 +266,3 @@ def feedback_checksum(state: dict[str, torch.Tensor] | None) -> float:
     for key in sorted(state or {}):
         crc = zlib.crc32(state[key].detach().cpu().contiguous().numpy().tobytes(), crc)
     return float(crc)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
