@@ -564,12 +564,17 @@ def test_a_pass_longer_than_the_rays_reshuffles_and_steps_below_one_are_refused(
             nd.NeRFDataModule(steps_per_epoch=steps)
 
 
+def _rays_from_the_origin(n: int) -> dict:
+    """A training batch of ``n`` rays from the origin along (1, 1, 1), as NeRFDataModule yields them."""
+    rays = torch.cat([torch.zeros(n, 3), torch.nn.functional.normalize(torch.ones(n, 3)).repeat(1, 2)], -1)
+    return {"rays": rays, "rgb": torch.rand(n, 3), "near": 2.0, "far": 6.0, "white_background": True}
+
+
 def test_the_memory_check_scales_a_probe_of_the_batch_and_leaves_the_random_state_alone(monkeypatch):
     import dfa_lightning.tasks.view_synthesis as vs
 
     model, task = NeRF(num_layers=2, hidden=16, skip=None), ViewSynthesis(coarse_samples=8, fine_samples=8)
-    batch = {"rays": torch.cat([torch.zeros(4096, 3), torch.nn.functional.normalize(torch.ones(4096, 3)).repeat(1, 2)],
-                               -1), "rgb": torch.rand(4096, 3), "near": 2.0, "far": 6.0, "white_background": True}
+    batch = _rays_from_the_origin(4096)
     per_ray = vs.leaf_output_bytes(model, lambda: task.render(model, batch["rays"][:256], batch, train=True)) / 256
     assert per_ray > 16 * 16 * 4  # at least one 16-wide layer output per sample
     monkeypatch.setattr(vs, "free_bytes", lambda device: int(per_ray * 4096 * 2))
@@ -622,9 +627,7 @@ def test_a_python_api_fit_checks_the_batch_memory_once_and_before_the_dfa_probe(
     the whole first batch (the kernel's out-of-memory kill on the CPU)."""
     import dfa_lightning.tasks.view_synthesis as vs
 
-    rays = torch.cat([torch.zeros(4096, 3), torch.nn.functional.normalize(torch.ones(4096, 3)).repeat(1, 2)], -1)
-    batch = {"rays": rays, "rgb": torch.rand(4096, 3), "near": 2.0, "far": 6.0, "white_background": True}
-    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    loader = torch.utils.data.DataLoader([_rays_from_the_origin(4096)], batch_size=None)
     module = TaskModule(NeRF(num_layers=2, hidden=16, skip=None, num_freqs_xyz=2, num_freqs_dir=1),
                         ViewSynthesis(coarse_samples=4, fine_samples=4))
     checked, check = [], vs.ViewSynthesis.check_step_memory
@@ -647,3 +650,23 @@ def test_a_python_api_fit_checks_the_batch_memory_once_and_before_the_dfa_probe(
     monkeypatch.setattr(vs, "free_bytes", lambda device: 2**40)
     fit()  # it fits: trained, and checked once for this Trainer (not again by the module's setup)
     assert checked == [torch.device("cpu")] * 2 and len(calibrated) == (method == "dfa") * 2
+
+
+@pytest.mark.gpu
+def test_the_setup_probes_of_a_nerf_put_on_the_gpu_leave_the_cuda_random_state_alone(tmp_path, monkeypatch):
+    """NeRF draws its samples along the rays on the rays' device: a probe on a CUDA model moved the CUDA state."""
+    module = TaskModule(NeRF(num_layers=2, hidden=16, skip=None, num_freqs_xyz=2, num_freqs_dir=1),
+                        ViewSynthesis(coarse_samples=4, fine_samples=4)).cuda()
+    unchanged = []
+    for owner, name in [(FeedbackAlignmentStrategy, "_probe"), (TaskModule, "check_step_memory")]:
+        def kept(*args, _run=getattr(owner, name), **kwargs):
+            state = torch.cuda.get_rng_state()
+            _run(*args, **kwargs)
+            unchanged.append(torch.equal(torch.cuda.get_rng_state(), state))
+        monkeypatch.setattr(owner, name, kept)
+    pl.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+               enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+               callbacks=_rules("dfa")).fit(module, train_dataloaders=torch.utils.data.DataLoader(
+                   [_rays_from_the_origin(512)], batch_size=None))
+    assert len(unchanged) == 5 and all(unchanged)  # a probe per field; the check asked by each and by setup
+

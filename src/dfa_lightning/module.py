@@ -21,7 +21,7 @@ from torch import nn
 from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
-from dfa_lightning.probe import first_training_batch, model_device, probe_forward_context
+from dfa_lightning.probe import first_training_batch, forked_rng, model_device, probe_forward_context
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
@@ -117,7 +117,8 @@ class TaskModule(pl.LightningModule):
         if batch is None:
             return
         for device in dict.fromkeys((trainer.strategy.root_device, here)):  # measured here, as the run's autocast
-            check(self.model, batch, device, probe_forward_context(trainer, here))
+            with forked_rng(here):
+                check(self.model, batch, device, probe_forward_context(trainer, here))
 
     @property
     def runner(self) -> nn.Module | Callable[..., Any]:

@@ -18,6 +18,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def forked_rng(device: torch.device) -> AbstractContextManager:
+    """The random state forked for a probe on ``device``: the CPU's, and on CUDA the device's own (NeRF draws its
+    samples along the rays there), so the run's random draws are those it would make without the probe."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None) -> Any | None:
     """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``),
     drawn with the random state forked (the run's data order is unchanged) and moved to ``device``; ``None`` where

@@ -21,7 +21,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
-from dfa_lightning.probe import first_training_batch, model_device, probe_forward_context
+from dfa_lightning.probe import first_training_batch, forked_rng, model_device, probe_forward_context
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -164,15 +164,16 @@ class FeedbackAlignmentStrategy(pl.Callback):
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
         engine, model = self.engine, pl_module.model
-        batch = first_training_batch(trainer, model_device(model))  # widths, auto choice, one B on every rank
+        device = model_device(model)  # the CPU, unless the user moved the model: Lightning moves it after setup
+        batch = first_training_batch(trainer, device)  # widths, auto choice, one B on every rank
         if batch is None:
             return  # widths are learnt at the first training forward; B is still drawn from the seed
         was_training = model.training
         engine.capture = {}
         try:
-            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            with forked_rng(device), torch.enable_grad():
                 model.eval()
-                with probe_forward_context(trainer, model_device(model)):  # the run's autocast: activations' true size
+                with probe_forward_context(trainer, device):  # the run's autocast: activations' true size
                     engine.calibrate(lambda: pl_module.task.step(model, batch, "train"))
                 engine.record_segments()
         finally:
