@@ -457,7 +457,8 @@ class DFALightningCLI(LightningCLI):
     def _check_step_memory(self) -> None:
         """The model's step-memory check (NeRF's rays per batch) before DDP launches its processes: one message,
         not one a rank. Its first batch is drawn with the random state forked, so the run is unchanged."""
-        if self.datamodule is None or not callable(getattr(self.model.task, "check_step_memory", None)):
+        task = getattr(self.model, "task", None)
+        if self.datamodule is None or not callable(getattr(task, "check_step_memory", None)):
             return  # a batch is drawn only for a task that checks
         with torch.random.fork_rng(devices=[]):
             batch = next(iter(self.datamodule.train_dataloader()), None)
