@@ -127,7 +127,7 @@ def test_final_alignment_scores_every_node_of_a_graph_batch_unless_told_otherwis
     graph = Data(x=torch.randn(4, 16), train_mask=torch.tensor([True, False, False, True]))
     strategy = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
     strategy.engine = SimpleNamespace(points=[])
-    stub = SimpleNamespace(callbacks=[strategy], datamodule=SimpleNamespace(train_dataloader=lambda: [graph]))
+    stub = SimpleNamespace(callbacks=[strategy], datamodule=SimpleNamespace(train_dataloader=lambda: iter([graph])))
     masks = []
     monkeypatch.setattr(AlignmentMonitor, "measure",
                         lambda self, pl_module, rule, batch: masks.append(batch.train_mask.tolist()) or {})

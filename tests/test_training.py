@@ -787,10 +787,13 @@ def test_the_monitor_probes_once_per_optimizer_step_under_gradient_accumulation(
     assert steps == [0, 1]
 
 
-def test_the_monitor_measures_the_updates_on_a_run_without_a_probe_batch(tmp_path):
+def test_the_monitor_measures_the_updates_on_a_run_without_a_probe_batch_and_final_alignment_skips_it(tmp_path):
     """With several training loaders the setup probe has no batch and the segments are unknown until the monitor's
-    own pass learns them: the update metrics were otherwise missing without a word."""
+    own pass learns them: the update metrics were otherwise missing without a word. The end-of-training measure has
+    no single batch either (it took the first loader for one)."""
     from torch.utils.data import DataLoader, TensorDataset
+
+    from dfa_lightning.callbacks import FinalAlignment
 
     torch.manual_seed(0)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
@@ -798,8 +801,10 @@ def test_the_monitor_measures_the_updates_on_a_run_without_a_probe_batch(tmp_pat
     module = TaskModule(MLP(16, 4, hidden=[32, 32]), FirstOfSeveralLoaders(4), optimizer=sgd)
     monitor = AlignmentMonitor(every_n_steps=1)
     dfa = FeedbackAlignmentStrategy(feedback_points=["blocks.*"], verbose=False)
-    trainer(tmp_path, [dfa, monitor], max_steps=1).fit(module, train_dataloaders=loaders)
+    final = FinalAlignment()
+    trainer(tmp_path, [dfa, monitor, final], max_steps=1).fit(module, train_dataloaders=loaders)
     assert {f"align/{m}/blocks.{i}" for m in ("update_cos", "update_ratio") for i in (0, 1)} <= set(monitor.last)
+    assert final.alignment == {} and final.points == [] and final.deepest is None
 
 
 def test_a_rule_that_only_scored_a_checkpoint_saves_that_checkpoints_matrix_again(tmp_path):

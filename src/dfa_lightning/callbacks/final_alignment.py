@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device
 
 from dfa_lightning.callbacks.alignment_monitor import AlignmentMonitor
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
+from dfa_lightning.probe import first_training_batch
 
 
 class FinalAlignment(pl.Callback):
@@ -33,9 +33,8 @@ class FinalAlignment(pl.Callback):
         self.deepest: str | None = None
 
     def first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        """The first training batch, on the module's device (from the datamodule, or the loader given to fit)."""
-        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        return move_data_to_device(next(iter(loader)), pl_module.device)
+        """The first training batch, on the module's device (the random state forked: a test after fit is unchanged)."""
+        return first_training_batch(trainer, pl_module.device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)
@@ -44,6 +43,8 @@ class FinalAlignment(pl.Callback):
         if not strategies:
             return
         probe = self.first_batch(trainer, pl_module)
+        if probe is None:  # several training loaders: no single batch to measure on
+            return
         if self.all_nodes and hasattr(probe, "train_mask"):
             probe = probe.clone()
             probe.train_mask = torch.ones_like(probe.train_mask)
