@@ -81,6 +81,12 @@ def test_the_setup_probe_of_a_gpu_amp_run_measures_under_its_autocast_on_the_cpu
     assert gpu_amp["saved_activation_bytes"] == cpu_amp["saved_activation_bytes"] < fp32["saved_activation_bytes"]
 
 
+def test_the_setup_probe_of_a_bf16_true_run_measures_half_sizes_though_the_model_is_cast_after_it(tmp_path):
+    true, fp32 = _probed(tmp_path, precision="bf16-true"), _probed(tmp_path)
+    assert true["fused_signal_bytes"] == fp32["fused_signal_bytes"] // 2
+    assert true["saved_activation_bytes"] < fp32["saved_activation_bytes"]
+
+
 @pytest.mark.gpu
 def test_the_setup_probe_of_a_bf16_gpu_run_measures_as_a_bf16_cpu_run(tmp_path):
     gpu = _probed(tmp_path, accelerator="gpu", precision="bf16-mixed")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision
 from pytorch_lightning.utilities import move_data_to_device
 from torch import nn
 
@@ -43,8 +43,12 @@ def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None
 def probe_forward_context(trainer: pl.Trainer, device: torch.device) -> AbstractContextManager:
     """The precision plugin's forward context, with its autocast moved to ``device``: at ``setup`` the model is still
     on the CPU, where a CUDA autocast does nothing, so a probe for a ``bf16-mixed`` GPU run measured fp32
-    activations and an fp32 error (twice their size in the step's memory and in the ``auto`` projection choice)."""
+    activations and an fp32 error (twice their size in the step's memory and in the ``auto`` projection choice).
+    Under ``bf16-true``/``16-true`` the model is still fp32 at ``setup``: an autocast to its dtype stands in."""
     plugin = trainer.precision_plugin
+    half = torch.bfloat16 if str(plugin.precision).startswith("bf16") else torch.half
     if isinstance(plugin, MixedPrecision) and plugin.device != device.type:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.half)
+        return torch.autocast(device.type, dtype=half)
+    if isinstance(plugin, HalfPrecision):  # the model is cast to half after setup: autocast stands in for it
+        return torch.autocast(device.type, dtype=half)
     return plugin.forward_context()
