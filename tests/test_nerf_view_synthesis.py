@@ -622,7 +622,7 @@ def test_free_cuda_bytes_counts_the_cache_torch_holds_but_does_not_use(monkeypat
 
 
 @pytest.mark.parametrize("method", ["bp", "dfa"])
-def test_a_python_api_fit_checks_the_batch_memory_once_and_before_the_dfa_probe(method, tmp_path, monkeypatch):
+def test_a_python_api_fit_checks_the_batch_memory_before_the_dfa_probe(method, tmp_path, monkeypatch):
     """The check ran from the CLI only: a Trainer built in code met the DFA callback's setup probe first, which runs
     the whole first batch (the kernel's out-of-memory kill on the CPU)."""
     import dfa_lightning.tasks.view_synthesis as vs
@@ -648,8 +648,8 @@ def test_a_python_api_fit_checks_the_batch_memory_once_and_before_the_dfa_probe(
     assert not calibrated and not attached_engines(module.model)  # refused before the probe, no hook left behind
     assert checked == [torch.device("cpu")]
     monkeypatch.setattr(vs, "free_bytes", lambda device: 2**40)
-    fit()  # it fits: trained, and checked once for this Trainer (not again by the module's setup)
-    assert checked == [torch.device("cpu")] * 2 and len(calibrated) == (method == "dfa") * 2
+    fit()  # it fits: trained, and checked by each rule (coarse, fine) before its probe and by the module's setup
+    assert checked == [torch.device("cpu")] * (4 if method == "dfa" else 2) and len(calibrated) == (method == "dfa") * 2
 
 
 @pytest.mark.gpu

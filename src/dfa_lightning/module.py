@@ -82,7 +82,6 @@ class TaskModule(pl.LightningModule):
         self.compile_options: dict[str, Any] | None = ({} if compile is True else dict(compile)) if compile else None
         self._compiled: Callable[..., Any] | None = None  # the compiled call (a function: adds no state_dict keys)
         self._built = False
-        self._memory_checked_for: int | None = None  # id of the Trainer whose first batch was checked
         # the epoch's mean loss per stage, accumulated on the device (keys "train_": see Task.metrics)
         self.epoch_loss = nn.ModuleDict({f"{stage}_": BatchMean() for stage in STAGES})
         self._logged_this_epoch: set[str] = set()  # stages whose epoch metrics Lightning already holds
@@ -106,12 +105,12 @@ class TaskModule(pl.LightningModule):
         """A task that can size its step (NeRF's rays per batch) refuses a first batch whose activations cannot fit
         on the run's device, or on the device the model is on now (the DFA callback's setup probe runs the whole
         batch there, before Lightning moves the model): on the CPU the kernel's out-of-memory kill was the only
-        message. Once per Trainer: the CLI asks before it launches the processes, the DFA callback before its
-        probe, this module's ``setup`` for a BP run. ``batch`` defaults to the first training batch."""
+        message. Asked by the CLI before it launches the processes, by each DFA callback before its probe, and by
+        this module's ``setup`` (a BP run has no probe): it measures a few hundred rays, so asking again is cheaper
+        than remembering for which run it was asked. ``batch`` defaults to the first training batch."""
         check = getattr(self.task, "check_step_memory", None)
-        if not callable(check) or self._memory_checked_for == id(trainer):
+        if not callable(check):
             return
-        self._memory_checked_for = id(trainer)
         here = model_device(self.model)
         batch = first_training_batch(trainer, here) if batch is None else move_data_to_device(batch, here)
         if batch is None:
