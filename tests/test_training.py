@@ -16,7 +16,7 @@ from dfa_lightning.data.synthetic import SyntheticClassificationDataModule
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.models.mlp import MLP
 from dfa_lightning.module import TaskModule
-from dfa_lightning.probe import first_training_batch
+from dfa_lightning.probe import first_training_batch, probe_forward_context
 from dfa_lightning.tasks.classification import Classification
 from helpers import FirstOfSeveralLoaders, adam, build, params, sgd, trainer
 
@@ -85,6 +85,23 @@ def test_the_setup_probe_of_a_bf16_true_run_measures_half_sizes_though_the_model
     true, fp32 = _probed(tmp_path, precision="bf16-true"), _probed(tmp_path)
     assert true["fused_signal_bytes"] == fp32["fused_signal_bytes"] // 2
     assert true["saved_activation_bytes"] < fp32["saved_activation_bytes"]
+
+
+def test_a_half_precision_run_is_probed_in_bf16_on_the_cpu_and_in_its_own_dtype_on_its_device():
+    """Only the values' size matters to the probe: two bytes either way, and the CPU has fewer fp16 kernels."""
+    from pytorch_lightning.plugins.precision import HalfPrecision
+
+    def probe_dtype(plugin, device: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CUDA autocast without CUDA is disabled, and says so
+            context = probe_forward_context(SimpleNamespace(precision_plugin=plugin), torch.device(device))
+        return context.fast_dtype if isinstance(context, torch.autocast) else None
+
+    assert probe_dtype(MixedPrecision("16-mixed", device="cuda"), "cpu") == torch.bfloat16
+    assert probe_dtype(HalfPrecision("16-true"), "cpu") == torch.bfloat16
+    assert probe_dtype(HalfPrecision("bf16-true"), "cpu") == torch.bfloat16
+    assert probe_dtype(HalfPrecision("16-true"), "cuda") == torch.half  # a model put on the GPU: its own dtype
+    assert probe_dtype(pl.plugins.precision.Precision(), "cpu") is None  # fp32: nothing to stand in for
 
 
 @pytest.mark.gpu

@@ -44,11 +44,11 @@ def probe_forward_context(trainer: pl.Trainer, device: torch.device) -> Abstract
     """The precision plugin's forward context, with its autocast moved to ``device``: at ``setup`` the model is still
     on the CPU, where a CUDA autocast does nothing, so a probe for a ``bf16-mixed`` GPU run measured fp32
     activations and an fp32 error (twice their size in the step's memory and in the ``auto`` projection choice).
-    Under ``bf16-true``/``16-true`` the model is still fp32 at ``setup``: an autocast to its dtype stands in."""
+    Under ``bf16-true``/``16-true`` the model is still fp32 at ``setup``: an autocast to its dtype stands in. On the
+    CPU an fp16 run is probed in bf16: the same two bytes a value, and the CPU has fewer fp16 kernels."""
     plugin = trainer.precision_plugin
-    half = torch.bfloat16 if str(plugin.precision).startswith("bf16") else torch.half
-    if isinstance(plugin, MixedPrecision) and plugin.device != device.type:
-        return torch.autocast(device.type, dtype=half)
-    if isinstance(plugin, HalfPrecision):  # the model is cast to half after setup: autocast stands in for it
-        return torch.autocast(device.type, dtype=half)
-    return plugin.forward_context()
+    moved = isinstance(plugin, MixedPrecision) and plugin.device != device.type
+    if not (moved or isinstance(plugin, HalfPrecision)):  # HalfPrecision: the model is cast after setup
+        return plugin.forward_context()
+    bf16 = str(plugin.precision).startswith("bf16") or device.type == "cpu"  # fp16 is probed in bf16 on the CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.half)
