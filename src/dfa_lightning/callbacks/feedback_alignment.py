@@ -133,8 +133,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self.check_strategy(trainer)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         check_memory = getattr(pl_module, "check_step_memory", None)
-        if self.method != "bp" and callable(check_memory):  # before the probe runs the whole first batch, and
-            check_memory(trainer)  # before this rule attaches its hooks (BP has no probe: the module's setup asks)
+        if self.method != "bp" and callable(check_memory):  # before the probe runs the whole first batch
+            check_memory(trainer)  # (BP has no probe: the module's setup asks)
         if not self.seed_given:  # identical on every rank: seed_everything exports it to each process
             self.config["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
             if self.name is not None:  # named instances (NeRF's coarse and fine) draw different B from one run seed

@@ -85,9 +85,9 @@ class ViewSynthesis(Task):
     def check_step_memory(self, model: nn.Module, batch: dict, device: torch.device,
                           forward_context: AbstractContextManager | None = None, probe_rays: int = 256) -> None:
         """Refuse a training batch whose activations alone cannot fit on ``device`` (named with
-        ``rays_per_batch``): measured on ``probe_rays`` of its rays, scaled to the batch. Run before any hook is
-        attached (by :meth:`TaskModule.check_step_memory`); the probe's random draws are forked: the run is
-        unchanged."""
+        ``rays_per_batch``): measured on ``probe_rays`` of its rays, scaled to the batch, without grad (feedback
+        hooks already attached, another field's rule, do nothing then); asked by
+        :meth:`TaskModule.check_step_memory`. The probe's random draws are forked: the run is unchanged."""
         rays = batch["rays"]
         free = free_bytes(device)
         if free is None or len(rays) <= probe_rays:
