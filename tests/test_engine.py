@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -1224,3 +1225,97 @@ def test_method_fa_is_refused_and_a_named_rules_setting_error_names_the_rule():
         FeedbackAlignmentStrategy(method="fa", feedback_points=["blocks.*"])
     with pytest.raises(ConfigError, match=r"FeedbackAlignmentStrategy 'coarse': init must be one of"):
         FeedbackAlignmentStrategy(feedback_points=["blocks.*"], init="xavier", name="coarse")
+
+
+class _SharedActivation(nn.Module):
+    """One ReLU module after layers of widths 8 and 6 (a point called twice, at two widths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head, self.relu = nn.Linear(5, 8), nn.Linear(8, 6), nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+def test_a_point_used_at_two_widths_is_named_at_the_probe():
+    model = _SharedActivation()
+    engine = FeedbackEngine(model, ["torch.nn.ReLU"])
+    engine.capture = {}
+    with pytest.raises(ConfigError, match=r"'relu' \(ReLU\) output is 6 wide .* was 8 wide .* a module per layer"):
+        engine.calibrate(lambda: model(torch.randn(4, 5)).sum())
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_a_point_used_at_two_widths_is_named_in_a_step_without_a_probe(projection):
+    """Without a probe (an engine driven by hand), the step names the point: matmul receivers in the forward, the
+    others in the backward, where torch's reshape or matmul error named nothing."""
+    model = _SharedActivation()
+    engine = FeedbackEngine(model, ["torch.nn.ReLU"], **PROJECTIONS[projection])
+    x = torch.randn(4, 5)
+    draw(engine, x)
+    with pytest.raises(ConfigError, match=r"'relu' \(ReLU\) output is 6 wide .* was 8 wide"):
+        model(x).sum().backward()
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_a_sequence_length_that_changes_between_batches_is_named_with_the_batch_dims_that_fit(projection):
+    """A tagger's [batch, tokens, classes] output with batch_dims [0]: its width is tokens x classes, so B was
+    sized for the first batch's length; a longer batch met torch's "mat1 and mat2 shapes cannot be multiplied"."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    engine = FeedbackEngine(model, ["1"], batch_dims=[0], **PROJECTIONS[projection])
+    draw(engine, torch.randn(2, 5, 4))
+    model(torch.randn(2, 5, 4)).sum().backward()  # the length B was sized for
+    engine.reset()
+    with pytest.raises(ConfigError, match=r"wide .* was (15|40) wide .* belongs in batch_dims.*\[0, 1\]"):
+        model(torch.randn(2, 7, 4)).sum().backward()
+
+
+def test_a_point_called_twice_reports_every_calls_segment_and_its_count():
+    """A block applied twice (weight sharing): the layer under its first call gets B e through that call; the
+    report listed it as trained by backprop from the output, from the last call's segment alone."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.head = nn.Linear(5, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.block(self.block(self.inp(x))))
+
+    model = Twice()
+    engine = FeedbackEngine(model, ["block"])
+    engine.capture = {}
+    engine.calibrate(lambda: model(torch.randn(6, 5)).sum())
+    engine.record_segments()
+    engine.capture = None
+    assert engine.segments["block"] == ["block.0.bias", "block.0.weight", "inp.bias", "inp.weight"]
+    report = engine.report()
+    assert "called 2x per forward" in report
+    assert "backprop from the output: 15 params (head.bias, head.weight)" in report
+    assert engine.capture_calls == {}  # ending the capture drops every call's graph
+
+
+def test_a_point_inside_a_reentrant_checkpoint_is_warned_about_at_the_probe():
+    """``checkpoint(use_reentrant=True)`` runs the block without grad and reruns it in the backward, where the cut
+    leaves torch's "none of output has requires_grad=True", which does not say why."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.head = nn.Linear(5, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, self.inp(x), use_reentrant=self.reentrant))
+
+    model = Checkpointed()
+    engine = FeedbackEngine(model, ["block"])
+    for reentrant in (True, False):
+        model.reentrant, engine.capture = reentrant, {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.calibrate(lambda: model(torch.randn(4, 5)).sum())
+        engine.capture = None
+        named = [w for w in caught if "use_reentrant=False" in str(w.message)]
+        assert len(named) == (1 if reentrant else 0)

@@ -225,6 +225,69 @@ def test_a_second_fit_with_a_new_rule_replaces_the_first_rules_hooks(tmp_path):
     assert {id(e) for e in attached_engines(module.model)} == {id(named.engine), id(again.engine)}
 
 
+def test_one_rule_fitted_on_a_second_network_trains_it_by_direct_feedback_too(tmp_path):
+    """A loop over models with one rule instance: the second fit kept the first network's engine, so the second
+    network trained by plain backprop under a DFA recipe."""
+    from dfa_lightning.callbacks.feedback_alignment import attached_engines
+
+    first, data, dfa = build("dfa")
+    trainer(tmp_path, [dfa], max_steps=2).fit(first, data)
+    second, data, _ = build("dfa")
+    trainer(tmp_path, [dfa], max_steps=2).fit(second, data)
+    fresh, data, own = build("dfa")
+    trainer(tmp_path, [own], max_steps=2).fit(fresh, data)
+    assert_same(params(second), params(fresh))
+    assert dfa.engine.model is second.model and attached_engines(first.model) == []
+
+
+def test_a_point_that_runs_only_in_training_gets_its_feedback_sized_at_the_first_step(tmp_path):
+    """The setup probe runs in eval mode: a branch taken only in training (an auxiliary head) was refused there as a
+    point that "never ran"."""
+
+    class TrainOnlyBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.aux, self.aux_act = torch.nn.Linear(16, 8), torch.nn.Tanh(), \
+                torch.nn.Linear(16, 8), torch.nn.Tanh()
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.act(self.fc(x))
+            return self.head(h + self.aux_act(self.aux(x)) if self.training else h)
+
+    _, data, _ = build("dfa")
+    module = TaskModule(TrainOnlyBranch(), Classification(4), optimizer=sgd)
+    before = module.model.aux.weight.detach().clone()
+    dfa = FeedbackAlignmentStrategy(feedback_points=["act", "aux_act"], verbose=False)
+    trainer(tmp_path, [dfa], max_steps=2).fit(module, data)
+    assert [p.width for p in dfa.engine.points] == [8, 8] and dfa.engine.matrix.shape == (4, 16)
+    assert not torch.equal(module.model.aux.weight, before)
+
+
+def test_the_probe_leaves_a_loaders_own_generator_where_it_was(tmp_path):
+    """A loader shuffled by its own ``generator``: the probe's first batch advanced it, so a DFA run saw its data in
+    another order than the BP run it is compared with."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.labels = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.labels.append(batch[1].tolist())
+
+    x, y = torch.randn(64, 16), torch.arange(64) % 4
+    orders = []
+    for method in ("bp", "dfa"):
+        module, _, rule = build(method)
+        loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True,
+                            generator=torch.Generator().manual_seed(123))
+        seen = Seen()
+        trainer(tmp_path, [rule, seen], max_steps=3).fit(module, loader)
+        orders.append(seen.labels)
+    assert orders[0] == orders[1]
+
+
 def test_alignment_monitor_does_not_change_the_training_trajectory(tmp_path):
     plain, data, dfa = build("dfa", dropout=0.3)
     trainer(tmp_path, [dfa], max_steps=5).fit(plain, data)

@@ -26,8 +26,8 @@ def forked_rng(device: torch.device) -> AbstractContextManager:
 
 def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None) -> Any | None:
     """The first training batch, from the datamodule or from the loader given to ``fit`` (``train_dataloaders=``),
-    drawn with the random state forked (the run's data order is unchanged) and moved to ``device``; ``None`` where
-    there is no single one (several loaders, an empty loader)."""
+    drawn with the random state forked, the global one and the loader's own generators (the run's data order is
+    unchanged), and moved to ``device``; ``None`` where there is no single one (several loaders, an empty loader)."""
     with torch.random.fork_rng(devices=[]):
         if trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
@@ -36,8 +36,27 @@ def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None
             loader = source.dataloader() if source is not None and source.is_defined() else None
         if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
             return None
-        batch = next(iter(loader), None)
+        generators = loader_generators(loader)
+        states = [g.get_state() for g in generators]
+        try:
+            batch = next(iter(loader), None)
+        finally:
+            for g, state in zip(generators, states):
+                g.set_state(state)
     return batch if batch is None or device is None else move_data_to_device(batch, device)
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The generators a loader's shuffling draws from: ``DataLoader(generator=...)`` and its sampler's (or batch
+    sampler's) own; iterating the loader advances them, outside the global random state."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    holders = (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    found: list[torch.Generator] = []
+    for holder in holders:
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator) and not any(g is f for f in found):
+            found.append(g)
+    return found
 
 
 def probe_forward_context(trainer: pl.Trainer, device: torch.device) -> AbstractContextManager:

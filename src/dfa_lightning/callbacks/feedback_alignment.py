@@ -128,8 +128,13 @@ class FeedbackAlignmentStrategy(pl.Callback):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"  # setup runs before Lightning restores a checkpoint into the callbacks
-        if self.engine is not None or stage != "fit":
+        if stage != "fit":
             return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+        if self.engine is not None:
+            if self.engine.model is pl_module.model:
+                return  # another fit of the same network: its B and hooks carry on
+            self.engine.detach_hooks()  # this rule reused for another network (a loop over models): its own B
+            self.engine, self._loaded = None, None
         self.check_strategy(trainer)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         check_memory = getattr(pl_module, "check_step_memory", None)
@@ -180,7 +185,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             engine.capture = None
             engine.reset()
             model.train(was_training)
-        engine.ensure_matrix()
+        if engine.ready:  # else a point the eval-mode probe did not see (one that runs in training only): B is
+            engine.ensure_matrix()  # drawn at the first training forward, from the same seed
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is None or self.method == "bp":

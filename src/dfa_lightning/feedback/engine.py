@@ -260,7 +260,10 @@ class FeedbackEngine:
         self.batch_dims = tuple(int(d) for d in batch_dims)
         self.init, self.scale, self.shared_slices, self.seed = init, scale, shared_slices, int(seed)
         self.enabled = True  # False: hooks pass everything through (BP), used by the alignment probe
-        self.capture: dict[str, torch.Tensor] | None = None  # when a dict: raw point outputs and "__output__"
+        self.capture = None  # when a dict: raw point outputs (each point's last call) and "__output__"
+        self.calls: dict[str, int] = {}  # calls per forward of each point, from the probe (record_segments)
+        self._calibrating = False  # calibrate()'s forward runs: points that run without grad are noted
+        self._no_grad_points: set[str] = set()
         self.points: list[PointInfo] = []
         self.output_name = ""
         self.d_out: int | None = None
@@ -288,6 +291,17 @@ class FeedbackEngine:
                 self._handles.append(p.module.register_forward_hook(self._point_hook(i)))
             self._handles.append(output_module.register_forward_hook(self._output_hook))
 
+    @property
+    def capture(self) -> dict[str, torch.Tensor] | None:
+        return self._capture
+
+    @capture.setter
+    def capture(self, value: dict[str, torch.Tensor] | None) -> None:
+        """Starting or ending a capture also starts or drops its list of every call (a point called twice per
+        forward: a module at several layers, a shared block), so no graph outlives its capture."""
+        self._capture = value
+        self.capture_calls: dict[str, list[torch.Tensor]] = {}
+
     def _resolve_point_norms(self) -> dict[str, str]:
         """Each point's ``feedback_norm`` mode; a glob of the mapping that matches no point is a typo: named."""
         names = [p.name for p in self.points]
@@ -311,8 +325,12 @@ class FeedbackEngine:
                 )
             if info.width is None:
                 self._record_width(index, out)
-            if self.capture is not None:
+            if self.capture is not None:  # a probe: every call's width checked, every call kept for the report
+                self._check_width(index, out)
                 self.capture[info.name] = out
+                self.capture_calls.setdefault(info.name, []).append(out)
+                if self._calibrating and not torch.is_grad_enabled():
+                    self._no_grad_points.add(info.name)
             if not self.enabled or not torch.is_grad_enabled() or not out.requires_grad:
                 return None
             if self.method == "dfa":
@@ -361,6 +379,8 @@ class FeedbackEngine:
         if not self.enabled or not torch.is_grad_enabled():
             return None
         if self.operator is None:  # drawn once; never `ensure_matrix()` here: `.matrix` densifies lowrank/sparse B
+            if self._calibrating and not self.ready:  # an eval-mode probe missed a point that runs in training
+                return None  # only: B waits for the first training forward, which sizes it
             self.ensure_matrix()
         if self._warm != (out.device, self._token_dtype):  # B's device copy, made here: the backward only reads
             self.warm(out.device)
@@ -412,6 +432,8 @@ class FeedbackEngine:
         the cast and reshape here. Its value is never used. Autocast is off around it: it runs in the projection's
         dtype like the token's projection."""
         flat = flatten_batch(out, self.batch_dims)
+        if flat.shape[1] != self.points[index].width:
+            self._width_changed(index, flat.shape[1])
         if flat.dtype != self._token_dtype:
             flat = flat.to(self._token_dtype)
         device = out.device.type
@@ -430,6 +452,21 @@ class FeedbackEngine:
                 f"fewer dims than batch_dims {list(self.batch_dims)}"
             )
         self.points[index].width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+
+    def _check_width(self, index: int, out: torch.Tensor) -> None:
+        """A probe's check that a point keeps the width it was first seen with (one module at several layers)."""
+        if out.dim() > max(self.batch_dims, default=-1):
+            width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+            if width != self.points[index].width:
+                self._width_changed(index, width)
+
+    def _width_changed(self, index: int, width: int) -> None:
+        point = self.points[index]
+        raise ConfigError(
+            f"feedback point {point.name!r} ({type(point.module).__name__}) output is {width} wide over batch_dims "
+            f"{list(self.batch_dims)}, and was {point.width} wide when its B was sized: a point keeps one width. "
+            "One module used at layers of different widths (a shared activation) needs a module per layer; a "
+            "length that varies between batches (tokens) belongs in batch_dims, e.g. [0, 1]")
 
     # ------------------------------------------------------------------ fused or per point
     @property
@@ -472,10 +509,14 @@ class FeedbackEngine:
                 saved[key] = size
             return t
 
-        self._rows = None
-        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
-              FlopCounterMode(display=False) as flops):
-            forward()
+        self._rows, self._calibrating, self._no_grad_points = None, True, set()
+        try:
+            with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
+                  FlopCounterMode(display=False) as flops):
+                forward()
+        finally:
+            self._calibrating = False
+        self._warn_points_without_grad()
         self._check_points_precede_output()
         self._check_point_rows()
         self._check_something_trains_above_the_points()
@@ -490,6 +531,16 @@ class FeedbackEngine:
         cheap = max(RECEIVER_FLOP_BUDGET * 3 * c["forward_matmul_flops"], RECEIVER_FREE_FLOPS * len(self.points))
         c["receiver"] = "matmul" if self.operator_kind != "sparse" and c["receiver_flops"] <= cheap else "token"
         return self.count_optimizer_state(optimizer_state_bytes)
+
+    def _warn_points_without_grad(self) -> None:
+        """Points that ran with grad off inside the probe's training forward get no feedback there; under
+        ``torch.utils.checkpoint(use_reentrant=True)``, which runs its function so and reruns it in the backward,
+        the backward then fails with torch's "none of output has requires_grad=True"."""
+        if self._no_grad_points and self.method == "dfa":
+            warnings.warn(f"feedback point(s) {', '.join(sorted(self._no_grad_points))} ran with grad disabled in a "
+                          "training forward, so no feedback reaches them there; inside torch.utils.checkpoint use "
+                          "use_reentrant=False (the reentrant variant runs the block without grad and fails in the "
+                          "backward)", stacklevel=3)
 
     def _check_points_precede_output(self) -> None:
         """Points still pending after the forward ran after the output: B e, injected when the output runs, never
@@ -578,7 +629,9 @@ class FeedbackEngine:
             return self.matrix
         if not self.ready:
             missing = [p.name for p in self.points if p.width is None]
-            raise ConfigError(f"feedback points never ran before the output: {', '.join(missing)}")
+            raise ConfigError(f"feedback point(s) never ran before the output in a training forward: "
+                              f"{', '.join(missing)} (a module the forward does not call, or one it calls only "
+                              "after the output module)")
         if self._deferred_state is not None:  # a checkpoint's B, loaded before the widths were known
             self.load_feedback_state(*self._deferred_state)
             return self.matrix
@@ -704,6 +757,11 @@ class FeedbackEngine:
         """``e`` as the operator takes it: ``[N, d_out]`` in :meth:`compute_dtype`, transformed (sign, ternary)."""
         dtype = self.compute_dtype(grad_output.dtype)
         e = flatten_batch(grad_output, self.batch_dims)
+        if e.shape[1] != self.d_out:
+            raise ConfigError(
+                f"the output ({self.output_name or 'the model'}) is {e.shape[1]} wide over batch_dims "
+                f"{list(self.batch_dims)} in this step, and was {self.d_out} wide when B was sized: the error keeps "
+                "one width (a length that varies between batches, e.g. tokens, belongs in batch_dims: [0, 1])")
         return operators.transform_error(e if e.dtype == dtype else e.to(dtype), self.error)
 
     def _signal(self, i: int, g: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -711,6 +769,8 @@ class FeedbackEngine:
         if self._post_scales is not None:
             g = g * self._post_scales[i]
         self._check_rows(i, shape, g.shape[0])
+        if g.numel() != shape.numel():  # the rows agree: the point's width changed since B was sized
+            self._width_changed(i, shape.numel() // max(g.shape[0], 1))
         g = unflatten_batch(g, shape, self.batch_dims)
         return g if g.dtype == dtype else g.to(dtype)
 
@@ -754,8 +814,13 @@ class FeedbackEngine:
             ]
         for p in self.points:
             seg = self.segments.get(p.name, [])
+            calls = self.calls.get(p.name, 1)
             lines.append(f"  point {p.name:<28} {type(p.module).__name__:<14} width={p.width!s:<6} "
-                         f"segment params={count(seg):,}")
+                         f"segment params={count(seg):,}"
+                         + (f" (called {calls}x per forward: every call gets this point's B_i e)" if calls > 1
+                            else "")
+                         + (" (not seen by the eval-mode probe: sized at the first training forward)"
+                            if p.width is None and self.calibration is not None else ""))
         below = {n for p in self.points for n in self.segments.get(p.name, [])}
         above = [n for n in self.segments.get("__output__", []) if n not in below]
         unused = [n for n in params if n not in below and n not in above]
@@ -800,6 +865,10 @@ class FeedbackEngine:
         """
         ids = {id(p): n for n, p in self.model.named_parameters()}
         self.segments = {name: _reachable_parameters(t, ids) for name, t in (self.capture or {}).items()}
+        for name, outs in self.capture_calls.items():  # a point called several times: every call's segment
+            self.calls[name] = len(outs)
+            if len(outs) > 1:
+                self.segments[name] = sorted({n for t in outs for n in _reachable_parameters(t, ids)})
 
 
 def _size(nbytes: float) -> str:
