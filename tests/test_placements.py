@@ -81,6 +81,12 @@ def test_a_cached_run_is_reused_only_with_the_same_recipe_text_points_and_argume
     recipe.write_text(recipe.read_text() + "seed_everything: 1\n")  # the recipe itself
     digests.append(studies.recipe_digest(recipe, extra))
     assert len(set(digests)) == 4 and studies.recipe_digest(recipe, extra) == digests[-1]
+    typed = tmp_path / "typed.yaml"  # the other spellings: `--config=FILE`, a fragment typed on the command line
+    typed.write_text("class_path: z\n")
+    for other in ([f"--config={overlay}"], [f"--trainer.callbacks+={typed}"], ["--trainer.callbacks+", str(typed)]):
+        before = studies.recipe_digest(recipe, other)
+        (overlay if "--config" in other[0] else typed).write_text(f"edited: {len(other)}\n" + other[0])
+        assert studies.recipe_digest(recipe, other) != before, other
     cached = {"recipe": "r.yaml", "recipe_sha256": digests[-1], "points": ["conv1"], "extra": extra}
     assert studies.reusable(cached, dict(cached))
     for change in ({"recipe_sha256": digests[0]}, {"points": ["hidden"]}, {"extra": []}, {"recipe": "o.yaml"}):

@@ -356,10 +356,13 @@ def test_predict_on_a_datamodule_without_prediction_data_is_one_line(gcn_checkpo
                                        "test split")
 
 
-def test_an_override_typed_before_the_recipe_that_sets_it_is_refused(capsys):
-    """Arguments apply in order: `--trainer.max_epochs 2 --config r.yaml` trained the recipe's 250 epochs."""
+@pytest.mark.parametrize("spelling", ["spaced", "equals"])
+def test_an_override_typed_before_the_recipe_that_sets_it_is_refused(capsys, spelling):
+    """Arguments apply in order: `--trainer.max_epochs 2 --config r.yaml` trained the recipe's 250 epochs (and with
+    `--config=r.yaml` it still did, unrefused)."""
     recipe = str(REPO / "recipes/gcn_dfa.yaml")
-    assert main(["fit", "--trainer.max_epochs", "2", "--config", recipe]) == 2
+    config = ["--config", recipe] if spelling == "spaced" else [f"--config={recipe}"]
+    assert main(["fit", "--trainer.max_epochs", "2", *config]) == 2
     assert _one_line_error(capsys) == (f"error: command line: --trainer.max_epochs comes before --config {recipe}, "
                                        "which sets it again (later arguments win); put overrides after the --config "
                                        "they change")
@@ -381,6 +384,22 @@ def test_an_empty_recipe_is_named_as_empty(tmp_path, capsys):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     assert main(["fit", "--config", str(tmp_path / "empty.yaml")]) == 2
     assert _one_line_error(capsys) == f"error: {tmp_path / 'empty.yaml'}: the recipe is empty"
+
+
+def test_a_recipe_or_fragment_that_is_not_valid_yaml_is_one_line_naming_the_file_and_line(tmp_path, capsys):
+    """A bracket left open gave pages of yaml.ParserError traceback, raised while the error line was being built."""
+    recipe = (REPO / "recipes/gcn_dfa.yaml").read_text().replace("max_epochs: 250", "max_epochs: [250")
+    (tmp_path / "bad.yaml").write_text(recipe)
+    assert main(["fit", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert _one_line_error(capsys) == (f"error: {tmp_path / 'bad.yaml'}: line 7, column 3: not valid YAML (expected "
+                                       "',' or ']', but got '<scalar>')")
+    (tmp_path / "frag.yaml").write_text("class_path: dfa_lightning.callbacks.AlignmentMonitor\n"
+                                        "init_args: {every_n_steps: [3\n")
+    good = str(REPO / "recipes/gcn_dfa.yaml")
+    assert main(["fit", "--config", good, f"--trainer.callbacks+={tmp_path / 'frag.yaml'}"]) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({good}): invalid value for 'trainer.callbacks': fragment "
+                                       f"{tmp_path / 'frag.yaml'}: line 3, column 1: not valid YAML (expected ',' or "
+                                       "']', but got '<stream end>')")
 
 
 @pytest.mark.parametrize("where", ["command line", "command line with init_args", "recipe"])
@@ -476,9 +495,10 @@ def test_channels_that_do_not_fit_the_data_are_one_line_before_training(key, val
                                        f"(PlanetoidDataModule); set it to {expected.split()[0]}")
 
 
-def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys):
+@pytest.mark.parametrize("spelling", ["spaced", "equals"])
+def test_a_missing_recipe_file_is_one_line_saying_so(tmp_path, capsys, spelling):
     missing = tmp_path / "gcn_dfa_typo.yaml"
-    assert main(["fit", "--config", str(missing)]) == 2
+    assert main(["fit", *(["--config", str(missing)] if spelling == "spaced" else [f"--config={missing}"])]) == 2
     assert _one_line_error(capsys) == f"error: {missing}: recipe file not found (from {Path.cwd()})"
 
 
@@ -873,10 +893,12 @@ def test_a_folder_given_as_the_checkpoint_is_one_line_naming_the_checkpoints_in_
     """Before anything is built; a run's checkpoints/ folder is the usual slip."""
     (tmp_path / "best-epoch007.ckpt").touch()
     (tmp_path / "last.ckpt").touch()
+    (tmp_path / "checkpoints").mkdir()  # a run's version folder: its checkpoints sit one level down
+    (tmp_path / "checkpoints" / "best-epoch001.ckpt").touch()
     assert main(["test", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--ckpt_path", str(tmp_path),
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false", *QUIET]) == 2
     assert _one_line_error(capsys) == (f"error: ckpt_path {tmp_path}: a folder, not a checkpoint file (its "
-                                       "checkpoints: best-epoch007.ckpt, last.ckpt)")
+                                       "checkpoints: best-epoch007.ckpt, checkpoints/best-epoch001.ckpt, last.ckpt)")
     assert not (tmp_path / "run").exists()
 
 

@@ -82,13 +82,21 @@ class RecipeArgumentParser(LightningArgumentParser):
         raise ConfigError(_explain(message, parser))
 
 
+def split_config_flags(argv: list[str]) -> list[str]:
+    """``--config=FILE`` as ``--config FILE``: jsonargparse takes both, and every check here reads the spaced form
+    (an override typed before ``--config=FILE`` was not refused, an error did not name the recipe)."""
+    return [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
+
+
 def _recipes(argv: list[str]) -> list[str]:
+    argv = split_config_flags(argv)
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
 
 
 def _override_before_recipe(argv: list[str]) -> str | None:
     """A ``--key`` typed before a ``--config`` that sets the same key: arguments apply in order, so the recipe's
     value would silently win (``--trainer.max_epochs 2 --config r.yaml`` trains the recipe's 250 epochs)."""
+    argv = split_config_flags(argv)
     configs = [(i, argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     for i, arg in enumerate(argv):
         if not arg.startswith("--") or arg in ("--config", "--print_config", "--help"):
@@ -134,8 +142,22 @@ def _recipe_file_problem(recipe: str, start: Path) -> str | None:
         guesses = [c for c in (f"{recipe}.yaml", f"recipes/{stem}.yaml", f"recipes/{stem}") if (start / c).is_file()]
         hint = f" (did you mean {guesses[0]}?)" if guesses else ""
         return f"recipe file not found (from {start}){hint}"
+    problem = _yaml_problem(path)
+    if problem:
+        return problem
     if not yaml.safe_load(path.read_text() or "null"):
         return "the recipe is empty"
+    return None
+
+
+def _yaml_problem(path: Path) -> str | None:
+    """Where a YAML file does not parse (a bracket left open, a tab in the indent), with the parser's reason."""
+    try:
+        yaml.safe_load(path.read_text() or "null")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return f"{where}not valid YAML ({getattr(err, 'problem', None) or err})"
     return None
 
 
@@ -143,7 +165,8 @@ def _origin(argv: list[str], key: str, plain: bool = False) -> str:
     """Where ``key`` was set, as a message prefix: the recipe(s), or the command line when it was typed there (named
     beside the recipe it overrides); ``plain``: only the command line, else ""."""
     recipes = _recipes(argv)
-    flags = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a not in ("--config", "--print_config")]
+    flags = [a.split("=", 1)[0].rstrip("+") for a in split_config_flags(argv)  # `--trainer.callbacks+=x`: appends
+             if a.startswith("--") and a not in ("--config", "--print_config")]
     if any(f.lstrip("-") == key or f.startswith(f"--{key}.") for f in flags):
         return f"command line ({', '.join(recipes)}): " if recipes else "command line: "
     return "" if plain else f"{', '.join(recipes)}: " if recipes else ""
@@ -243,6 +266,10 @@ def _union_reason(message: str) -> tuple[str, str | None]:
     inner = re.findall(r'Parser key "([^"]+)":', message)[1:]
     within_class = "Problem with given class_path" in message or "expects a function or a callable class" in message
     inner_key = f".init_args.{inner[-1]}" if inner and within_class else ""
+    for named in dict.fromkeys(re.findall(r"[\w./~-]+\.ya?ml\b", message)):  # a fragment that is not valid YAML
+        problem = _yaml_problem(Path(named)) if Path(named).is_file() else None
+        if problem:
+            return inner_key, f"fragment {named}: {problem}"
     missing = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if missing and "has no attribute" in missing.group(2):
         return inner_key, _class_not_found(missing.group(1)) or f"class '{missing.group(1)}' not found"
@@ -250,8 +277,9 @@ def _union_reason(message: str) -> tuple[str, str | None]:
         return inner_key, f"class '{missing.group(1)}' not found ({missing.group(2).strip()})"
     fragment = re.search(r"Unexpected import path format: (\S+)", message)
     if fragment:
-        return inner_key, (f"'{fragment.group(1)}' is neither a class path nor an existing file (fragment paths are "
-                           "relative to the recipe's folder)")
+        return inner_key, (f"'{fragment.group(1)}' is neither a class path nor an existing file (a fragment named in "
+                           f"a recipe is found from the recipe's folder, one typed on the command line from "
+                           f"{Path.cwd()})")
     entry = re.search(r"Not a valid subclass of \w+\. Got value: (\{.*\})", message)
     if entry:
         try:
@@ -327,7 +355,7 @@ class DFALightningCLI(LightningCLI):
         if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
                 and not path.is_file()):  # before any model or data is built: nothing to lose
             if path.is_dir():
-                inside = ", ".join(sorted(p.name for p in path.glob("*.ckpt"))) or "none"
+                inside = ", ".join(sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))) or "none"
                 raise ConfigError(f"ckpt_path {ckpt_path}: a folder, not a checkpoint file (its checkpoints: {inside})")
             raise ConfigError(f"ckpt_path {ckpt_path}: checkpoint file not found (from {Path.cwd()})")
         self._check_trainer_counts(config.get("trainer", {}))

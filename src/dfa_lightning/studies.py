@@ -120,10 +120,12 @@ def refuse_seed_override(parser: argparse.ArgumentParser, extra: list[str]) -> N
 
 def recipe_digest(recipe: str | Path, extra: list[str] = ()) -> str:
     """sha256 of the texts a run is made of: the recipe, the YAML files it names (``../callbacks/dfa.yaml``), and
-    every ``--config`` overlay among ``extra``. An edited file is another run: a cache keyed on the path alone gave
-    the old run's numbers for an edited recipe."""
+    every YAML file among ``extra`` (a ``--config`` overlay, a ``--trainer.callbacks+=`` fragment; spaced or with
+    ``=``). An edited file is another run: a cache keyed on the path alone gave the old run's numbers for an edited
+    recipe."""
     digest = hashlib.sha256()
-    files = [Path(recipe)] + [Path(value) for flag, value in zip(extra, extra[1:]) if flag == "--config"]
+    values = [part for a in extra for part in (a.split("=", 1)[1:] if a.startswith("--") else [a])]
+    files = [Path(recipe)] + [Path(v) for v in values if re.search(r"\.ya?ml$", v)]
     for path in files:
         if not path.is_file():
             continue
