@@ -22,6 +22,7 @@ from dfa_lightning.compile import compile_model
 from dfa_lightning.errors import ConfigError, NonFiniteLossError
 from dfa_lightning.feedback.points import glob_match
 from dfa_lightning.probe import first_training_batch, forked_rng, model_device, probe_forward_context
+from dfa_lightning.random_state import random_state, restore_random_state
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 
@@ -188,6 +189,20 @@ class TaskModule(pl.LightningModule):
             return True
         every = trainer.log_every_n_steps
         return bool(every) and ((self.global_step + 1) % every == 0 or trainer.should_stop)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["random_state"] = random_state()  # see dfa_lightning.random_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._saved_random_state = checkpoint.get("random_state")  # installed if a resumed fit starts training
+
+    def on_fit_start(self) -> None:
+        """A resumed fit continues the checkpoint's random state: its dropout masks and data order then equal the
+        uninterrupted run's. Installed here, after the restore, and before the training loader's first iterator is
+        made (Lightning makes it before ``on_train_start``; the sanity check between runs with the state isolated)."""
+        saved, self._saved_random_state = getattr(self, "_saved_random_state", None), None
+        if saved is not None and self.trainer.ckpt_path:
+            restore_random_state(saved)
 
     def on_train_start(self) -> None:
         """A resumed fit continues the checkpoint's optimizer: a learning rate or weight decay that the recipe (or
