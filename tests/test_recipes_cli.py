@@ -532,6 +532,7 @@ def test_feedback_pattern_matching_nothing_lists_the_modules(cora_root, tmp_path
     line = _one_line_error(capsys)
     assert "'hiddn' matches no module of GCN; modules: conv1" in line and "hidden" in line
     assert not list(tmp_path.rglob("*.ckpt"))
+    assert not list((tmp_path / "logs").rglob("version_*"))  # refused in setup: the run's empty folder is gone
 
 
 def test_nan_loss_is_one_line_and_leaves_no_checkpoint_from_the_bad_step(tmp_path, capsys):
@@ -546,6 +547,7 @@ def test_nan_loss_is_one_line_and_leaves_no_checkpoint_from_the_bad_step(tmp_pat
     line = _one_line_error(capsys)
     assert "loss is nan at epoch 0, global step 1" in line
     assert not list(tmp_path.rglob("*.ckpt"))  # validation never ran on a good epoch: nothing claims to be good
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # a step was trained: its run folder (its logs) is kept
 
 
 def test_a_nan_validation_loss_is_one_line_and_no_checkpoint_claims_those_weights(tmp_path, capsys):
@@ -737,6 +739,7 @@ def test_resuming_a_finished_run_is_refused_and_a_moved_best_checkpoint_falls_ba
                 "--ckpt_path", str(kept)) == 2
     line = _one_line_error(capsys)
     assert f"error: fit --ckpt_path {kept}: the checkpoint (epoch" in line and "trainer.max_epochs 2" in line, line
+    assert not list((tmp_path / "again").rglob("version_*"))  # nothing trained: no empty run folder left behind
     shutil.rmtree(tmp_path / "first")  # the resumed run's best checkpoint is gone
     with pytest.warns(UserWarning, match="recorded by the resumed run\\) is gone: testing the final weights"):
         assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "3",
@@ -758,6 +761,7 @@ def test_resuming_with_another_learning_rate_or_weight_decay_is_refused(cora_roo
     assert _fit("recipes/gcn_dfa.yaml", tmp_path / "again", *data, "--trainer.max_epochs", "2", "--ckpt_path", ckpt,
                 f"--model.optimizer.init_args.{flag}", value) == 2
     assert f"the checkpoint's optimizer has {expected}" in _one_line_error(capsys)
+    assert not list((tmp_path / "again").rglob("version_*"))  # refused before its first step: no run folder
 
 
 def test_model_argument_checks_allow_zero_only_where_documented_and_check_only_this_packages_sizes():

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -473,6 +474,32 @@ class DFALightningCLI(LightningCLI):
             if problem:
                 raise ConfigError(problem)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A refusal raised once the run has begun (a feedback point that matches nothing, a resumed checkpoint of
+        another rule, an optimizer setting) left a run folder holding only the config and an empty event file,
+        which TensorBoard lists as a run: removed, when this fit made it and trained no step."""
+        fresh = self._new_run_folder() if subcommand == "fit" else None
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            if fresh is not None and user_error(err) is not None and self.trainer.global_step == self._first_step():
+                remove_untrained_run_folder(fresh)
+            raise
+
+    def _new_run_folder(self) -> Path | None:
+        """The logger's version folder when this process makes it (rank 0, a folder not there yet)."""
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        logger = self.trainer.logger
+        if rank_zero_only.rank != 0 or logger is None or getattr(logger, "log_dir", None) is None:
+            return None
+        folder = Path(logger.log_dir)
+        return None if folder.exists() else folder
+
+    def _first_step(self) -> int:
+        """The step this fit started from: a resumed fit's checkpoint step once restored, else 0."""
+        return self._saved_step if self._saved_step is not None else 0
+
     def before_fit(self) -> None:
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
@@ -602,6 +629,19 @@ def run(args: list[str] | None = None, run: bool = True) -> DFALightningCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+#: What a run folder holds before its first step: the resolved config, the logger's files.
+_UNTRAINED_RUN_FILES = re.compile(r"config\.yaml|hparams\.yaml|metrics\.csv|events\.out\.tfevents\..*")
+
+
+def remove_untrained_run_folder(folder: Path) -> bool:
+    """Remove ``folder`` if it holds only what a run writes before its first step (no checkpoint, nothing else)."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else None
+    if files is None or not all(_UNTRAINED_RUN_FILES.fullmatch(p.name) for p in files):
+        return False
+    shutil.rmtree(folder)
+    return True
 
 
 def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
