@@ -741,6 +741,21 @@ def test_reduce_lr_on_plateau_monitors_the_tasks_metric_and_other_schedulers_ste
     assert config["interval"] == "step" and "monitor" not in config
 
 
+def test_reduce_lr_on_plateau_stepped_per_batch_steps_once_per_validation(tmp_path):
+    """``scheduler_interval: step`` lets a run that ends inside its first epoch (the CPU LM sample: 1,000 steps,
+    0.4 epoch) cut its rate on a plateau; every validation here is a plateau (threshold 10), patience 0."""
+    module, data, dfa = build("dfa", optimizer=adam)
+    module.scheduler_interval = "step"
+    module.lr_scheduler = lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0,
+                                                                                threshold=10.0)
+    t = trainer(tmp_path, [dfa], max_steps=4, val_check_interval=2, limit_val_batches=1)
+    t.fit(module, data)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 2)  # two validations, two cuts
+    module.scheduler_interval = "step"
+    with pytest.raises(ConfigError, match="val_check_interval as a number of batches"):
+        trainer(tmp_path, [dfa], max_steps=4, val_check_interval=0.5, limit_val_batches=1).fit(module, data)
+
+
 def test_a_param_groups_entry_without_a_params_glob_is_refused():
     for spec in ({"weight_decay": 0.1}, {"params": ["head.weight"], "lr": 0.1}):
         module = TaskModule(MLP(16, 4, hidden=[8]), Classification(4), optimizer=adam, param_groups=[spec])

@@ -52,7 +52,8 @@ class TaskModule(pl.LightningModule):
             remaining parameters form a last group with the optimizer's defaults (default: ``None``).
         check_finite_loss: stop with a one-line error on a NaN/inf loss (costs one sync per step)
             (default: ``True``).
-        scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (Noam) (default: ``"epoch"``).
+        scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (Noam); ReduceLROnPlateau at
+            ``step`` steps after each validation (an integer ``val_check_interval``) (default: ``"epoch"``).
         compile: run the model through ``torch.compile``: ``true``, or its options, e.g. ``{mode: reduce-overhead}``
             (CUDA graphs) or ``{backend: aot_eager}``. The feedback hooks and the engine's autograd Functions trace
             into the graph without a break, so DFA's per-point host work goes with BP's; the setup probe and the
@@ -318,4 +319,18 @@ class TaskModule(pl.LightningModule):
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.task.monitor
+            if self.scheduler_interval == "step":
+                config["frequency"] = self._validation_period()
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _validation_period(self) -> int:
+        """ReduceLROnPlateau stepped per batch: Lightning steps it every ``frequency`` batches on the logged
+        ``val/`` metric; with 1 the first batch, before any validation, stopped the run (the metric "is not
+        available"). Its period is the validation's, in batches: one step after each validation."""
+        interval = self.trainer.val_check_interval
+        if not isinstance(interval, int) or self.trainer.check_val_every_n_epoch is None:
+            raise ConfigError(f"model.scheduler_interval is step with ReduceLROnPlateau, which steps on "
+                              f"{self.task.monitor} after each validation: give trainer.val_check_interval as a "
+                              f"number of batches within the epoch (it is {interval!r}), or keep scheduler_interval "
+                              "epoch")
+        return interval
