@@ -1319,3 +1319,24 @@ def test_a_point_inside_a_reentrant_checkpoint_is_warned_about_at_the_probe():
         engine.capture = None
         named = [w for w in caught if "use_reentrant=False" in str(w.message)]
         assert len(named) == (1 if reentrant else 0)
+
+
+def test_a_point_the_forward_never_calls_is_named_at_the_first_training_forward():
+    """After a probe that did not see it (eval mode), the first training forward is where it must have run."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.spare, self.head = nn.Linear(5, 4), nn.Tanh(), nn.Tanh(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.act(self.fc(x)))
+
+    model = Unused()
+    engine = FeedbackEngine(model, ["act", "spare"])
+    engine.capture = {}
+    engine.calibrate(lambda: model(torch.randn(4, 5)).sum())  # the probe lets it pass: it may run in training only
+    engine.capture = None
+    assert engine.operator is None
+    with pytest.raises(ConfigError, match=r"never ran before the output in a training forward: spare"):
+        model(torch.randn(4, 5))
