@@ -537,6 +537,22 @@ def test_a_zero_or_nan_llff_depth_bound_is_named_with_its_row(bound, fern, tmp_p
         nd.load_llff(copy, factor=8)
 
 
+@pytest.mark.parametrize("column, value, expected", [
+    (3, float("nan"), r"row 5: camera pose .* is not finite, or its rotation is degenerate"),
+    (4, 0.0, r"row 5: \[height, width, focal\] = \[0.0, .*expected three finite numbers > 0"),
+    (14, -1.0, r"row 5: \[height, width, focal\] = \[.*, -1.0\], expected three finite numbers > 0"),
+], ids=["nan pose", "zero height", "negative focal"])
+def test_a_bad_llff_camera_is_named_with_its_row(column, value, expected, fern, tmp_path):
+    """A NaN pose made every view's rays NaN (the recentring averages them all), a 0 height divided by zero and a
+    negative focal flipped the rays silently."""
+    copy = _fern_copy(fern, tmp_path)
+    arr = np.load(copy / "poses_bounds.npy")
+    arr[5, column] = value
+    np.save(copy / "poses_bounds.npy", arr)
+    with pytest.raises(nd.DatasetError, match=expected):
+        nd.load_llff(copy, factor=8)
+
+
 def test_llff_images_of_different_sizes_are_named(fern, tmp_path):
     """A bare `ValueError: all input arrays must have the same shape` from np.stack (Blender already named it)."""
     from PIL import Image

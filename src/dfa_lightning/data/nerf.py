@@ -226,6 +226,7 @@ def load_llff(folder: Path, factor: int = 8, bound_factor: float = 0.75) -> tupl
         row, value = bad[0]
         raise DatasetError(f"{path}: row {row}: depth bounds {value}, expected two finite numbers > 0"
                            + (f" ({len(bad)} such rows)" if len(bad) > 1 else ""))
+    _check_llff_cameras(path, arr[:, :15].reshape(-1, 3, 5))
     decoded = [read_png(f, 3) for f in files]
     _check_same_size(path, list(range(len(files))), tuple(files), decoded)
     images = np.stack(decoded).astype(np.float32) / 255.0
@@ -244,6 +245,20 @@ def load_llff(folder: Path, factor: int = 8, bound_factor: float = 0.75) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------- rays
+def _check_llff_cameras(path: Path, poses: np.ndarray) -> None:
+    """Each row's 3 x 4 pose finite with a non-degenerate rotation, and its ``[H, W, focal]`` positive: one NaN
+    pose made every view's rays NaN (the recentring averages all poses), a 0 height divided by zero, a negative
+    focal flipped the rays without a word."""
+    for row, pose in enumerate(poses):
+        rotation, (h, w, focal) = pose[:, :3], pose[:, 4]
+        if not np.isfinite(pose[:, :4]).all() or abs(np.linalg.det(rotation)) < 1e-6:
+            raise DatasetError(f"{path}: row {row}: camera pose {pose[:, :4].tolist()} is not finite, or its "
+                               "rotation is degenerate")
+        if not all(math.isfinite(v) and v > 0 for v in (h, w, focal)):
+            raise DatasetError(f"{path}: row {row}: [height, width, focal] = {[float(h), float(w), float(focal)]}, "
+                               "expected three finite numbers > 0")
+
+
 def camera_rays(h: int, w: int, focal: float, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Origins and directions ``[H, W, 3]`` of a pinhole camera (OpenGL axes: x right, y up, looking down -z), one
     ray per pixel corner as in NeRF's ``get_rays``."""
