@@ -380,3 +380,21 @@ def test_a_last_training_batch_of_one_row_is_dropped_and_evaluation_keeps_every_
     assert len(train) == 2 and [len(b) for b in train] == [4, 4]
     assert len(evaluation) == 3 and np.array_equal(np.concatenate(list(evaluation)), np.arange(9))
     assert [len(b) for b in criteo._BatchSampler(10, 4, shuffle=True, seed=0, drop_single=True)] == [4, 4, 2]
+
+
+@needs_sample
+def test_a_cache_dir_that_cannot_be_written_is_named_as_the_setting_to_change(sample_copy, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    dm = CriteoDataModule(path=str(sample_copy), cache_dir=str(tmp_path / "afile"))
+    with pytest.raises(DatasetError, match=rf"cannot write the Criteo cache in {tmp_path / 'afile'}: .*; set "
+                                           r"`cache_dir:` to a writable folder"):
+        dm.setup()
+
+
+def test_a_trailing_blank_line_is_named_as_an_empty_line(tmp_path):
+    """It was "1 tab-separated fields, expected 40": a blank line at the end of a hand-cut sample reads as a row
+    with one field."""
+    path = tmp_path / "blank_end.txt"
+    path.write_text("\n".join(make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(40)) + "\n\n")
+    with pytest.raises(DatasetError, match=r"1 of 41 lines are malformed .* first bad line 41: an empty line"):
+        criteo.preprocess(path, tmp_path / "out", min_threshold=1, log_every=0)

@@ -728,3 +728,12 @@ def test_the_cache_fallback_warning_names_the_setting_the_empty_folder_came_from
     with pytest.warns(UserWarning, match=rf"^x: not in /s \(from {re.escape(setting)}\); using the copy in the "
                                          "download cache /c$"):
         paths.warn_cache_fallback("x", Path("/s"), Path("/c"), root)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_as_the_setting_to_change(cora_root, tmp_path):
+    """A file in the way (or a read-only ~/.cache) gave a raw NotADirectoryError from the lock folder's mkdir."""
+    (tmp_path / "afile").write_text("x")
+    dm = PlanetoidDataModule("Cora", root=str(cora_root / "planetoid"), cache_dir=str(tmp_path / "afile"))
+    with pytest.raises(DatasetError, match=rf"cannot write the Planetoid Cora cache in {tmp_path / 'afile'}: .*; set "
+                                           r"`cache_dir:` to a writable folder"):
+        dm.prepare_data()

@@ -114,16 +114,22 @@ def test_real_batches_have_paper_shape(wt2):
     assert sum(b[1].numel() for b in wt2.val_dataloader()) == 64 * (WT2_TOKENS["valid"] // 64 - 1)
 
 
-def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path):
+@pytest.mark.parametrize("download", [False, True])
+def test_missing_file_is_a_dataset_error_naming_it(wt2_root, tmp_path, monkeypatch, download):
+    """With downloads on, a folder holding the user's own train and test files was silently replaced by the
+    official release (another vocabulary, another text): the run trained on data it was not given."""
+    import dfa_lightning.data.wikitext as wikitext
+
+    monkeypatch.setattr(wikitext, "download_file", lambda *a, **k: pytest.fail("downloaded over the user's files"))
     root = tmp_path / "data"
     (root / "wikitext-2").mkdir(parents=True)
     for split in ("train", "test"):
         shutil.copy(wt2_root / "wikitext-2" / f"{split}.txt", root / "wikitext-2")
-    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
+    dm = WikiTextDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), download=download)
     with pytest.raises(DatasetError) as err:
         dm.setup()
     message = str(err.value)
-    assert f"missing valid.txt in {root / 'wikitext-2'} " in message
+    assert f"missing valid.txt in {root / 'wikitext-2'}, which holds train.txt, test.txt:" in message
     assert "wikitext-2-v1.zip" in message and "\n" not in message
 
 
@@ -472,3 +478,12 @@ def test_a_download_failing_its_checksum_is_refused_and_a_bad_archive_in_the_cac
     archive["sha256"] = hashlib.sha256(served.read_bytes()).hexdigest()
     files = WikiTextDataModule(**kw).text_files()
     assert files["valid"].read_text() == " valid text \n"
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_as_the_setting_to_change(wt2_root, tmp_path):
+    """A file in the way (or a read-only ~/.cache) gave a raw NotADirectoryError from the encoder's mkdir."""
+    (tmp_path / "afile").write_text("x")
+    dm = WikiTextDataModule(root=str(wt2_root), cache_dir=str(tmp_path / "afile"), download=False)
+    with pytest.raises(DatasetError, match=rf"cannot write the wikitext-2 cache in {tmp_path / 'afile'}: .*; set "
+                                           r"`cache_dir:` to a writable folder"):
+        dm.setup()

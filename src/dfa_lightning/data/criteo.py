@@ -52,7 +52,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root
+from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root, make_cache_folder
 from dfa_lightning.errors import ConfigError, DatasetError
 
 DOWNLOAD_PAGE = "https://ailab.criteo.com/ressources/"
@@ -93,6 +93,8 @@ def _valid_int(text: bytes) -> bool:
 
 def diagnose_line(fields: list[bytes]) -> str | None:
     """Why a split line is malformed (``None`` if it is fine). Slow, used only to word the error message."""
+    if fields in ([b""], [b"\r"]):  # a blank line (often one at the end of a hand-cut sample)
+        return "an empty line"
     if len(fields) != NUM_FIELDS + 1:
         return f"{len(fields)} tab-separated fields, expected {NUM_FIELDS + 1}"
     if fields[0] not in (b"0", b"1"):
@@ -480,13 +482,8 @@ def ensure_cache(
                    max_bad_fraction)
         _say_skipped(path, meta, final)
         return final, meta, False
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as err:
-        raise DatasetError(f"cannot write the Criteo cache in {cache_dir}: {err}; set `cache_dir:` to a writable "
-                           f"folder") from None
+    tmp = make_cache_folder(cache_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}", cache_dir,
+                            "Criteo", exist_ok=False)
     try:
         meta = preprocess(path, tmp, min_threshold, max_bad_fraction, **kwargs)
         try:

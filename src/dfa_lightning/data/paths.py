@@ -36,6 +36,19 @@ def warn_cache_fallback(what: str, searched: Path, used: Path, root: str | os.Pa
     rank_zero_warn(f"{what}: not in {searched} (from {setting}); using the copy in the download cache {used}")
 
 
+def make_cache_folder(folder: Path, cache_dir: Path, what: str, exist_ok: bool = True) -> Path:
+    """``folder`` (inside ``cache_dir``) made, or a :class:`DatasetError` naming ``cache_dir:`` where it cannot be
+    (a read-only ``~/.cache``, a file in the way): torch's ``PermissionError`` named neither the setting nor the fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise DatasetError(f"cannot write the {what} cache in {cache_dir}: {err}; set `cache_dir:` to a writable "
+                           "folder") from None
+    return folder
+
+
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

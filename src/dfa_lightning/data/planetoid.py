@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file,
+from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, make_cache_folder,
                                       warn_cache_fallback)
 from dfa_lightning.errors import ConfigError, DatasetError
 
@@ -267,8 +267,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
         sharing one cache (a seed sweep, two recipes at once) must not read a ``processed/`` file another is writing."""
         from filelock import FileLock
 
-        lock_dir = self.work_root / self.name
-        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_dir = make_cache_folder(self.work_root / self.name, self.work_root, f"Planetoid {self.name}")
         with FileLock(str(lock_dir / ".lock")):
             self._sync_raw_files()
             return self._planetoid()

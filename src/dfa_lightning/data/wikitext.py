@@ -47,8 +47,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum,
-                                      warn_cache_fallback)
+from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, make_cache_folder,
+                                      sha256sum, warn_cache_fallback)
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["WikiTextDataModule", "StreamChunks", "batchify", "ARCHIVES"]
@@ -352,6 +352,12 @@ class WikiTextDataModule(pl.LightningDataModule):
         found = {s: self._find(self.source_dir, s) for s in SPLITS}
         missing = [_file_names(s)[0] for s, path in found.items() if path is None]
         archive = ARCHIVES[self.name]
+        if len(missing) < len(SPLITS):  # some of the user's files: a download would silently train on others
+            present = ", ".join(path.name for path in found.values() if path is not None)
+            raise DatasetError(f"{self.name}: missing {', '.join(missing)} in {self.source_dir}, which holds "
+                               f"{present}: the three splits are read from one folder (the release: "
+                               f"{archive['urls'][0]}, sha256 {archive['sha256']}); add the missing file(s), or give "
+                               "a `root:` without this dataset to use the cache or the download")
         what = (f"{self.name}: missing {', '.join(missing)} in {self.source_dir} (nor in the cache {folders[1]}; "
                 f"set {ENV_VAR} or `root:`)")
         if not self.download:
@@ -363,7 +369,7 @@ class WikiTextDataModule(pl.LightningDataModule):
 
     def _download_archive(self, dest: Path, what: str) -> None:
         archive = ARCHIVES[self.name]
-        zip_path = self.work_dir / Path(archive["urls"][0]).name
+        zip_path = make_cache_folder(self.work_dir, self.work_dir, self.name) / Path(archive["urls"][0]).name
         errors = []
         for url in archive["urls"]:
             try:
@@ -420,8 +426,8 @@ class WikiTextDataModule(pl.LightningDataModule):
         if (folder / "meta.json").is_file() or not build:
             return folder, files
         rank_zero_info(f"{self.name}: encoding with the {self.tokenizer} tokenizer into {folder}")
-        tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.part"
-        tmp.mkdir(parents=True)
+        tmp = make_cache_folder(folder.parent / f".{folder.name}.{uuid.uuid4().hex}.part", self.work_dir, self.name,
+                                exist_ok=False)
         try:
             if self.tokenizer == "word":
                 vocab = word_vocab(files["train"], self.lowercase)
