@@ -762,6 +762,11 @@ def test_resuming_with_another_learning_rate_or_weight_decay_is_refused(cora_roo
                 f"--model.optimizer.init_args.{flag}", value) == 2
     assert f"the checkpoint's optimizer has {expected}" in _one_line_error(capsys)
     assert not list((tmp_path / "again").rglob("version_*"))  # refused before its first step: no run folder
+    if flag == "lr":  # and under another rule: refused while restoring, its step not yet restored
+        assert _fit("recipes/gcn_bp.yaml", tmp_path / "bp", *data, "--trainer.max_epochs", "2", "--ckpt_path",
+                    ckpt) == 2
+        assert "the checkpoint was trained by dfa and this recipe trains by bp" in _one_line_error(capsys)
+        assert not list((tmp_path / "bp").rglob("version_*"))
 
 
 def test_model_argument_checks_allow_zero_only_where_documented_and_check_only_this_packages_sizes():

@@ -482,7 +482,8 @@ class DFALightningCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except Exception as err:
-            if fresh is not None and user_error(err) is not None and self.trainer.global_step == self._first_step():
+            untrained = self.trainer.global_step in (0, self._first_step())  # 0: a resumed fit not yet restored
+            if fresh is not None and user_error(err) is not None and untrained:
                 remove_untrained_run_folder(fresh)
             raise
 
