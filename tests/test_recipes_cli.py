@@ -193,10 +193,12 @@ def test_a_command_line_typo_is_named_as_the_command_lines_not_the_recipes(capsy
 
 
 def test_a_user_error_raised_while_a_class_is_instantiated_is_one_line(capsys):
-    """jsonargparse wraps a DataModule's own ConfigError (``name: Coraa``) in a ValueError: still one line."""
-    assert main(["fit", "--config", str(REPO / "recipes/gcn_dfa.yaml"), "--data.init_args.name", "Coraa"]) == 2
-    assert _one_line_error(capsys) == ("error: PlanetoidDataModule: unknown name 'Coraa'; choose one of Cora, "
-                                       "CiteSeer, PubMed")
+    """jsonargparse wraps a DataModule's own ConfigError (``name: Coraa``) in a ValueError: still one line, with
+    where it was set and the class's key (it named the class alone)."""
+    recipe = REPO / "recipes/gcn_dfa.yaml"
+    assert main(["fit", "--config", str(recipe), "--data.init_args.name", "Coraa"]) == 2
+    assert _one_line_error(capsys) == (f"error: command line ({recipe}): data (PlanetoidDataModule): unknown name "
+                                       "'Coraa'; choose one of Cora, CiteSeer, PubMed")
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
@@ -479,8 +481,8 @@ def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, cap
 def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_folder_is_made(tmp_path, capsys):
     recipe = _edited_recipe(tmp_path, "gcn_dfa.yaml", "method: dfa", "method: dfa\n        operator: denze")
     assert main(["fit", "--config", str(recipe), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]) == 2
-    assert _one_line_error(capsys) == ("error: FeedbackAlignmentStrategy: operator must be one of ('dense', "
-                                       "'lowrank', 'sparse'), got 'denze'")
+    assert _one_line_error(capsys) == (f"error: {recipe}: trainer.callbacks (FeedbackAlignmentStrategy): operator "
+                                       "must be one of ('dense', 'lowrank', 'sparse'), got 'denze'")
     assert not (tmp_path / "logs").exists()
 
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -474,6 +475,31 @@ class DFALightningCLI(LightningCLI):
             if problem:
                 raise ConfigError(problem)
 
+    def instantiate_classes(self) -> None:
+        """A class's own refusal of an argument (a DataModule's ``name: Coraa``, a rule's ``operator: denze``) named
+        the class and the value but not where they were set: said here with the recipe (or the command line) and
+        the class's key in the config."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = user_error(err)
+            located = self._located(cause) if cause is not None else None
+            if located is None:
+                raise
+            raise type(cause)(located) from err
+
+    def _located(self, cause: BaseException) -> str | None:
+        """``cause``'s message as "<where><key> (<Class>): <reason>", or None when its class is not in the config."""
+        message = str(cause)
+        named = re.match(r"(\w+)(\s'[^']*')?: ", message)
+        if named is None:
+            return None
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        keys = _class_keys(config.as_dict() if hasattr(config, "as_dict") else dict(config), named.group(1))
+        if len(keys) != 1:  # not there, or several: the class name alone is the clearer message
+            return None
+        return f"{_origin(self._argv, keys[0])}{keys[0]} ({named.group(0)[:-2]}): {message[named.end():]}"
+
     def _run_subcommand(self, subcommand: str) -> None:
         """A refusal raised once the run has begun (a feedback point that matches nothing, a resumed checkpoint of
         another rule, an optimizer setting) left a run folder holding only the config and an empty event file,
@@ -630,6 +656,18 @@ def run(args: list[str] | None = None, run: bool = True) -> DFALightningCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def _class_keys(node: Any, name: str, key: str = "") -> list[str]:
+    """The dotted keys of ``node`` (a config as dicts and lists) whose ``class_path`` ends with the class ``name``
+    (a list's entries share its key: ``trainer.callbacks``)."""
+    if isinstance(node, list):
+        return list(dict.fromkeys(k for item in node for k in _class_keys(item, name, key)))
+    if not isinstance(node, dict):
+        return []
+    if str(node.get("class_path", "")).rsplit(".", 1)[-1] == name:
+        return [key]
+    return [k for child, value in node.items() for k in _class_keys(value, name, f"{key}.{child}" if key else child)]
 
 
 #: What a run folder holds before its first step: the resolved config, the logger's files.
