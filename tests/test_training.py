@@ -706,6 +706,32 @@ def test_the_training_loss_is_logged_as_train_loss_epoch_every_epoch_and_loss_st
     assert [value for _, value in written] == pytest.approx([losses[1], losses[3], losses[5]], rel=1e-6)
 
 
+def test_the_alignment_monitor_writes_every_probe_whatever_the_trainers_logging_period(tmp_path):
+    """Logged through ``log_dict(on_step=True)``, a probe at step 0, 4, 8 reached the loggers only where Lightning
+    writes step metrics ((step + 1) % log_every_n_steps == 0): none of them here, and none with both defaults (50)."""
+    module, data, strategy = build("dfa", num_samples=128)
+    monitor = AlignmentMonitor(every_n_steps=4)
+    trainer(tmp_path, [strategy, monitor], max_steps=10, logger=CSVLogger(tmp_path), log_every_n_steps=5
+            ).fit(module, data)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
+    probed = [int(r["step"]) for r in rows if r.get("align/signal_cos/blocks.0")]
+    assert probed == [0, 4, 8]
+    row = next(r for r in rows if r.get("align/signal_cos/blocks.0") and r["step"] == "8")
+    assert float(row["align/update_cos/blocks.1"]) == pytest.approx(monitor.last["align/update_cos/blocks.1"])
+
+
+def test_alignment_is_measured_on_a_model_with_a_frozen_parameter():
+    """``torch.autograd.grad`` over every parameter refused the frozen one: FinalAlignment (every placements and
+    failure_map run) died at the end of a fit that had trained fine."""
+    from dfa_lightning.callbacks.final_alignment import FinalAlignment
+
+    module, data, strategy = build("dfa")
+    module.model.blocks[0][0].bias.requires_grad_(False)
+    final = FinalAlignment()
+    trainer(".", [strategy, final], max_steps=2).fit(module, data)
+    assert set(final.alignment) >= {"align/signal_cos/blocks.0", "align/update_cos/blocks.0"}
+
+
 def test_signal_cos_is_the_mean_over_samples_keeping_a_sample_where_only_one_signal_is_zero():
     """A sample where DFA sends nothing but BP has a gradient counts as cos 0 (a failure to align); only samples where
     both are zero are left out."""

@@ -63,13 +63,14 @@ class AlignmentMonitor(pl.Callback):
         self.last = {}
         for strategy in strategies:  # one rule per network (NeRF's coarse and fine): their point names differ
             self.last.update(self.measure(pl_module, strategy, batch))
-        pl_module.log_dict(self.last, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        for logger in trainer.loggers:  # straight to the loggers: `log_dict(on_step=True)` is kept only at Lightning's
+            logger.log_metrics(self.last, step=trainer.global_step)  # log_every_n_steps, which dropped most probes
 
     @torch.no_grad()
     def measure(self, pl_module: pl.LightningModule, strategy: FeedbackAlignmentStrategy, batch: Any) -> dict[str, float]:
         """Alignment of DFA vs BP on ``batch``; leaves parameters, ``.grad``, buffers and RNG untouched."""
         engine, model = strategy.engine, pl_module.model
-        params = dict(model.named_parameters())
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # a frozen one has no update
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
