@@ -116,6 +116,7 @@ def test_the_table_marks_a_cell_where_dfa_does_no_better_than_shallow():
 def test_for_a_perplexity_a_dfa_no_lower_than_shallow_is_the_failure():
     assert failure_map.default_mode("test/ppl") == "min" and failure_map.default_mode("val/loss") == "min"
     assert failure_map.default_mode("test/acc") == "max" and failure_map.default_mode("test/auroc") == "max"
+    assert failure_map.default_mode("test/logloss") == "min"  # the CTR task's log loss: lower is better
     axes = [failure_map.parse_axis("norm=k:post,pre")]
     methods = {"bp.yaml": "bp", "dfa.yaml": "dfa", "shallow.yaml": "shallow"}
     results = [_run("bp.yaml", {"norm": "post"}, 140.0), _run("dfa.yaml", {"norm": "post"}, 250.0),
@@ -127,3 +128,24 @@ def test_for_a_perplexity_a_dfa_no_lower_than_shallow_is_the_failure():
     post, pre = [l for l in text.splitlines() if l.startswith("| post |") or l.startswith("| pre |")]
     assert "| 140.0 ± 0.0 | 250.0 ± 0.0 | 480.0 ± 0.0 | +110.0 | -230.0 |" in post and "✗" not in post
     assert "+20.0 ✗" in pre  # perplexities to one decimal
+
+
+def test_a_cell_is_cached_under_one_recipe_spelling_and_its_number_is_read_as_the_config_reads_it(monkeypatch,
+                                                                                                    tmp_path):
+    """``./recipes/r.yaml`` and ``recipes/r.yaml`` were two cache keys (each spelling trained again); an axis value
+    ``1e-2`` (0.01 in the config, the string '1e-2' for YAML 1.1) failed the run's check after it had trained."""
+    from types import SimpleNamespace
+
+    from dfa_lightning import studies
+
+    calls = []
+    monkeypatch.setattr(studies, "run_cached", lambda run_dir, key, recipe, args, check, rerun=False:
+                        calls.append((key, check)) or {})
+    axis = failure_map.parse_axis("lr=model.optimizer.init_args.lr:1e-2,5e-3")
+    for spelling in ("recipes/gcn_stack_dfa.yaml", "./recipes/gcn_stack_dfa.yaml"):
+        failure_map.run_cell(spelling, [axis], {"lr": "1e-2"}, 0, tmp_path)
+    assert calls[0][0] == calls[1][0]
+    config = {"model.optimizer.init_args.lr": 0.01}
+    calls[0][1](SimpleNamespace(subcommand=None, config=config))  # accepted
+    with pytest.raises(ConfigError, match="did not reach the run's config"):
+        calls[0][1](SimpleNamespace(subcommand=None, config={"model.optimizer.init_args.lr": 0.02}))

@@ -211,3 +211,14 @@ def test_two_placements_with_one_label_are_refused_before_training(tmp_path, cap
     assert placements.main(argv) == 2
     assert "--placements: labels must differ (got ['a', 'a'])" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_placement_run_is_cached_under_one_recipe_spelling(monkeypatch, tmp_path):
+    """``./recipes/r.yaml`` and ``recipes/r.yaml`` were two cache keys: each spelling trained the run again."""
+    from dfa_lightning import placements, studies
+
+    keys = []
+    monkeypatch.setattr(studies, "run_cached", lambda run_dir, key, *a, **k: keys.append(key) or {})
+    for spelling in ("recipes/gcn_dfa.yaml", "./recipes/gcn_dfa.yaml", "recipes/../recipes/gcn_dfa.yaml"):
+        placements.run_one(spelling, "paper", ["hidden"], 0, tmp_path)
+    assert keys[0] == keys[1] == keys[2]

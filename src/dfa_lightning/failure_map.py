@@ -21,6 +21,7 @@ table from the cache. Output: markdown (one row per cell, then each axis's margi
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import statistics
 import sys
@@ -159,12 +160,12 @@ def run_cell(recipe: str, axes: list[Axis], cell: dict[str, str], seed: int, roo
             got, want = config.get(axis.key), yaml.safe_load(cell[axis.label])
             if isinstance(want, dict):  # a class_path/init_args value is parsed into a namespace: not comparable
                 continue
-            if got != want:
+            if got != want and not _same_number(got, want):
                 raise ConfigError(f"{recipe}: --{axis.key} {cell[axis.label]} did not reach the run's config "
                                   f"(it has {got!r})")
 
-    key = {"recipe": recipe, "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "cell": cell, "seed": seed,
-           "extra": list(extra), "overrides": overrides}
+    key = {"recipe": os.path.normpath(recipe), "recipe_sha256": studies.recipe_digest(recipe, list(extra)),
+           "cell": cell, "seed": seed, "extra": list(extra), "overrides": overrides}  # ./r.yaml is r.yaml
     run_dir = Path(root) / Path(recipe).stem / _cell_dir(cell) / f"seed{seed}"
     # extra arguments first (a second --config among them must not undo the cell's values), the cell last
     return studies.run_cached(run_dir, key, recipe, ["--seed_everything", str(seed), *extra, *overrides], check,
@@ -209,9 +210,20 @@ def summarise(results: list[dict], methods: dict[str, str], axes: list[Axis], me
     return rows
 
 
+def _same_number(got: Any, want: Any) -> bool:
+    """``1e-2`` reaches the config as 0.01 but reads back from YAML 1.1 as the string '1e-2' (no dot)."""
+    if isinstance(got, bool) or not isinstance(got, (int, float)) or not isinstance(want, str):
+        return False
+    try:
+        return float(want) == got
+    except ValueError:
+        return False
+
+
 def default_mode(metric: str) -> str:
     """``min`` for losses and perplexities, ``max`` for everything else (accuracy, AUC, PSNR)."""
-    return "min" if metric.rsplit("/", 1)[-1] in ("loss", "ppl", "perplexity", "bpc", "mse") else "max"
+    lower = ("loss", "logloss", "ppl", "perplexity", "bpc", "mse")
+    return "min" if metric.rsplit("/", 1)[-1] in lower else "max"
 
 
 def render(rows: list[dict], axes: list[Axis], metric: str, command: str, seconds: float,

@@ -21,6 +21,7 @@ beside it) gives, per placement, the metric's mean ± std over seeds and each po
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -81,8 +82,8 @@ def run_one(recipe: str, label: str, points: list[str], seed: int, root: str | P
             raise ConfigError(f"{recipe}: the run did not use the feedback points {points} (the rule has "
                               f"{[r.config['feedback_points'] for r in rules]})")
 
-    key = {"recipe": recipe, "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "label": label,
-           "points": list(points), "seed": seed, "extra": list(extra)}
+    key = {"recipe": os.path.normpath(recipe), "recipe_sha256": studies.recipe_digest(recipe, list(extra)),
+           "label": label, "points": list(points), "seed": seed, "extra": list(extra)}  # ./r.yaml is r.yaml
     overrides = ["--seed_everything", str(seed), *extra, "--trainer.callbacks.feedback_points", json.dumps(points)]
     return studies.run_cached(Path(root) / label / f"seed{seed}", key, recipe, overrides, check, rerun)
 
