@@ -1340,3 +1340,27 @@ def test_a_point_the_forward_never_calls_is_named_at_the_first_training_forward(
     assert engine.operator is None
     with pytest.raises(ConfigError, match=r"never ran before the output in a training forward: spare"):
         model(torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("method", ["dfa", "shallow"])
+def test_a_weight_tied_across_the_points_is_reported_as_trained_from_the_output(method):
+    """Tied embeddings: the report counted the embedding as below the points (under shallow: "frozen"), though the
+    tied decoder above them trains it by backprop."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.block = nn.Embedding(10, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+        def forward(self, tokens):
+            return self.block(self.emb(tokens)) @ self.emb.weight.t()
+
+    model = Tied()
+    engine = FeedbackEngine(model, ["block"], method=method)
+    engine.capture = {}
+    engine.calibrate(lambda: model(torch.randint(0, 10, (6,))).sum())
+    engine.record_segments()
+    engine.capture = None
+    report = engine.report()
+    assert "tied across the points, trained by backprop from the output" in report and "40 params (emb.weight)" in report
+    assert "in 2 tensors" in report  # below: block.0's weight and bias, not the embedding

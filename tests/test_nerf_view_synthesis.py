@@ -686,3 +686,11 @@ def test_the_setup_probes_of_a_nerf_put_on_the_gpu_leave_the_cuda_random_state_a
                    [_rays_from_the_origin(512)], batch_size=None))
     assert len(unchanged) == 5 and all(unchanged)  # a probe per field; the check asked by each and by setup
 
+
+
+def test_fine_samples_need_three_coarse_samples_to_draw_from():
+    """With 2 coarse samples the weights between the ray's ends are empty: the first step died in ``gather``."""
+    with pytest.raises(ConfigError, match=r"fine_samples > 0 .* needs coarse_samples >= 3, got 2"):
+        ViewSynthesis(coarse_samples=2, fine_samples=8)
+    ViewSynthesis(coarse_samples=2, fine_samples=0)
+    ViewSynthesis(coarse_samples=3, fine_samples=8)

@@ -272,6 +272,26 @@ def test_a_point_that_runs_only_in_training_gets_its_feedback_sized_at_the_first
     assert not torch.equal(module.model.aux.weight, before)
 
 
+def test_a_rule_whose_points_never_run_in_training_is_refused_at_the_first_step(tmp_path):
+    """The probe lets a point it did not see wait for the first training forward; a rule none of whose points ever
+    run (NeRF's fine rule with ``fine_samples: 0``) then did nothing, silently."""
+
+    class Spare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.spare, self.head = (torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Tanh(),
+                                                        torch.nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.head(self.act(self.fc(x)))
+
+    _, data, _ = build("dfa")
+    dfa = FeedbackAlignmentStrategy(feedback_points=["spare"], verbose=False)
+    with pytest.raises(ConfigError, match=r"FeedbackAlignmentStrategy: feedback point\(s\) never ran in a training "
+                                          r"forward: spare"):
+        trainer(tmp_path, [dfa], max_steps=1).fit(TaskModule(Spare(), Classification(4), optimizer=sgd), data)
+
+
 def test_the_probe_leaves_a_loaders_own_generator_where_it_was(tmp_path):
     """A loader shuffled by its own ``generator``: the probe's first batch advanced it, so a DFA run saw its data in
     another order than the BP run it is compared with."""

@@ -114,6 +114,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         self.name = name
         self.engine: FeedbackEngine | None = None
         self._loaded: dict[str, torch.Tensor] | None = None
+        self._awaiting_first_forward = False  # the probe left a point unsized: check it ran once training ran
         self._fitting = True  # set by setup(); a checkpoint loaded outside fit is not checked against the recipe
 
     @property
@@ -172,7 +173,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
         device = model_device(model)  # the CPU, unless the user moved the model: Lightning moves it after setup
         batch = first_training_batch(trainer, device)  # widths, auto choice, one B on every rank
         if batch is None:
-            return  # widths are learnt at the first training forward; B is still drawn from the seed
+            self._awaiting_first_forward = True  # widths are learnt at the first training forward; B is still
+            return  # drawn from the seed
         was_training = model.training
         engine.capture = {}
         try:
@@ -187,6 +189,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             model.train(was_training)
         if engine.ready:  # else a point the eval-mode probe did not see (one that runs in training only): B is
             engine.ensure_matrix()  # drawn at the first training forward, from the same seed
+        else:
+            self._awaiting_first_forward = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is None or self.method == "bp":
@@ -202,6 +206,18 @@ class FeedbackAlignmentStrategy(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.engine is not None:
             self.engine.reset()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        """After the first training forward every point has run: one the eval-mode probe did not see waited for
+        it. A point that never runs (a rule for NeRF's fine field with ``fine_samples: 0``) would leave the rule
+        silently doing nothing."""
+        if self._awaiting_first_forward and self.engine is not None:
+            self._awaiting_first_forward = False
+            missing = [p.name for p in self.engine.points if p.width is None]
+            if missing:
+                raise ConfigError(f"{self.state_key}: feedback point(s) never ran in a training forward: "
+                                  f"{', '.join(missing)} (a module the forward does not call, or one it calls only "
+                                  "after the output module)")
 
     def _assert_same_matrix_on_every_rank(self, trainer: pl.Trainer) -> None:
         digest = torch.tensor([feedback_checksum(self.engine.feedback_state())], dtype=torch.float64,

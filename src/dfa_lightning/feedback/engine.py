@@ -262,6 +262,7 @@ class FeedbackEngine:
         self.enabled = True  # False: hooks pass everything through (BP), used by the alignment probe
         self.capture = None  # when a dict: raw point outputs (each point's last call) and "__output__"
         self.calls: dict[str, int] = {}  # calls per forward of each point, from the probe (record_segments)
+        self.tied: list[str] = []  # parameters both below a point and above the last one (tied embeddings)
         self._calibrating = False  # calibrate()'s forward runs: points that run without grad are noted
         self._no_grad_points: set[str] = set()
         self.points: list[PointInfo] = []
@@ -301,6 +302,7 @@ class FeedbackEngine:
         forward: a module at several layers, a shared block), so no graph outlives its capture."""
         self._capture = value
         self.capture_calls: dict[str, list[torch.Tensor]] = {}
+        self._raw_output: torch.Tensor | None = None  # the output before the injection: only the layers above
 
     def _resolve_point_norms(self) -> dict[str, str]:
         """Each point's ``feedback_norm`` mode; a glob of the mapping that matches no point is a typo: named."""
@@ -371,7 +373,7 @@ class FeedbackEngine:
         if out.dtype != self._output_dtype:  # per point: the next tokens carry the error in its projection dtype
             self._output_dtype, self._token_dtype = out.dtype, self.compute_dtype(out.dtype)
         if self.capture is not None:
-            self.capture["__output__"] = out
+            self.capture["__output__"] = self._raw_output = out
         if not self._pending.tensors:
             return None
         index, tensors, kind = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.kind
@@ -821,13 +823,18 @@ class FeedbackEngine:
                             else "")
                          + (" (not seen by the eval-mode probe: sized at the first training forward)"
                             if p.width is None and self.calibration is not None else ""))
-        below = {n for p in self.points for n in self.segments.get(p.name, [])}
-        above = [n for n in self.segments.get("__output__", []) if n not in below]
-        unused = [n for n in params if n not in below and n not in above]
+        tied = self.tied
+        below = {n for p in self.points for n in self.segments.get(p.name, [])} - set(tied)
+        above = [n for n in self.segments.get("__output__", []) if n not in below and n not in tied]
+        unused = [n for n in params if n not in below and n not in above and n not in tied]
         how = "direct feedback B_i e" if self.method == "dfa" else "nothing: frozen (shallow control)"
         lines.append(f"  below the points, trained by {how}: {count(below):,} params in {len(below)} tensors")
         lines.append(f"  above the last point, backprop from the output: {count(above):,} params "
                      f"({', '.join(above) or '-'})")
+        if tied:  # one tensor on both sides of the cut (tied embeddings): the layers above train it by backprop
+            also = " and by B_i e below" if self.method == "dfa" else " (not frozen, under shallow too)"
+            lines.append(f"  tied across the points, trained by backprop from the output{also}: {count(tied):,} "
+                         f"params ({', '.join(tied)})")
         if unused:
             lines.append(f"  outside this rule (not reached from the output's graph: plain backprop where the loss "
                          f"reaches them, e.g. after the output, or another network's rule): {', '.join(unused)}")
@@ -869,6 +876,9 @@ class FeedbackEngine:
             self.calls[name] = len(outs)
             if len(outs) > 1:
                 self.segments[name] = sorted({n for t in outs for n in _reachable_parameters(t, ids)})
+        if self._raw_output is not None:  # above the points (the injected output's graph reaches below them too)
+            below = {n for p in self.points for n in self.segments.get(p.name, [])}
+            self.tied = sorted(below & set(_reachable_parameters(self._raw_output, ids)))
 
 
 def _size(nbytes: float) -> str:

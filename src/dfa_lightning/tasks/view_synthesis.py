@@ -53,6 +53,9 @@ class ViewSynthesis(Task):
         if coarse_samples < 2 or fine_samples < 0 or chunk < 1:
             raise ConfigError(f"ViewSynthesis: need coarse_samples >= 2, fine_samples >= 0 and chunk >= 1, got "
                               f"{coarse_samples}, {fine_samples}, {chunk}")
+        if fine_samples and coarse_samples < 3:  # the fine samples follow the coarse weights between the ends: none
+            raise ConfigError(f"ViewSynthesis: fine_samples > 0 draws from the coarse weights inside the ray, which "
+                              f"needs coarse_samples >= 3, got {coarse_samples}")
         if dual and not fine_samples:
             raise ConfigError("ViewSynthesis: `dual: true` averages the coarse and the fine field at the fine samples; "
                               "it needs fine_samples > 0")
