@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import yaml
 from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +28,7 @@ from dfa_lightning.checkpoint_check import checkpoint_problem, read_checkpoint
 from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 from dfa_lightning.errors import ConfigError, UserError
 from dfa_lightning.module import TaskModule
+from dfa_lightning.probe import first_batch
 
 
 def _strict_yaml_loader() -> type:
@@ -538,12 +538,12 @@ class DFALightningCLI(LightningCLI):
 
     def _check_step_memory(self) -> None:
         """The model's step-memory check (NeRF's rays per batch) before DDP launches its processes: one message,
-        not one a rank. Its first batch is drawn with the random state forked, so the run is unchanged."""
+        not one a rank. Its first batch is drawn with the random state forked (see ``first_batch``): the run is
+        unchanged."""
         task = getattr(self.model, "task", None)
         if self.datamodule is None or not callable(getattr(task, "check_step_memory", None)):
             return  # a batch is drawn only for a task that checks
-        with torch.random.fork_rng(devices=[]):
-            batch = next(iter(self.datamodule.train_dataloader()), None)
+        batch = first_batch(self.datamodule.train_dataloader())
         if batch is not None:
             self.model.check_step_memory(self.trainer, batch)
 

@@ -36,14 +36,21 @@ def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None
             loader = source.dataloader() if source is not None and source.is_defined() else None
         if loader is None or isinstance(loader, (dict, list, tuple)):  # several loaders: no single first batch
             return None
-        generators = loader_generators(loader)
-        states = [g.get_state() for g in generators]
-        try:
-            batch = next(iter(loader), None)
-        finally:
-            for g, state in zip(generators, states):
-                g.set_state(state)
+    batch = first_batch(loader)
     return batch if batch is None or device is None else move_data_to_device(batch, device)
+
+
+def first_batch(loader: Any) -> Any | None:
+    """``loader``'s first batch (``None`` if empty), drawn with the global random state and the loader's own
+    generators forked: the run draws the same order and the same numbers as without the look."""
+    generators = loader_generators(loader)
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return next(iter(loader), None)
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
 
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
