@@ -430,11 +430,13 @@ def test_an_overlay_given_before_its_recipe_says_to_swap_them(capsys):
 
 @pytest.mark.parametrize("groups, expected", [
     ('[{"params": "conv1.**", "weight_decy": 0.1}]', "Adam has no option 'weight_decy' (did you mean 'weight_decay'?)"),
-    ('[{"params": "conv1.**", "lr": -1}]', "lr must be a number >= 0, got -1"),
-    ('[{"params": "conv1.**", "lr": "abc"}]', "lr must be a number >= 0, got 'abc'"),
+    ('[{"params": "conv1.**", "lr": -1}]', "lr must be a finite number >= 0, got -1"),
+    ('[{"params": "conv1.**", "lr": "abc"}]', "lr must be a finite number >= 0, got 'abc'"),
+    ('[{"params": "conv1.**", "lr": .nan}]', "lr must be a finite number >= 0, got nan"),
     ('[{"params": "conv1.**"}, {"params": "conv1.lin.weight", "lr": 0.1}]',
-     "param_groups pattern 'conv1.lin.weight' matches only parameters an earlier entry took (conv1.lin.weight)"),
-], ids=["misspelt option", "negative lr", "string lr", "taken by an earlier entry"])
+     "recipes/gcn_dfa.yaml): model.param_groups pattern 'conv1.lin.weight' matches only parameters an earlier entry "
+     "took (conv1.lin.weight)"),
+], ids=["misspelt option", "negative lr", "string lr", "nan lr", "taken by an earlier entry"])
 def test_a_param_groups_mistake_is_one_line_not_a_silent_change_of_the_experiment(tmp_path, capsys, groups, expected):
     from conftest import SHARED_DATA
 
@@ -445,6 +447,20 @@ def test_a_param_groups_mistake_is_one_line_not_a_silent_change_of_the_experimen
     assert expected in _one_line_error(capsys)
 
 
+def test_a_param_groups_pattern_matching_nothing_names_the_recipe_that_set_it(tmp_path, capsys):
+    """Refused once the run has begun (the optimizer is built then): the message named the setting, not the file."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    overlay = tmp_path / "groups.yaml"
+    overlay.write_text("model:\n  param_groups:\n    - params: 'conv9.**'\n      weight_decay: 1.0e-4\n")
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--config", str(overlay)) == 2
+    assert _one_line_error(capsys).startswith(f"error: {REPO / 'recipes/gcn_dfa.yaml'}, {overlay}: model.param_groups "
+                                              "pattern 'conv9.**' matches no parameter; names: conv1.bias")
+
+
 def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path, capsys):
     from conftest import SHARED_DATA
 
@@ -452,7 +468,8 @@ def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path,
         pytest.skip("shared Cora not found")
     assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
                 "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.optimizer.init_args.eps", "-1") == 2
-    assert _one_line_error(capsys) == "error: model.optimizer: Invalid epsilon value: -1.0"
+    assert _one_line_error(capsys) == (f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): model.optimizer: "
+                                       "Invalid epsilon value: -1.0")
 
 
 def test_a_scheduler_period_of_zero_is_one_line_before_training(tmp_path, capsys):
@@ -464,7 +481,8 @@ def test_a_scheduler_period_of_zero_is_one_line_before_training(tmp_path, capsys
     assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
                 "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.lr_scheduler",
                 "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "0") == 2
-    assert _one_line_error(capsys) == "error: model.lr_scheduler: StepLR step_size must be >= 1, got 0"
+    assert _one_line_error(capsys) == (f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): model.lr_scheduler: "
+                                       "StepLR step_size must be >= 1, got 0")
 
 
 def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, capsys):
@@ -475,7 +493,9 @@ def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, cap
         pytest.skip("shared Cora not found")
     assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
                 "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks.output", "conv1") == 2
-    assert _one_line_error(capsys).startswith("error: output 'conv1' runs before the feedback point(s) hidden")
+    assert _one_line_error(capsys).startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): "
+                                              "FeedbackAlignmentStrategy: output 'conv1' runs before the feedback "
+                                              "point(s) hidden")
 
 
 def test_a_bad_feedback_setting_is_one_line_naming_the_callback_before_a_run_folder_is_made(tmp_path, capsys):
@@ -532,7 +552,9 @@ def test_feedback_pattern_matching_nothing_lists_the_modules(cora_root, tmp_path
     assert _fit(str(recipe), tmp_path, "--data.init_args.root", str(cora_root),
                 "--data.init_args.cache_dir", str(tmp_path / "cache")) == 2
     line = _one_line_error(capsys)
-    assert "'hiddn' matches no module of GCN; modules: conv1" in line and "hidden" in line
+    assert line.startswith(f"error: {recipe}: FeedbackAlignmentStrategy: feedback point 'hiddn' matches no module of "
+                           "GCN; modules: conv1")
+    assert "hidden" in line  # the recipe that set it is named: the pattern is refused once the run has begun
     assert not list(tmp_path.rglob("*.ckpt"))
     assert not list((tmp_path / "logs").rglob("version_*"))  # refused in setup: the run's empty folder is gone
 
@@ -645,7 +667,9 @@ def test_shallow_with_a_point_on_the_last_layer_is_one_line_before_training(tmp_
     assert _fit("recipes/gcn_shallow.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
                 "--data.init_args.cache_dir", str(tmp_path / "cache"),
                 "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 2
-    assert _one_line_error(capsys).startswith("error: method shallow: the model's output depends on no trainable")
+    assert _one_line_error(capsys).startswith(f"error: command line ({REPO / 'recipes/gcn_shallow.yaml'}): "
+                                              "FeedbackAlignmentStrategy: method shallow: the model's output depends "
+                                              "on no trainable")
 
 
 @pytest.mark.parametrize("callbacks", ["[../callbacks/best_val_acc.yaml]", "[]", "callbacks/alignment.yaml"])
@@ -791,6 +815,11 @@ def test_learning_rate_zero_is_refused_unless_a_group_or_the_scheduler_sets_a_ra
     assert learning_rate_problem(-0.1, {}, []) == "lr is -0.1: expected a rate > 0"
     assert learning_rate_problem(0, {"max_lr": 0.1}, []) is None and learning_rate_problem(0, {}, [{"lr": 0.1}]) is None
     assert learning_rate_problem(1e-3, {}, []) is None
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_a_learning_rate_that_is_not_finite_is_refused_not_called_zero(lr):
+    assert learning_rate_problem(lr, {}, []) == f"lr is {lr}: expected a finite rate > 0"
 
 
 def test_state_dict_mismatch_skips_what_loading_itself_accepts():

@@ -508,9 +508,12 @@ class DFALightningCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except Exception as err:
+            cause = user_error(err)
             untrained = self.trainer.global_step in (0, self._first_step())  # 0: a resumed fit not yet restored
-            if fresh is not None and user_error(err) is not None and untrained:
+            if fresh is not None and cause is not None and untrained:
                 remove_untrained_run_folder(fresh)
+            if cause is not None and cause.key is not None:  # the setting is named; where it was set is said here
+                raise type(cause)(f"{_origin(self._argv, cause.key)}{cause}") from err
             raise
 
     def _new_run_folder(self) -> Path | None:

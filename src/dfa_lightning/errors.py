@@ -2,7 +2,15 @@
 
 
 class UserError(Exception):
-    """Base class: the message alone must tell the user what to fix (file, key, line or module name)."""
+    """Base class: the message alone must tell the user what to fix (file, key, line or module name).
+
+    ``key``: the config key of the setting at fault, for a refusal raised once the run has begun (an optimizer group,
+    a feedback point matching nothing), where the raiser knows the setting but not the file that set it: the CLI
+    then names the recipe, or the command line, before the message."""
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class ConfigError(UserError, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,7 +95,11 @@ def learning_rate_problem(lr: Any, scheduler_args: Mapping[str, Any], param_grou
     run reported the initial weights' test score as a result. A group with its own ``lr`` (some recipes freeze a
     group with lr 0 on purpose, others train one) or a scheduler that gives a rate itself (OneCycleLR's
     ``max_lr``, CyclicLR's ``base_lr``, a cosine schedule's ``eta_min``) keeps the run."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr > 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        return None
+    if not math.isfinite(lr):  # NaN passed every comparison below, and was then called "lr is 0"
+        return f"lr is {lr}: expected a finite rate > 0"
+    if lr > 0:
         return None
     if lr < 0:
         return f"lr is {lr}: expected a rate > 0"

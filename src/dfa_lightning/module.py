@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from dfa_lightning.probe import first_training_batch, forked_rng, model_device, 
 from dfa_lightning.random_state import random_state, restore_random_state
 from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
+GROUPS = "model.param_groups"  # the config key of the optimizer's parameter groups, named in their refusals
 
 def _rates(optimizer: torch.optim.Optimizer) -> list[tuple]:
     """Each group's base learning rate (``initial_lr``: before a scheduler scales it; None in a checkpoint written
@@ -265,12 +267,15 @@ class TaskModule(pl.LightningModule):
                 hint = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
                 said = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hint.items())
                 raise ConfigError(f"model.param_groups entry {spec}: {type(optimizer).__name__} has no option {said}; "
-                                  f"its options: {', '.join(sorted(known))}")
+                                  f"its options: {', '.join(sorted(known))}", key=GROUPS)
             for key, value in spec.items():
                 default = optimizer.defaults.get(key)
                 if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                        not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                    raise ConfigError(f"model.param_groups entry {spec}: {key} must be a number >= 0, got {value!r}")
+                        not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0
+                        or math.isinf(value)):
+                    raise ConfigError(f"model.param_groups entry {spec}: {key} must be a finite number >= 0, got "
+                                      f"{value!r}",
+                                      key=GROUPS)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         named = dict(self.model.named_parameters())
@@ -280,14 +285,17 @@ class TaskModule(pl.LightningModule):
             spec = dict(spec)
             pattern = spec.pop("params", None)
             if not isinstance(pattern, str):
-                raise ConfigError(f"param_groups entry {spec} needs `params:` as a glob on parameter names")
+                raise ConfigError(f"model.param_groups entry {spec} needs `params:` as a glob on parameter names",
+                                  key=GROUPS)
             matched = [n for n in named if glob_match(n, pattern)]
             names = [n for n in matched if n not in taken]
             if not matched:
-                raise ConfigError(f"param_groups pattern {pattern!r} matches no parameter; names: {', '.join(named)}")
+                raise ConfigError(f"model.param_groups pattern {pattern!r} matches no parameter; names: "
+                                  f"{', '.join(named)}", key=GROUPS)
             if not names:
-                raise ConfigError(f"param_groups pattern {pattern!r} matches only parameters an earlier entry took "
-                                  f"({', '.join(matched)}): the first matching entry wins; put the narrower one first")
+                raise ConfigError(f"model.param_groups pattern {pattern!r} matches only parameters an earlier entry "
+                                  f"took ({', '.join(matched)}): the first matching entry wins; put the narrower one "
+                                  "first", key=GROUPS)
             taken.update(names)
             groups.append({"params": [named[n] for n in names], **spec})
         rest = [p for n, p in named.items() if n not in taken]
@@ -296,11 +304,13 @@ class TaskModule(pl.LightningModule):
         return groups
 
     def configure_optimizers(self):
+        """The optimizer over ``param_groups``, and its scheduler. A refusal names its setting, and carries its key:
+        the CLI also names the recipe (or the command line) that set it."""
         groups = self.parameter_groups()
         try:
             optimizer = self.optimizer(groups)
         except (ValueError, TypeError) as err:  # torch's own checks: "Invalid learning rate: -1.0", LBFGS and groups
-            raise ConfigError(f"model.optimizer: {err}") from None
+            raise ConfigError(f"model.optimizer: {err}", key="model.optimizer") from None
         self._check_group_options(optimizer)
         for group in optimizer.param_groups:  # the base rate, kept in checkpoints (ReduceLROnPlateau keeps none)
             group.setdefault("initial_lr", group["lr"])
@@ -310,11 +320,12 @@ class TaskModule(pl.LightningModule):
         try:
             scheduler = self.lr_scheduler(optimizer)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"model.lr_scheduler: {err}") from None
+            raise ConfigError(f"model.lr_scheduler: {err}", key="model.lr_scheduler") from None
         for period in ("step_size", "T_max"):  # periods torch takes modulo / divides by unchecked: 0 failed mid-run
             value = getattr(scheduler, period, None)
             if isinstance(value, int) and value < 1:
-                raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}")
+                raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}",
+                                  key="model.lr_scheduler")
         self._recipe_rates = _rates(optimizer)
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -332,5 +343,5 @@ class TaskModule(pl.LightningModule):
             raise ConfigError(f"model.scheduler_interval is step with ReduceLROnPlateau, which steps on "
                               f"{self.task.monitor} after each validation: give trainer.val_check_interval as a "
                               f"number of batches within the epoch (it is {interval!r}), or keep scheduler_interval "
-                              "epoch")
+                              "epoch", key="model.scheduler_interval")
         return interval

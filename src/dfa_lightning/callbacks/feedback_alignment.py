@@ -8,6 +8,7 @@ checks that every rank holds the same ``B``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import zlib
@@ -136,6 +137,24 @@ class FeedbackAlignmentStrategy(pl.Callback):
                 return  # another fit of the same network: its B and hooks carry on
             self.engine.detach_hooks()  # this rule reused for another network (a loop over models): its own B
             self.engine, self._loaded = None, None
+        with self._refusals_named():
+            self._attach(trainer, pl_module)
+
+    @contextlib.contextmanager
+    def _refusals_named(self):
+        """A refusal of this rule's settings raised once the run has begun (a point that matches nothing, a width
+        that changes) names the rule, and carries its config key: the CLI also names the recipe (or the command
+        line) that set it."""
+        try:
+            yield
+        except ConfigError as err:
+            if err.key is not None:
+                raise
+            rule = type(self).__name__ + (f" {self.name!r}" if self.name is not None else "")
+            raise ConfigError(f"{rule}: {err}", key="trainer.callbacks") from err
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The engine on the model: points resolved, widths probed on one batch, B drawn (or the checkpoint's)."""
         self.check_strategy(trainer)
         pl_module.configure_model()  # data-sized models are built before the points are resolved
         check_memory = getattr(pl_module, "check_step_memory", None)
@@ -217,7 +236,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
             if missing:
                 raise ConfigError(f"{self.state_key}: feedback point(s) never ran in a training forward: "
                                   f"{', '.join(missing)} (a module the forward does not call, or one it calls only "
-                                  "after the output module)")
+                                  "after the output module)", key="trainer.callbacks")
 
     def _assert_same_matrix_on_every_rank(self, trainer: pl.Trainer) -> None:
         digest = torch.tensor([feedback_checksum(self.engine.feedback_state())], dtype=torch.float64,
