@@ -681,9 +681,11 @@ def test_orthogonal_at_a_layernorm_output_acts_only_on_the_norms_own_scale_and_s
 @pytest.mark.parametrize("settings, expected", [
     ({"operator": "lowrank", "rank": 0}, "rank must be >= 1 for the lowrank operator, got 0"),
     ({"operator": "sparse", "nnz": 0}, "nnz must be >= 1 for the sparse operator, got 0"),
-    ({"batch_dims": []}, "batch_dims must list the sample dims"),
-    ({"batch_dims": [0, -1]}, "batch_dims must list the sample dims (>= 0)"),
-], ids=["rank 0", "nnz 0", "no batch dims", "negative batch dim"])
+    ({"batch_dims": []}, "batch_dims must list distinct sample dims"),
+    ({"batch_dims": [0, -1]}, "batch_dims must list distinct sample dims (>= 0)"),
+    ({"batch_dims": [0, 0]}, "batch_dims must list distinct sample dims (>= 0) of the output, e.g. [0] or [0, 1] for "
+                             "[batch, tokens, features], got [0, 0]"),
+], ids=["rank 0", "nnz 0", "no batch dims", "negative batch dim", "repeated batch dim"])
 def test_an_impossible_operator_size_or_batch_dims_is_named_when_the_rule_is_made(settings, expected):
     """Found while the recipe is read (was: at setup, after the run folder, or `batch_dims: []` silently [0])."""
     from dfa_lightning.callbacks import FeedbackAlignmentStrategy
@@ -1364,3 +1366,65 @@ def test_a_weight_tied_across_the_points_is_reported_as_trained_from_the_output(
     report = engine.report()
     assert "tied across the points, trained by backprop from the output" in report and "40 params (emb.weight)" in report
     assert "in 2 tensors" in report  # below: block.0's weight and bias, not the embedding
+
+
+def test_a_point_whose_batch_dims_are_laid_out_otherwise_than_the_outputs_is_refused():
+    """A sequence-first block ([T, B, H]) in a batch-first model ([B, T, V]) has as many rows as the output over
+    ``batch_dims: [0, 1]``: row (t, b) took the B e of the output's row (b, t), another token's error, unsaid."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.act, self.head = nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.act(self.emb(x).transpose(0, 1)).transpose(0, 1))
+
+    x = torch.randn(2, 3, 4)
+    for projection in PROJECTIONS.values():
+        engine = FeedbackEngine(SequenceFirst(), ["act"], batch_dims=[0, 1], **projection)
+        draw(engine, x)
+        with pytest.raises(ConfigError, match=re.escape("feedback point 'act' is [3, 2] over batch_dims [0, 1] and the "
+                                                        "output [2, 3]: the same rows in another layout")):
+            engine.model(x).sum().backward()
+    engine = FeedbackEngine(SequenceFirst(), ["act"], batch_dims=[0, 1])
+    engine.capture = {}
+    with pytest.raises(ConfigError, match=re.escape("is [3, 2] over batch_dims [0, 1] and the output [2, 3]")):
+        engine.calibrate(lambda: engine.model(x))  # the probe says it before the first step
+
+
+@pytest.mark.parametrize("shape, said", [((4,), "no feature dim"), ((4, 1), "one feature")])
+def test_a_feedback_norm_on_a_point_with_fewer_than_two_features_is_refused(shape, said):
+    """LayerNorm over no feature dim was torch's "normalized_shape to be at least 1-dimensional"; over one feature
+    its backward is zero: the point got no feedback at all."""
+
+    class Squeeze(nn.Module):
+        def forward(self, h):
+            return h.sum(-1) if len(shape) == 1 else h.sum(-1, keepdim=True)
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), Squeeze(), nn.Identity())
+    engine = FeedbackEngine(model, ["3"], feedback_norm="layer", output="4")
+    with pytest.raises(ConfigError, match=re.escape(f"feedback_norm 'layer' at feedback point '3': its output {shape} "
+                                                    f"has {said} beyond batch_dims [0]")):
+        draw(engine, torch.randn(4, 5))
+
+
+def test_dfa_without_feedback_points_is_refused_by_the_engine_itself():
+    with pytest.raises(ConfigError, match=r"method 'dfa' needs feedback_points"):
+        FeedbackEngine(MLP(5, 3, hidden=[8]), [])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_error_through_sparse_feedback_on_the_cpu_projects_in_fp32(dtype):
+    """The CPU has no half-precision sparse CSR matmul: ``projection_dtype: gradient`` under AMP died in the first
+    backward with torch's "addmm_out_sparse_csr_impl_mkl not implemented for 'BFloat16'"."""
+    from dfa_lightning.feedback import matrices
+
+    lay = matrices.layout([5, 3], "per_layer", False)
+    op = operators.draw_operator("sparse", 6, lay, "uniform", 0, False, rank=1, nnz=2)
+    e = torch.randn(4, 6)
+    half = op.project(e.to(dtype))
+    assert half.dtype == dtype
+    torch.testing.assert_close(half, op.project(e.to(dtype).double()).to(dtype))
+    torch.testing.assert_close(op.project_slice(e.to(dtype), 5, 8), op.project_slice(e.to(dtype).double(), 5, 8)
+                               .to(dtype))

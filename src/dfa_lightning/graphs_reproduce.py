@@ -40,6 +40,7 @@ from dfa_lightning import studies
 from dfa_lightning.callbacks.final_alignment import FinalAlignment
 from dfa_lightning.cli import split_passthrough
 from dfa_lightning.errors import UserError
+from dfa_lightning.probe import modes_kept
 from dfa_lightning.reference.paper_graphs import PAPER_GRAPHS
 
 __all__ = ["DATASETS", "MODELS", "METHODS", "GraphFinalAlignment", "dataset_args", "run_one", "collect", "render",
@@ -86,15 +87,14 @@ class GraphFinalAlignment(FinalAlignment):
         module = dict(pl_module.model.named_modules())[self.hidden_point]
         seen: list[torch.Tensor] = []
         handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().cpu()))
-        was_training = pl_module.training
-        pl_module.eval()
         try:
-            edge_attr = getattr(batch, "edge_attr", None)
-            args = (batch.x, batch.edge_index) if edge_attr is None else (batch.x, batch.edge_index, edge_attr)
-            pl_module.model(*args)
+            with modes_kept(pl_module):
+                pl_module.eval()
+                edge_attr = getattr(batch, "edge_attr", None)
+                args = (batch.x, batch.edge_index) if edge_attr is None else (batch.x, batch.edge_index, edge_attr)
+                pl_module.model(*args)
         finally:
             handle.remove()
-            pl_module.train(was_training)
         Path(self.hidden_path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"hidden": seen[0], "y": batch.y.cpu(), "point": self.hidden_point}, self.hidden_path)
 

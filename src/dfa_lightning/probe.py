@@ -3,7 +3,8 @@ the model's device, and the run's autocast on that device. Both run in Lightning
 moved to its device: usually on the CPU, or wherever the user put the model before ``fit``."""
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,6 +23,19 @@ def forked_rng(device: torch.device) -> AbstractContextManager:
     """The random state forked for a probe on ``device``: the CPU's, and on CUDA the device's own (NeRF draws its
     samples along the rays there), so the run's random draws are those it would make without the probe."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+@contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every submodule's own train/eval mode, restored on exit. ``model.train(flag)`` sets all of them: a module the
+    user keeps in eval mode (a frozen BatchNorm on its running statistics, as Lightning leaves it) came back from a
+    probe training, in DFA runs only, so they were no longer comparable with BP."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def first_training_batch(trainer: pl.Trainer, device: torch.device | None = None) -> Any | None:

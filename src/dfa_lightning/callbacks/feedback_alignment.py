@@ -22,7 +22,7 @@ from torch import nn
 
 from dfa_lightning.errors import ConfigError
 from dfa_lightning.feedback.engine import FeedbackEngine, check_settings, optimizer_state_bytes
-from dfa_lightning.probe import first_training_batch, forked_rng, model_device, probe_forward_context
+from dfa_lightning.probe import first_training_batch, forked_rng, model_device, modes_kept, probe_forward_context
 
 
 class FeedbackAlignmentStrategy(pl.Callback):
@@ -95,8 +95,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
             raise ConfigError("method 'fa' (layer-to-layer feedback alignment) is not implemented; use dfa, shallow or bp")
         if method in ("dfa", "shallow") and not feedback_points:
             raise ConfigError(f"method {method!r} needs `feedback_points` (module-name globs or module types)")
-        self.config = dict(
-            method=method, feedback_points=list(feedback_points or []), output=output,
+        self._point_specs = list(feedback_points or [])  # types as given: a class local to a notebook matches too
+        self.config = dict(  # what checkpoints keep: types as their dotted names (weights_only loads no classes)
+            method=method, feedback_points=[_spec_name(p) for p in self._point_specs], output=output,
             batch_dims=list(batch_dims) if batch_dims is not None else [0], init=init, scale=scale,
             shared_slices=shared_slices, seed=seed,
             operator=operator, rank=rank, nnz=nnz, error=error, projection=projection,
@@ -134,7 +135,8 @@ class FeedbackAlignmentStrategy(pl.Callback):
             return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
         if self.engine is not None:
             if self.engine.model is pl_module.model:
-                return  # another fit of the same network: its B and hooks carry on
+                self.engine.attach_hooks()  # another fit of the same network: its B carries on
+                return
             self.engine.detach_hooks()  # this rule reused for another network (a loop over models): its own B
             self.engine, self._loaded = None, None
         with self._refusals_named():
@@ -167,13 +169,20 @@ class FeedbackAlignmentStrategy(pl.Callback):
         for stale in attached_engines(pl_module.model):  # a rule left on this model by an earlier fit (a notebook
             if getattr(stale, "owner", None) == self.state_key:  # reusing it): one rule per network at a time
                 stale.detach_hooks()
-        self.engine = FeedbackEngine(pl_module.model, **self.config)
+        self.engine = FeedbackEngine(pl_module.model, **{**self.config, "feedback_points": self._point_specs})
         self.engine.owner = self.state_key
+        self._check_points_unclaimed(pl_module.model)
         if self.method == "bp":
             return
         self._probe(trainer, pl_module)
         if self._loaded is not None:
             self.engine.load_feedback_state(self._loaded)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The hooks leave the model with the fit: a later fit of it without this rule (a BP Trainer beside it in a
+        notebook) trained by DFA. Its B stays, for another fit with this rule (which attaches them again)."""
+        if stage == "fit" and self.engine is not None:
+            self.engine.detach_hooks()
 
     def check_strategy(self, trainer: pl.Trainer) -> None:
         """``shallow`` under DDP that does not look for unused parameters: the layers below the points get no
@@ -186,6 +195,17 @@ class FeedbackAlignmentStrategy(pl.Callback):
                               "gradient, which plain DDP stops at after the first step; use --trainer.strategy "
                               "ddp_find_unused_parameters_true")
 
+    def _check_points_unclaimed(self, model: nn.Module) -> None:
+        """Two rules on one point (NeRF's coarse and fine rules with overlapping globs): the second skipped it, and
+        its report counted the layers below as trained by backprop, where the first rule's B e trains them."""
+        mine = {p.name for p in self.engine.points}
+        for other in attached_engines(model):
+            shared = sorted(mine & {p.name for p in other.points}) if other is not self.engine else []
+            if shared:
+                self.engine.detach_hooks()
+                raise ConfigError(f"feedback point(s) {', '.join(shared)} belong to two rules ({other.owner} and "
+                                  f"{self.state_key}): a point receives one rule's feedback; give each rule its own")
+
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One forward on a real batch (eval mode, RNG untouched) to learn widths and segments, then draw B."""
         engine, model = self.engine, pl_module.model
@@ -194,10 +214,9 @@ class FeedbackAlignmentStrategy(pl.Callback):
         if batch is None:
             self._awaiting_first_forward = True  # widths are learnt at the first training forward; B is still
             return  # drawn from the seed
-        was_training = model.training
         engine.capture = {}
         try:
-            with forked_rng(device), torch.enable_grad():
+            with forked_rng(device), torch.enable_grad(), modes_kept(model):
                 model.eval()
                 with probe_forward_context(trainer, device):  # the run's autocast: activations' true size
                     engine.calibrate(lambda: pl_module.task.step(model, batch, "train"))
@@ -205,7 +224,6 @@ class FeedbackAlignmentStrategy(pl.Callback):
         finally:
             engine.capture = None
             engine.reset()
-            model.train(was_training)
         if engine.ready:  # else a point the eval-mode probe did not see (one that runs in training only): B is
             engine.ensure_matrix()  # drawn at the first training forward, from the same seed
         else:
@@ -271,15 +289,18 @@ class FeedbackAlignmentStrategy(pl.Callback):
                               "under another rule are a new run: `test --ckpt_path` scores them)")
         if self._fitting and saved.get("method") == self.method and self.method in RESUME_KEYS:
             keys = RESUME_KEYS[self.method]
-            changed = sorted(k for k in keys if k in saved and saved.get(k) != self.config.get(k))
+            then, now = _in_effect(saved), _in_effect(self.config)
+            changed = sorted(k for k in keys if k in then and then.get(k) != now.get(k))
             if changed:
                 why = (f" (this rule's seed, {self.config['seed']}, comes from seed_everything; the checkpoint's was "
                        f"{saved.get('seed')})" if "seed" in changed and not self.seed_given else "")
                 raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}{why}; "
                                   "resume with the recipe it was trained with")
+        if not self._fitting:  # evaluation uses no B: a test of another checkpoint after a fit leaves this run's B
+            return  # (a later fit of this Trainer trained with the tested checkpoint's)
         self._loaded = state_dict.get("feedback")
         if self.engine is not None and self._loaded is not None and self.method == "dfa":
-            self.engine.load_feedback_state(self._loaded)
+            self.engine.load_feedback_state(self._loaded, saved.get("operator"))
 
 
 # What a resumed fit must share with its checkpoint: under DFA every setting that shapes B or the signal through it;
@@ -289,6 +310,26 @@ RESUME_KEYS = {
             "feedback_norm", "batch_dims"),
     "shallow": ("feedback_points", "output"),
 }
+
+
+def _in_effect(config: dict[str, Any]) -> dict[str, Any]:
+    """A rule's settings as they act, for the resume check: points in any order (they resolve in the model's order),
+    a ``feedback_norm`` mapping in its order (the first matching glob wins: reordered, the points' norms change),
+    ``rank`` and ``nnz`` only under the operator that reads them."""
+    view = dict(config)
+    view["feedback_points"] = sorted(map(str, config.get("feedback_points") or []))
+    if isinstance(config.get("feedback_norm"), dict):
+        view["feedback_norm"] = list(config["feedback_norm"].items())
+    for key, reader in (("rank", "lowrank"), ("nnz", "sparse")):
+        if config.get("operator", "dense") != reader:
+            view.pop(key, None)
+    return view
+
+
+def _spec_name(spec: str | type) -> str:
+    """A feedback point as the checkpoint keeps it: a type by its dotted path (``torch.nn.modules.activation.Tanh``),
+    which ``torch.load(weights_only=True)`` reads, where the class object made every checkpoint unloadable."""
+    return f"{spec.__module__}.{spec.__qualname__}" if isinstance(spec, type) else spec
 
 
 def attached_engines(model: nn.Module) -> list[FeedbackEngine]:

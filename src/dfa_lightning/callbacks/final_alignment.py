@@ -6,7 +6,7 @@ import torch
 
 from dfa_lightning.callbacks.alignment_monitor import AlignmentMonitor
 from dfa_lightning.callbacks.feedback_alignment import FeedbackAlignmentStrategy
-from dfa_lightning.probe import first_training_batch
+from dfa_lightning.probe import first_training_batch, modes_kept
 
 
 class FinalAlignment(pl.Callback):
@@ -31,10 +31,14 @@ class FinalAlignment(pl.Callback):
         self.alignment: dict[str, float] = {}
         self.points: list[str] = []
         self.deepest: str | None = None
+        self._training_modes: list[tuple[torch.nn.Module, bool]] = []
 
     def first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """The first training batch, on the module's device (the random state forked: a test after fit is unchanged)."""
         return first_training_batch(trainer, pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training_modes = [(module, module.training) for module in pl_module.modules()]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategies = [cb for cb in trainer.callbacks if isinstance(cb, FeedbackAlignmentStrategy)
@@ -48,14 +52,12 @@ class FinalAlignment(pl.Callback):
         if self.all_nodes and hasattr(probe, "train_mask"):
             probe = probe.clone()
             probe.train_mask = torch.ones_like(probe.train_mask)
-        was_training = pl_module.training
-        pl_module.train()
-        try:
+        with modes_kept(pl_module):
+            for module, training in self._training_modes:  # each module's mode in the training steps: a module
+                module.training = training  # the user keeps in eval mode (a frozen BatchNorm) stays so
             monitor = AlignmentMonitor()
             for strategy in strategies:
                 self.alignment.update(monitor.measure(pl_module, strategy, probe))
-        finally:
-            pl_module.train(was_training)
         self.points = [p.name for s in strategies for p in s.engine.points
                        if f"align/signal_cos/{p.name}" in self.alignment]
         self.deepest = self.points[-1] if self.points else None

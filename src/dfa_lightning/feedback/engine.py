@@ -93,10 +93,13 @@ class _Pending:
     index: list[int] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)  # fused: the point outputs; per point: the receivers
     kind: str = "fused"  # fused | token | matmul: decided at this forward's first point (per point needs B)
+    batches: list[tuple[int, ...]] = field(default_factory=list)  # matmul receivers over several batch_dims: each
+    # point's sizes over them (its receiver is flat), checked against the output's when it runs
 
     def clear(self) -> None:
         self.index.clear()
         self.tensors.clear()
+        self.batches.clear()
         self.kind = "fused"
 
 
@@ -108,6 +111,8 @@ def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per
     Lightning callback calls it when the recipe is read, before any run folder or model is made."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "bp" and "feedback_points" in _ and not _["feedback_points"]:
+        raise ConfigError(f"method {method!r} needs feedback_points (module-name globs or module types)")
     if init not in matrices.INITS:
         raise ConfigError(f"init must be one of {matrices.INITS}, got {init!r}")
     if scale not in matrices.SCALES:
@@ -126,8 +131,8 @@ def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per
         raise ConfigError(f"rank must be >= 1 for the lowrank operator, got {rank}")
     if operator == "sparse" and int(nnz) < 1:
         raise ConfigError(f"nnz must be >= 1 for the sparse operator, got {nnz}")
-    if not batch_dims or any(int(d) < 0 for d in batch_dims):
-        raise ConfigError(f"batch_dims must list the sample dims (>= 0) of the output, e.g. [0] or [0, 1] for "
+    if not batch_dims or any(int(d) < 0 for d in batch_dims) or len(set(batch_dims)) != len(batch_dims):
+        raise ConfigError(f"batch_dims must list distinct sample dims (>= 0) of the output, e.g. [0] or [0, 1] for "
                           f"[batch, tokens, features], got {list(batch_dims)}")
     modes = feedback_norm.values() if isinstance(feedback_norm, Mapping) else [feedback_norm]
     if not all(isinstance(m, str) and m in FEEDBACK_NORMS for m in modes):
@@ -245,7 +250,7 @@ class FeedbackEngine:
     ) -> None:
         check_settings(method=method, init=init, scale=scale, operator=operator, error=error, projection=projection,
                        projection_dtype=projection_dtype, receiver=receiver, feedback_norm=feedback_norm, rank=rank,
-                       nnz=nnz, batch_dims=batch_dims)
+                       nnz=nnz, batch_dims=batch_dims, feedback_points=feedback_points)
         self.feedback_norm = dict(feedback_norm) if isinstance(feedback_norm, Mapping) else feedback_norm
         self.point_norms: dict[str, str] = {}  # point name -> its feedback_norm mode
         if receiver == "matmul" and operator == "sparse":
@@ -253,6 +258,8 @@ class FeedbackEngine:
         self.projection, self.projection_dtype, self.receiver_choice = projection, projection_dtype, receiver
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
+        self._batch_shape: tuple[int, ...] | None = None  # the output's sizes over batch_dims, with _rows
+        self._error_batch: tuple[int, ...] | None = None  # the same for this step's error (the backward's check)
         self._bare_top: int | None = None  # calibrate()'s forward: a point with nothing trainable above it
         self._projection_itemsize = 4  # bytes per projected value (see compute_dtype)
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
@@ -288,9 +295,8 @@ class FeedbackEngine:
             if any(p.module is output_module for p in self.points):
                 raise ConfigError(f"module {self.output_name!r} is both the output and a feedback point")
             self.point_norms = self._resolve_point_norms()
-            for i, p in enumerate(self.points):
-                self._handles.append(p.module.register_forward_hook(self._point_hook(i)))
-            self._handles.append(output_module.register_forward_hook(self._output_hook))
+            self._output_module = output_module
+            self.attach_hooks()
 
     @property
     def capture(self) -> dict[str, torch.Tensor] | None:
@@ -344,6 +350,8 @@ class FeedbackEngine:
                 receives = out if mode == "none" else self.normalise(out, mode)
                 if pending.kind == "matmul":
                     pending.tensors.append(self._receive(index, receives))
+                    if len(self.batch_dims) > 1:
+                        pending.batches.append(tuple(out.shape[d] for d in self.batch_dims))
                 elif pending.kind == "token":  # (a list, not a generator: torch.compile traces it without a break)
                     rows = (out.shape[0] if self.batch_dims == (0,)
                             else math.prod([out.shape[d] for d in self.batch_dims]))
@@ -365,6 +373,7 @@ class FeedbackEngine:
             )
         if self.d_out is None or self._rows is None:  # first forward, or calibrate()'s: not on every step
             self._rows, self.d_out = flatten_batch(out.detach(), self.batch_dims).shape
+            self._batch_shape = tuple(out.shape[d] for d in self.batch_dims)
             self._projection_itemsize = self.compute_dtype(out.dtype).itemsize
             # nothing trainable between the points and the model's output: under DFA the last point's layer gets
             # B e, not e; under shallow nothing trains at all
@@ -377,6 +386,10 @@ class FeedbackEngine:
         if not self._pending.tensors:
             return None
         index, tensors, kind = tuple(self._pending.index), tuple(self._pending.tensors), self._pending.kind
+        if self._pending.batches:
+            batch = tuple(out.shape[d] for d in self.batch_dims)
+            for i, point in zip(index, self._pending.batches):
+                self._check_batch_order(i, point, batch)
         self._pending.clear()
         if not self.enabled or not torch.is_grad_enabled():
             return None
@@ -453,7 +466,15 @@ class FeedbackEngine:
                 f"feedback point {self.points[index].name!r} output has shape {tuple(out.shape)}, "
                 f"fewer dims than batch_dims {list(self.batch_dims)}"
             )
-        self.points[index].width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+        point = self.points[index]
+        point.width = flatten_batch(out.detach(), self.batch_dims).shape[1]
+        mode = self.point_norms.get(point.name, "none")
+        if mode != "none" and (point.width < 2 or out.dim() == len(self.batch_dims)):
+            raise ConfigError(
+                f"feedback_norm {mode!r} at feedback point {point.name!r}: its output {tuple(out.shape)} has "
+                f"{'no feature dim' if out.dim() == len(self.batch_dims) else 'one feature'} beyond batch_dims "
+                f"{list(self.batch_dims)}, and a norm over fewer than two features passes no feedback; give this "
+                "point feedback_norm none (a mapping sets it per point)")
 
     def _check_width(self, index: int, out: torch.Tensor) -> None:
         """A probe's check that a point keeps the width it was first seen with (one module at several layers)."""
@@ -565,6 +586,7 @@ class FeedbackEngine:
                 n_point = math.prod(out.shape[d] for d in self.batch_dims)
                 if n_point != self._rows:
                     self._rows_mismatch(i, n_point, self._rows)
+                self._check_batch_order(i, tuple(out.shape[d] for d in self.batch_dims), self._batch_shape)
 
     def _check_something_trains_above_the_points(self) -> None:
         """A point with nothing trainable above it (``torch.nn.Linear`` matching an MLP's last layer too): its layer
@@ -759,6 +781,8 @@ class FeedbackEngine:
         """``e`` as the operator takes it: ``[N, d_out]`` in :meth:`compute_dtype`, transformed (sign, ternary)."""
         dtype = self.compute_dtype(grad_output.dtype)
         e = flatten_batch(grad_output, self.batch_dims)
+        if len(self.batch_dims) > 1:
+            self._error_batch = tuple(grad_output.shape[d] for d in self.batch_dims)
         if e.shape[1] != self.d_out:
             raise ConfigError(
                 f"the output ({self.output_name or 'the model'}) is {e.shape[1]} wide over batch_dims "
@@ -782,14 +806,38 @@ class FeedbackEngine:
         n_point = math.prod([shape[d] for d in self.batch_dims])
         if n_point != rows:
             self._rows_mismatch(i, n_point, rows)
+        if len(self.batch_dims) > 1:
+            self._check_batch_order(i, tuple(shape[d] for d in self.batch_dims), self._error_batch)
 
     def _rows_mismatch(self, i: int, n_point: int, rows: int) -> None:
         raise ConfigError(f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
                           f"{list(self.batch_dims)} but the output has {rows}; adjust batch_dims")
 
+    def _check_batch_order(self, i: int, point: tuple[int, ...], output: tuple[int, ...] | None) -> None:
+        """As many rows as the output, laid out otherwise (a sequence-first block, ``[T, B, H]``, in a batch-first
+        model whose output is ``[B, T, V]``): row (t, b) of the point would get the B e of the output's row (b, t),
+        another token's error, with no shape error to say so."""
+        if output is not None and point != output:
+            raise ConfigError(f"feedback point {self.points[i].name!r} is {list(point)} over batch_dims "
+                              f"{list(self.batch_dims)} and the output {list(output)}: the same rows in another "
+                              "layout, so each would get another row's feedback; choose a point whose batch dims are "
+                              "laid out as the output's (e.g. after the block transposes back)")
+
     def reset(self) -> None:
         """Forget points recorded by a forward that never reached the output (call at each batch start)."""
         self._pending.clear()
+
+    def attach_hooks(self) -> None:
+        """The forward hooks that cut the graph at the points and inject B e at the output (again after a detach)."""
+        if self._handles or self.method == "bp":
+            return
+        for i, p in enumerate(self.points):
+            self._handles.append(p.module.register_forward_hook(self._point_hook(i)))
+        self._handles.append(self._output_module.register_forward_hook(self._output_hook))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     def detach_hooks(self) -> None:
         for handle in self._handles:

@@ -115,6 +115,12 @@ class LowRankFeedback(FeedbackOperator):
         return 2 * n * r * (d_out + k)
 
 
+def _no_half_csr(e: torch.Tensor) -> bool:
+    """The CPU has no bf16/fp16 sparse CSR matmul (torch: "addmm_out_sparse_csr_impl_mkl" not implemented): the
+    sparse product of a half-precision error (``projection_dtype: gradient`` under AMP) runs in fp32 there."""
+    return e.device.type == "cpu" and e.dtype in (torch.bfloat16, torch.float16)
+
+
 class SparseFeedback(FeedbackOperator):
     kind = "sparse"
     _scaled_key = "values"
@@ -137,6 +143,8 @@ class SparseFeedback(FeedbackOperator):
         return int(self.tensors["d_out"])
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
+        if _no_half_csr(e):
+            return self.project(e.float()).to(e.dtype)
         mt = self.on(e.device, e.dtype)["mt"]  # [K, d_out], CSR
         return (mt @ e.t()).t()  # [N, K]
 
@@ -159,6 +167,8 @@ class SparseFeedback(FeedbackOperator):
         return cache[key]
 
     def project_slice(self, prepared: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if _no_half_csr(prepared):
+            return self.project_slice(prepared.float(), start, stop).to(prepared.dtype)
         return (self._rows_slice(prepared.device, prepared.dtype, start, stop) @ prepared.t()).t()
 
     def block(self, device: torch.device, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
