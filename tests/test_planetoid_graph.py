@@ -654,6 +654,31 @@ def test_link_fractions_that_leave_no_training_edge_are_refused(dirs):
         make_dm(dirs, link_split=True, link_val=0.5, link_test=0.5)
 
 
+@pytest.mark.parametrize("fractions, said", [
+    (dict(link_val=0.0), "link_val=0.0 and link_test=0.1 must be in (0, 1)"),
+    (dict(link_test=0.0001), "link_test=0.0001 leaves no test edges of Cora's 5278"),
+], ids=["zero", "too small for one edge"])
+def test_link_fractions_that_leave_no_validation_or_test_edge_are_refused(dirs, fractions, said):
+    """An empty split passed, then the sanity check died in PyG's negative sampling with an IndexError."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        make_dm(dirs, link_split=True, **{"link_val": 0.05, "link_test": 0.1, **fractions}).setup()
+
+
+def test_the_link_splits_negative_edges_follow_its_seed_not_the_python_random_state(dirs):
+    """PyG draws the negatives with Python's ``random``: the val/test edges (and the scores of one checkpoint) changed
+    with seed_everything."""
+    import random
+
+    splits = []
+    for python_seed in (0, 1):
+        random.seed(python_seed)
+        dm = make_dm(dirs, link_split=True)
+        dm.setup()
+        splits.append(dm._splits["test"].neg_edge_label_index)
+        assert random.random() == random.Random(python_seed).random()  # the caller's state left where it was
+    assert torch.equal(*splits)
+
+
 def test_a_replaced_source_file_is_copied_again_and_processed_is_rebuilt_from_it(tmp_path, monkeypatch):
     """The work folder's ``processed/`` was built from a bad copy (by a version without the check); once the user puts
     the original back in the data folder it is copied over the cache copy and ``processed/`` is rebuilt from it:

@@ -141,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--names: each run needs its own name, got {' '.join(names)} (give --names)")
     if opts.size < 16:
         parser.error(f"--size {opts.size}: expected at least 16 pixels a panel")
+    from dfa_lightning import studies
+    from dfa_lightning.errors import UserError
+
+    try:  # before the runs are read: a folder as --png, or a file as --logdir, was a traceback at the end
+        if opts.png:
+            studies.check_writable(opts.png, "--png")
+        if opts.logdir:
+            studies.check_writable(opts.logdir, "--logdir", folder=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     runs = {}
     for name, path in zip(names, opts.hidden):
         try:

@@ -143,11 +143,10 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
     out = run_dir / "result.json"
     result: dict[str, Any] = {"model": model, "method": method, "dataset": dataset, "seed": seed,
                               "recipe_sha256": studies.recipe_digest(recipe, list(extra)), "overrides": list(extra)}
-    if out.is_file() and not rerun:
-        cached = json.loads(out.read_text())
-        # failed runs (missing file, missing kernels) are tried again: they are cheap
-        if "error" not in cached and studies.reusable(cached, result):
-            return cached
+    cached = None if rerun else studies.read_result(out)
+    # failed runs (missing file, missing kernels) are tried again: they are cheap
+    if cached is not None and "error" not in cached and studies.reusable(cached, result):
+        return cached
     if save_hidden is None:
         save_hidden = seed == 0 and model not in LINK_MODELS
     args = ["fit", *_run_args(model, method, dataset, seed, run_dir, extra, recipe, save_hidden)]
@@ -163,9 +162,25 @@ def run_one(model: str, method: str, dataset: str, seed: int, root: str | Path, 
         result["alignment"] = final[0].alignment if final else {}
         result["deepest"] = final[0].deepest if final else None
     result["seconds"] = round(time.perf_counter() - start, 1)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    studies.write_result(out, result)
     return result
+
+
+def cached_result(model: str, method: str, dataset: str, seed: int, root: str | Path, extra: list[str] = (),
+                  recipes: str | Path = REPO / "recipes") -> dict:
+    """``--table-only``: the run's ``result.json`` when it was made as :func:`run_one` would make it now (the same
+    recipe text and arguments after ``--``); a 3-epoch smoke run, or the run of a recipe since edited, is "not run"
+    here, not a result beside the paper's numbers."""
+    recipe = Path(recipes) / f"{model}_{method}.yaml"
+    key = {"model": model, "method": method, "dataset": dataset, "seed": seed}
+    cached = studies.read_result(Path(root) / dataset / recipe.stem / f"seed{seed}" / "result.json")
+    if cached is None:
+        return {**key, "error": "not run (no result.json)"}
+    made = {"recipe_sha256": studies.recipe_digest(recipe, list(extra)), "overrides": list(extra)}
+    if not studies.reusable(cached, made):
+        return {**key, "error": f"not run with these arguments (its result.json was made with the overrides "
+                                f"{' '.join(cached.get('overrides', [])) or 'none'}, or another recipe text)"}
+    return cached
 
 
 def check_arguments(runs: list[tuple[str, str, str, list[str]]], root: str | Path, recipes: str | Path,
@@ -201,10 +216,13 @@ def collect(results: list[dict]) -> dict:
     table: dict = {}
     for r in results:
         cell = table.setdefault(r["dataset"], {}).setdefault(r["model"], {}).setdefault(
-            r["method"], {"values": {}, "seeds": [], "align": [], "error": None, "overrides": set()})
+            r["method"], {"values": {}, "seeds": [], "align": [], "error": None, "overrides": set(), "failed": {}})
+        if r["seed"] in cell["seeds"] or r["seed"] in cell["failed"]:  # one result per seed: never counted twice
+            continue
         if "error" in r:
             if cell["error"] is None or cell["error"].startswith("not run"):  # a real reason beats "not run"
                 cell["error"] = r["error"]
+            cell["failed"][r["seed"]] = r["error"]
             continue
         cell["seeds"].append(r["seed"])
         cell["overrides"].add(" ".join(_model_overrides(r.get("overrides", []))))
@@ -239,6 +257,19 @@ def _short(error: str | None) -> str:
     return head if len(head) <= 100 else head[:99] + "…"
 
 
+def _count(cell: dict) -> str:
+    """``n=3``, or ``n=2 of 3`` where a seed of the cell failed or was not run."""
+    n = len(cell["seeds"])
+    return f"n={n} of {n + len(cell['failed'])}" if cell["failed"] else f"n={n}"
+
+
+def _verdict(ok: bool, partial: bool) -> str:
+    """✓ or ✗ MISSED; on a mean that misses some seeds, only a miss is certain enough to say."""
+    if partial:
+        return "✗ MISSED (seeds missing)" if not ok else "not judged (seeds missing)"
+    return "✓" if ok else "✗ MISSED"
+
+
 def _fmt(ms: tuple[float, float] | None, scale: float, digits: int) -> str:
     return "n/a" if ms is None else f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
@@ -268,20 +299,20 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                         row.append(f"*not measured*: {_short(cell['error'])}")
                         continue
                     means[method] = ms[0] * 100
-                    seeds = cell["seeds"]
-                    row.append(f"{_fmt(ms, 100, 1)} (n={len(seeds)})")
+                    row.append(f"{_fmt(ms, 100, 1)} ({_count(cell)})")
+                partial = [m for m in means if models[model][m]["failed"]]
                 paper = ref.get(model, {})
                 row.append(" / ".join(f"{paper.get(m, float('nan')):.1f}" for m in METHODS) if paper else "n/a")
                 if "dfa" in means and "dfa" in paper:
                     gap = means["dfa"] - paper["dfa"]
                     ok = gap >= -dfa_tolerance
-                    row.append(f"{'✓' if ok else '✗ MISSED'} ({gap:+.1f})")
+                    row.append(f"{_verdict(ok, 'dfa' in partial)} ({gap:+.1f})")
                 else:
                     row.append("not measured")
                 if "dfa" in means and "shallow" in means:
                     gap = means["dfa"] - means["shallow"]
                     paper_gap = f"; paper {paper['dfa'] - paper['shallow']:.1f}" if "shallow" in paper else ""
-                    row.append(f"{'✓' if gap >= shallow_margin else '✗ MISSED'} ({gap:.1f} below DFA{paper_gap})")
+                    row.append(f"{_verdict(gap >= shallow_margin, bool(partial))} ({gap:.1f} below DFA{paper_gap})")
                 else:
                     row.append("not measured")
                 lines.append("| " + " | ".join(row) + " |")
@@ -304,8 +335,8 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
                 check = ""
                 if method == "dfa" and p:
                     gap = (auc[0] - p["auroc"]) * 100
-                    check = f"{'✓' if gap >= -dfa_tolerance else '✗ MISSED'} ({gap:+.1f} points)"
-                lines.append(f"| {method} (n={len(cell['seeds'])}) | {_fmt(auc, 1, 3)} | {_fmt(ap, 1, 3)} | {pref} "
+                    check = f"{_verdict(gap >= -dfa_tolerance, bool(cell['failed']))} ({gap:+.1f} points)"
+                lines.append(f"| {method} ({_count(cell)}) | {_fmt(auc, 1, 3)} | {_fmt(ap, 1, 3)} | {pref} "
                              f"| {check} |")
             lines.append("")
     align_rows = []
@@ -342,6 +373,12 @@ def render(table: dict, command: str, shallow_margin: float = 20.0, dfa_toleranc
     if reasons:
         lines += ["Why some cells are not measured (the runs' one-line errors):", "",
                   *(f"- {reason}" for reason in reasons), ""]
+    missing = [f"- {dataset} {model} {method} seed {seed}: {error}" for dataset, models in table.items()
+               for model, methods in models.items() for method, cell in methods.items() if cell["seeds"]
+               for seed, error in sorted(cell["failed"].items())]
+    if missing:
+        lines += ["Seeds missing from measured cells (their means are over the other seeds; no ✓ is given on them):",
+                  "", *missing, ""]
     return "\n".join(lines)
 
 
@@ -351,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m dfa_lightning.graphs_reproduce", *argv])
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["Cora"], choices=list(DATASETS))
-    parser.add_argument("--models", nargs="+", default=[m for m in MODELS], choices=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    once = {"nargs": "+", "action": studies._Unique}  # `--models gcn gcn` is one row, not each seed counted twice
+    parser.add_argument("--datasets", default=["Cora"], choices=list(DATASETS), **once)
+    parser.add_argument("--models", default=[m for m in MODELS], choices=list(MODELS), **once)
+    parser.add_argument("--methods", default=list(METHODS), choices=list(METHODS), **once)
     parser.add_argument("--seeds", default=[0, 1, 2, 3, 4], **studies.SEEDS)
     parser.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=S1,S2",
                         help="fewer (or other) seeds for one model, e.g. dna=0 (DNA is slow on CPU)")
@@ -371,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="points the shallow mean must lie below the DFA mean to count as far below (default: 20)")
     opts = parser.parse_args(argv)
     studies.refuse_seed_override(parser, extra)
-    if not opts.table_only and not Path(opts.recipes).is_dir():
+    if any(a.split("=", 1)[0] in ("--data.init_args.name", "--data.name", "--data") for a in extra):
+        parser.error("the dataset after --: each run's dataset comes from --datasets, and its results are filed and "
+                     "compared under that name; give the datasets with --datasets")
+    if not Path(opts.recipes).is_dir():
         parser.error(f"--recipes {opts.recipes}: no such folder (it holds <model>_<method>.yaml)")
     if opts.dfa_tolerance < 0 or opts.shallow_margin < 0:
         parser.error("--dfa-tolerance and --shallow-margin are points, >= 0")
@@ -388,25 +429,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--seeds-for {spec!r}: {err}")
     torch.set_num_threads(min(torch.get_num_threads(), 1 if torch.get_num_threads() <= 2 else 4))
     own = {"spline": ["--model.model.init_args.kernels", "torch"]} if opts.spline_kernels == "torch" else {}
-    if not opts.table_only:
-        try:
-            studies.check_writable(opts.out, "--out")
+    try:
+        studies.check_writable(opts.out, "--out")
+        if not opts.table_only:
             studies.check_writable(opts.root, "--root", folder=True)
             check_arguments([(model, method, dataset, [*own.get(model, []), *extra]) for dataset in opts.datasets
                              for model in opts.models for method in opts.methods], opts.root, opts.recipes, own)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = []
     for dataset in opts.datasets:
         for model in opts.models:
             for method in opts.methods:
                 for seed in seeds_for.get(model, opts.seeds):
-                    run_dir = Path(opts.root) / dataset / f"{model}_{method}" / f"seed{seed}" / "result.json"
                     if opts.table_only:
-                        results.append(json.loads(run_dir.read_text()) if run_dir.is_file() else
-                                       {"model": model, "method": method, "dataset": dataset, "seed": seed,
-                                        "error": "not run (no result.json)"})
+                        results.append(cached_result(model, method, dataset, seed, opts.root,
+                                                     [*own.get(model, []), *extra], opts.recipes))
                         continue
                     r = run_one(model, method, dataset, seed, opts.root, [*own.get(model, []), *extra], opts.recipes,
                                 opts.rerun)

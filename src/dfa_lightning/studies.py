@@ -74,10 +74,14 @@ def require_metrics(metrics: dict[str, Any], wanted: list[str], what: str = "the
 
 def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
     """Refuse, before any training, an ``--out`` (a file) or ``--root`` (a folder) that cannot be written: a
-    folder given as ``--out``, a file given as ``--root``, or a path under a file. Creates nothing."""
+    folder given as ``--out``, a file given as ``--root``, or a path under a file; an ``--out`` ending in ``.json``,
+    whose JSON beside it would overwrite the table. Creates nothing."""
     path = Path(path)
     if not folder and path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if option == "--out" and path.suffix == ".json":
+        raise ConfigError(f"{option} {path}: the table's JSON is written beside it as {path.stem}.json, over the "
+                          "table itself; give a .md name")
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: is a file, not a folder")
     probe = path if folder else path.parent
@@ -138,6 +142,27 @@ def recipe_digest(recipe: str | Path, extra: list[str] = ()) -> str:
     return digest.hexdigest()
 
 
+def read_result(path: Path) -> dict | None:
+    """A run's cached ``result.json``, or None where there is none, or where it cannot be read (a sweep killed while
+    writing it before writes were atomic): that run is made again, with a warning, not the whole study stopped."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"warning: {path}: unreadable ({err}); the run is made again", file=sys.stderr)
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def write_result(path: Path, result: dict) -> None:
+    """``result`` as ``path``, whole or not at all (written beside it, then renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, path)
+
+
 def reusable(cached: dict, key: dict) -> bool:
     """A cached result stands for a run only if every field of the run's key is the same."""
     return all(cached.get(name) == value for name, value in key.items())
@@ -153,10 +178,9 @@ def run_cached(run_dir: str | Path, key: dict[str, Any], recipe: str, overrides:
     "alignment": {align/...}, "order": [points in forward order], "seconds"}``.
     """
     out = Path(run_dir) / "result.json"
-    if out.is_file() and not rerun:
-        cached = json.loads(out.read_text())
-        if reusable(cached, key):
-            return cached
+    cached = None if rerun else read_result(out)
+    if cached is not None and reusable(cached, key):
+        return cached
     args = ["fit", "--config", recipe, *QUIET, "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir), *overrides, f"--trainer.callbacks+={PROBE}"]
     start = time.perf_counter()
@@ -167,8 +191,7 @@ def run_cached(run_dir: str | Path, key: dict[str, Any], recipe: str, overrides:
     result = {**key, "metrics": {k: float(v) for k, v in cli.test_results.items()},
               "alignment": final[0].alignment if final else {}, "order": final[0].points if final else [],
               "seconds": round(time.perf_counter() - start, 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(out, result)
     return result
 
 

@@ -40,16 +40,14 @@ def run_seed(recipe: str, seed: int, extra: list[str], root: str, rerun: bool = 
     key = {"recipe": Path(recipe).stem, "recipe_sha256": studies.recipe_digest(recipe, extra), "seed": seed,
            "overrides": list(extra)}
     out = Path(root) / key["recipe"] / f"seed{seed}" / "result.json"
-    if out.is_file() and not rerun:
-        cached = json.loads(out.read_text())
-        if studies.reusable(cached, key):
-            return {**cached, "cached": True}
+    cached = None if rerun else studies.read_result(out)
+    if cached is not None and studies.reusable(cached, key):
+        return {**cached, "cached": True}
     start = time.perf_counter()
     cli = run(["fit", *_args(recipe, seed, extra, root)])
     result = {**key, "metrics": {k: float(v) for k, v in cli.test_results.items()},
               "seconds": round(time.perf_counter() - start, 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    studies.write_result(out, result)
     return result
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -154,9 +155,9 @@ class PlanetoidDataModule(pl.LightningDataModule):
             raise ConfigError(f"PlanetoidDataModule: unknown transform {transform!r}; choose one of {TRANSFORMS}")
         if split not in SPLITS:
             raise ConfigError(f"PlanetoidDataModule: unknown split {split!r}; choose one of {SPLITS}")
-        if link_split and not (0 <= link_val < 1 and 0 <= link_test < 1 and link_val + link_test < 1):
+        if link_split and not (0 < link_val < 1 and 0 < link_test < 1 and link_val + link_test < 1):
             raise ConfigError(f"PlanetoidDataModule: link_val={link_val} and link_test={link_test} must be in "
-                              "[0, 1) and sum to less than 1")
+                              "(0, 1) and sum to less than 1 (validation and test each need edges)")
         self.name = NAMES[key]
         self.root = root
         self.transform = transform
@@ -326,9 +327,19 @@ class PlanetoidDataModule(pl.LightningDataModule):
         if self.link_split:
             splitter = T.RandomLinkSplit(num_val=self.link_val, num_test=self.link_test, is_undirected=True,
                                          split_labels=True, add_negative_train_samples=False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                train, val, test = splitter(data.clone())
+            python_state = random.getstate()  # PyG's negative sampling draws from Python's `random`: seeded too,
+            try:  # or the val/test negatives (the scores) followed seed_everything, not the split's `seed`
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)
+                    random.seed(self.seed)
+                    train, val, test = splitter(data.clone())
+            finally:
+                random.setstate(python_state)
+            for stage, split in (("val", val), ("test", test)):
+                if split.pos_edge_label_index.size(1) == 0:
+                    raise ConfigError(f"PlanetoidDataModule: link_{stage}={getattr(self, f'link_{stage}')} leaves "
+                                      f"no {stage} edges of {self.name}'s {data.num_edges // 2}; give a larger "
+                                      "fraction")
             self._splits = {"train": train, "val": val, "test": test}
         else:
             self._splits = {"train": data, "val": data, "test": data}

@@ -93,8 +93,7 @@ class _Pending:
     index: list[int] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)  # fused: the point outputs; per point: the receivers
     kind: str = "fused"  # fused | token | matmul: decided at this forward's first point (per point needs B)
-    batches: list[tuple[int, ...]] = field(default_factory=list)  # matmul receivers over several batch_dims: each
-    # point's sizes over them (its receiver is flat), checked against the output's when it runs
+    batches: list[tuple[int, ...]] = field(default_factory=list)  # over several batch_dims: each point's sizes
 
     def clear(self) -> None:
         self.index.clear()
@@ -259,7 +258,6 @@ class FeedbackEngine:
         self.calibration: dict[str, float | int | str] | None = None  # projection="auto": what calibrate() measured
         self._rows: int | None = None  # rows N of the output, recorded by the forward that calibrate() runs
         self._batch_shape: tuple[int, ...] | None = None  # the output's sizes over batch_dims, with _rows
-        self._error_batch: tuple[int, ...] | None = None  # the same for this step's error (the backward's check)
         self._bare_top: int | None = None  # calibrate()'s forward: a point with nothing trainable above it
         self._projection_itemsize = 4  # bytes per projected value (see compute_dtype)
         self.operator_kind, self.rank, self.nnz, self.error = operator, int(rank), int(nnz), error
@@ -346,12 +344,12 @@ class FeedbackEngine:
                 if not pending.index:  # this forward's first point: per point needs B and the error's width
                     pending.kind = self._receiver_kind(out.device)
                 pending.index.append(index)
+                if len(self.batch_dims) > 1:  # checked against the output's when it runs (a flat token hides them)
+                    pending.batches.append(tuple(out.shape[d] for d in self.batch_dims))
                 mode = self.point_norms[info.name]
                 receives = out if mode == "none" else self.normalise(out, mode)
                 if pending.kind == "matmul":
                     pending.tensors.append(self._receive(index, receives))
-                    if len(self.batch_dims) > 1:
-                        pending.batches.append(tuple(out.shape[d] for d in self.batch_dims))
                 elif pending.kind == "token":  # (a list, not a generator: torch.compile traces it without a break)
                     rows = (out.shape[0] if self.batch_dims == (0,)
                             else math.prod([out.shape[d] for d in self.batch_dims]))
@@ -781,8 +779,6 @@ class FeedbackEngine:
         """``e`` as the operator takes it: ``[N, d_out]`` in :meth:`compute_dtype`, transformed (sign, ternary)."""
         dtype = self.compute_dtype(grad_output.dtype)
         e = flatten_batch(grad_output, self.batch_dims)
-        if len(self.batch_dims) > 1:
-            self._error_batch = tuple(grad_output.shape[d] for d in self.batch_dims)
         if e.shape[1] != self.d_out:
             raise ConfigError(
                 f"the output ({self.output_name or 'the model'}) is {e.shape[1]} wide over batch_dims "
@@ -806,8 +802,6 @@ class FeedbackEngine:
         n_point = math.prod([shape[d] for d in self.batch_dims])
         if n_point != rows:
             self._rows_mismatch(i, n_point, rows)
-        if len(self.batch_dims) > 1:
-            self._check_batch_order(i, tuple(shape[d] for d in self.batch_dims), self._error_batch)
 
     def _rows_mismatch(self, i: int, n_point: int, rows: int) -> None:
         raise ConfigError(f"feedback point {self.points[i].name!r} has {n_point} batch elements over batch_dims "
@@ -817,11 +811,14 @@ class FeedbackEngine:
         """As many rows as the output, laid out otherwise (a sequence-first block, ``[T, B, H]``, in a batch-first
         model whose output is ``[B, T, V]``): row (t, b) of the point would get the B e of the output's row (b, t),
         another token's error, with no shape error to say so."""
-        if output is not None and point != output:
-            raise ConfigError(f"feedback point {self.points[i].name!r} is {list(point)} over batch_dims "
-                              f"{list(self.batch_dims)} and the output {list(output)}: the same rows in another "
-                              "layout, so each would get another row's feedback; choose a point whose batch dims are "
-                              "laid out as the output's (e.g. after the block transposes back)")
+        if output is None or point == output:
+            return
+        if math.prod(point) != math.prod(output):
+            self._rows_mismatch(i, math.prod(point), math.prod(output))
+        raise ConfigError(f"feedback point {self.points[i].name!r} is {list(point)} over batch_dims "
+                          f"{list(self.batch_dims)} and the output {list(output)}: the same rows in another layout, "
+                          "so each would get another row's feedback; choose a point whose batch dims are laid out "
+                          "as the output's (e.g. after the block transposes back)")
 
     def reset(self) -> None:
         """Forget points recorded by a forward that never reached the output (call at each batch start)."""
