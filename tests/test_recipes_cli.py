@@ -301,6 +301,7 @@ def test_a_val_check_interval_longer_than_the_epoch_is_one_line_naming_the_key(t
     assert line.startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): trainer.val_check_interval: "
                            "`val_check_interval` (5) must be less than or equal to the number of the training "
                            "batches (1)"), line
+    assert not list((tmp_path / "logs").rglob("version_*"))  # refused inside fit: its empty run folder is gone
 
 
 @pytest.mark.parametrize("ckpt_path, expected", [
@@ -946,3 +947,44 @@ def test_a_logger_name_the_recipe_or_command_line_gives_is_kept():
     """Only the default name is replaced by the recipe's: a name the user chose must not be overwritten."""
     cli = run(["--config", str(REPO / "recipes/gcn_dfa.yaml"), "--trainer.logger.init_args.name", "mine"], run=False)
     assert cli.trainer.logger.name == "mine"
+
+
+PLATEAU = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
+           "--model.lr_scheduler.init_args.mode", "max"]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--trainer.limit_val_batches", "0"], "trainer.limit_val_batches is 0: validation is off, but model.lr_scheduler "
+                                           "ReduceLROnPlateau steps at each epoch's end on val/acc"),
+    (["--trainer.check_val_every_n_epoch", "2"], "trainer.check_val_every_n_epoch is 2: epochs end without a "
+                                                 "validation"),
+    (["--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", "3"],
+     "trainer.val_check_interval is 3 batches across epochs of 1: the first epoch ends before the first validation"),
+], ids=["validation off", "every other epoch", "by steps beyond the epoch"])
+def test_a_plateau_scheduler_without_a_validation_every_epoch_is_refused_before_training(flags, said, cora_root,
+                                                                                         tmp_path, capsys):
+    """Lightning stopped the run after its first whole epoch ("ReduceLROnPlateau conditioned on metric val/loss which
+    is not available"): hours of an LM recipe's training, and no checkpoint."""
+    assert _fit("recipes/gcn_bp.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), *PLATEAU, *flags) == 2
+    assert said in _one_line_error(capsys)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_validation_on_the_clock_is_passed_to_lightning(cora_root, tmp_path):
+    """``val_check_interval: "00:00:01:00"`` (Lightning's time-based validation) was a TypeError in the CLI's check."""
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "2",
+                "--trainer.val_check_interval", "00:00:01:00") == 0
+
+
+def test_fit_from_the_last_checkpoint_by_name_is_refused_not_trained_from_scratch(tmp_path, capsys):
+    """Every run logs to a new version folder: Lightning found no `last` there, warned, and trained afresh."""
+    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--ckpt_path", "last") == 2
+    assert _one_line_error(capsys).startswith("error: ckpt_path 'last' on fit: every run logs to a new version folder")
+
+
+def test_a_misspelt_callback_fragment_gets_the_close_match(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["fit", "--config", "recipes/gcn_dfa.yaml", "--trainer.callbacks+=callbacks/alignmnt.yaml"]) == 2
+    assert _one_line_error(capsys).endswith("; did you mean 'callbacks/alignment.yaml'?")

@@ -247,6 +247,19 @@ _BASE_CLASSES = ("LightningDataModule", "Callback", "Module", "LightningModule")
 _GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
 
 
+def _close_fragment(named: str) -> str | None:
+    """A YAML file next to where ``named`` points, close to its name (``callbacks/alignmnt.yaml``), looked for from
+    the working folder and from its ``recipes/`` (where a recipe's ``../callbacks/...`` starts)."""
+    path = Path(named)
+    for base in (Path.cwd(), Path.cwd() / "recipes"):
+        folder = base / path.parent
+        if folder.is_dir():
+            hit = difflib.get_close_matches(path.name, [p.name for p in folder.glob("*.y*ml")], n=1)
+            if hit:
+                return str(path.parent / hit[0])
+    return None
+
+
 def _class_not_found(path: str) -> str | None:
     """"class '<path>' not found (did you mean ...?)" when ``path`` names a module's missing attribute, else None."""
     module_name, _, attr = path.rpartition(".")
@@ -279,9 +292,10 @@ def _union_reason(message: str) -> tuple[str, str | None]:
         return inner_key, f"class '{missing.group(1)}' not found ({missing.group(2).strip()})"
     fragment = re.search(r"Unexpected import path format: (\S+)", message)
     if fragment:
+        hint = _close_fragment(fragment.group(1))
         return inner_key, (f"'{fragment.group(1)}' is neither a class path nor an existing file (a fragment named in "
                            f"a recipe is found from the recipe's folder, one typed on the command line from "
-                           f"{Path.cwd()})")
+                           f"{Path.cwd()})" + (f"; did you mean '{hint}'?" if hint else ""))
     entry = re.search(r"Not a valid subclass of \w+\. Got value: (\{.*\})", message)
     if entry:
         try:
@@ -353,6 +367,10 @@ class DFALightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict"):
             ckpt_path = self._evaluated_checkpoint(config, ckpt_path)
+        if self.subcommand == "fit" and str(ckpt_path) == "last":
+            raise ConfigError("ckpt_path 'last' on fit: every run logs to a new version folder, so Lightning finds no "
+                              "last checkpoint there and trains from scratch; give the file to resume "
+                              "(logs/<recipe>/version_N/checkpoints/last.ckpt)")
         path = Path(str(ckpt_path))
         if (ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry") and "://" not in str(ckpt_path)
                 and not path.is_file()):  # before any model or data is built: nothing to lose
@@ -441,7 +459,8 @@ class DFALightningCLI(LightningCLI):
                 ("check_val_every_n_epoch", "an integer >= 1, or null to validate by steps",
                  lambda v: v is None or v >= 1),
                 ("val_check_interval", "a fraction of an epoch in (0, 1] or a number of batches >= 1 (to turn "
-                 "validation off, set trainer.limit_val_batches: 0)", lambda v: v is None or v > 0)):
+                 "validation off, set trainer.limit_val_batches: 0)",
+                 lambda v: v is None or not isinstance(v, (int, float)) or v > 0)):  # or a time: "00:01:00:00"
             value = trainer.get(key)
             if key in trainer and not valid(value):
                 where = _origin(self._argv, f"trainer.{key}")
@@ -509,8 +528,9 @@ class DFALightningCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except Exception as err:
             cause = user_error(err)
-            untrained = self.trainer.global_step in (0, self._first_step())  # 0: a resumed fit not yet restored
-            if fresh is not None and cause is not None and untrained:
+            refused = cause is not None or lightning_refusal(err, self._argv) is not None  # Lightning's own too:
+            untrained = self.trainer.global_step in (0, self._first_step())  # `val_check_interval` past the epoch
+            if fresh is not None and refused and untrained:
                 remove_untrained_run_folder(fresh)
             if cause is not None and cause.key is not None:  # the setting is named; where it was set is said here
                 raise type(cause)(f"{_origin(self._argv, cause.key)}{cause}") from err
@@ -554,7 +574,10 @@ class DFALightningCLI(LightningCLI):
         """EarlyStopping on a ``val/`` metric with validation off, or with ``max_steps`` ending the run before the
         first validation, raised a RuntimeError once training stopped (the CTR recipes all stop early on
         ``val/auroc``; ``--trainer.max_steps 2`` on one of them was enough); a ``val/`` checkpoint monitor falls back
-        to the final weights, which the TEST line says, so only early stopping is refused."""
+        to the final weights, which the TEST line says, so only early stopping is refused. A ReduceLROnPlateau
+        stepped at each epoch's end (every LM recipe) needs a validation in every epoch: without one, Lightning
+        stopped the run after its first whole epoch of training, with no checkpoint."""
+        self._check_validation_feeds_the_plateau_scheduler()
         stoppers = [cb.monitor for cb in self.trainer.callbacks
                     if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("val")]
         if not stoppers:
@@ -575,13 +598,49 @@ class DFALightningCLI(LightningCLI):
                               f"validation logs; raise max_steps to at least {-(-first // accumulate)}, or validate "
                               "sooner (trainer.val_check_interval)")
 
+    def _check_validation_feeds_the_plateau_scheduler(self) -> None:
+        node = getattr(self.config.get(self.subcommand, self.config).get("model"), "lr_scheduler", None)
+        plateau = str(getattr(node, "class_path", "")).endswith("ReduceLROnPlateau")
+        if not plateau or getattr(self.model, "scheduler_interval", "epoch") != "epoch":
+            return
+        trainer, monitor = self.trainer, self.model.task.monitor
+        reader = (f"model.lr_scheduler ReduceLROnPlateau steps at each epoch's end on {monitor}, which validation "
+                  "logs")
+        if trainer.limit_val_batches == 0:
+            where = _origin(self._argv, "trainer.limit_val_batches")
+            raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but {reader}; keep "
+                              "validation on, or use another scheduler")
+        every = trainer.check_val_every_n_epoch
+        if every is not None and every > 1:
+            where = _origin(self._argv, "trainer.check_val_every_n_epoch")
+            raise ConfigError(f"{where}trainer.check_val_every_n_epoch is {every}: epochs end without a validation, "
+                              f"but {reader}; validate every epoch, or use another scheduler")
+        interval, batches = trainer.val_check_interval, self._training_batches_per_epoch()
+        if every is None and isinstance(interval, int) and batches is not None and interval > batches:
+            where = _origin(self._argv, "trainer.val_check_interval")
+            raise ConfigError(f"{where}trainer.val_check_interval is {interval} batches across epochs of {batches}: "
+                              f"the first epoch ends before the first validation, but {reader}; validate within the "
+                              "first epoch, or step the scheduler by validation (model.scheduler_interval: step)")
+
     def _batches_before_first_validation(self) -> int | None:
         """Training batches (per process) before the first validation, as Lightning schedules it; None where the
         epoch's length cannot be told before the run (a loader without ``len``)."""
         trainer = self.trainer
         interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+        if not isinstance(interval, (int, float)):  # validation on the clock (Lightning's time-based interval)
+            return None
         if every is None:  # validation by steps across epochs
             return int(interval)
+        batches = self._training_batches_per_epoch()
+        if batches is None:
+            return None
+        within = int(interval) if isinstance(interval, int) else max(1, int(batches * interval))
+        return (every - 1) * batches + min(within, batches)
+
+    def _training_batches_per_epoch(self) -> int | None:
+        """Training batches of one epoch (per process, after ``limit_train_batches``); None where a loader has no
+        ``len`` or the data is not a datamodule's."""
+        trainer = self.trainer
         if self.datamodule is None or type(self.datamodule).train_dataloader is pl.LightningDataModule.train_dataloader:
             return None
         self.datamodule.setup("fit")
@@ -591,9 +650,7 @@ class DFALightningCLI(LightningCLI):
             return None
         batches = -(-batches // max(1, trainer.world_size))  # each process gets its share (distributed sampler)
         limit = trainer.limit_train_batches
-        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
-        within = int(interval) if isinstance(interval, int) else max(1, int(batches * interval))
-        return (every - 1) * batches + min(within, batches)
+        return min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
 
     def before_validate(self) -> None:
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import math
 
 from collections.abc import Callable
@@ -36,6 +37,39 @@ def _rates(optimizer: torch.optim.Optimizer) -> list[tuple]:
 
 def _rates_differ(saved: tuple, recipe: tuple) -> bool:
     return saved[1] != recipe[1] or (saved[0] is not None and recipe[0] is not None and saved[0] != recipe[0])
+
+
+# a group's entries that are not the experiment's: its rates (compared on their own, above), and torch's choices of
+# implementation, which a checkpoint may carry from another machine
+_NOT_SETTINGS = {"params", "lr", "initial_lr", "weight_decay", "foreach", "fused", "capturable", "differentiable"}
+
+
+def _optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each group's hyperparameters besides its rates (Adam's betas and eps, SGD's momentum...)."""
+    return [{k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in optimizer.param_groups]
+
+
+def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
+    """The arguments a scheduler was made with, as its state keeps them (StepLR's step_size and gamma, a cosine's
+    T_max): a resumed fit takes the checkpoint's, whatever the recipe says."""
+    names = set(inspect.signature(type(scheduler)).parameters) - {"optimizer", "last_epoch", "verbose"}
+    names |= {f"{n}s" for n in names}  # ReduceLROnPlateau keeps min_lr as min_lrs
+    return {k: v for k, v in scheduler.state_dict().items()
+            if k in names and isinstance(v, (int, float, str, bool, list, tuple))}
+
+
+def _first_difference(saved: Any, recipe: Any) -> str | None:
+    """The first setting whose value differs, as "name: checkpoint's -> recipe's"."""
+    saved = saved if isinstance(saved, list) else [saved]
+    recipe = recipe if isinstance(recipe, list) else [recipe]
+    for then, now in zip(saved, recipe):
+        for key in sorted(set(then) | set(now)):
+            if key not in then or key not in now:
+                return None
+            same = then[key] == now[key] or (isinstance(then[key], (list, tuple)) and list(then[key]) == list(now[key]))
+            if not same:
+                return f"{key} {then[key]!r} in the checkpoint, {now[key]!r} in the recipe"
+    return None
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -195,9 +229,29 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["random_state"] = random_state()  # see dfa_lightning.random_state
+        pending = self._pending_plateau_steps()
+        if pending:
+            checkpoint["pending_plateau_steps"] = pending
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._saved_random_state = checkpoint.get("random_state")  # installed if a resumed fit starts training
+        self._saved_plateau_steps = checkpoint.get("pending_plateau_steps")
+
+    def _pending_plateau_steps(self) -> dict[int, float]:
+        """ReduceLROnPlateau steps at an epoch's end after the checkpoints of that epoch are written, and Lightning
+        keeps no metric in them: a fit resumed from one lost that step (one rate cut fewer than the straight run).
+        Per plateau scheduler still to step this epoch: the metric it will step on."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            return {}
+        value = trainer.callback_metrics.get(self.task.monitor)
+        pending = {}
+        for i, config in enumerate(trainer.lr_scheduler_configs):
+            expected = (trainer.current_epoch + 1) // config.frequency
+            if config.reduce_on_plateau and config.interval == "epoch" and value is not None \
+                    and config.scheduler.last_epoch < expected:
+                pending[i] = float(value)
+        return pending
 
     def on_fit_start(self) -> None:
         """A resumed fit continues the checkpoint's random state: its dropout masks and data order then equal the
@@ -208,12 +262,14 @@ class TaskModule(pl.LightningModule):
             restore_random_state(saved)
 
     def on_train_start(self) -> None:
-        """A resumed fit continues the checkpoint's optimizer: a learning rate or weight decay that the recipe (or
-        the command line) changed was silently replaced by the checkpoint's. Said here, after the restore and
-        before the first step."""
+        """A resumed fit continues the checkpoint's optimizer and scheduler: a setting that the recipe (or the
+        command line) changed was silently replaced by the checkpoint's. Said here, after the restore and before the
+        first step; then the plateau step that the checkpoint's epoch had still to take is taken."""
         recipe = getattr(self, "_recipe_rates", None)
+        pending, self._saved_plateau_steps = getattr(self, "_saved_plateau_steps", None), None
         if not self.trainer.ckpt_path or not recipe or len(self.trainer.optimizers) != 1:
             return
+        self._check_resumed_settings()
         saved = _rates(self.trainer.optimizers[0])
         if len(saved) != len(recipe) or any(_rates_differ(a, b) for a, b in zip(saved, recipe)):
             group = next((i for i, (a, b) in enumerate(zip(saved, recipe)) if _rates_differ(a, b)), 0)
@@ -222,6 +278,27 @@ class TaskModule(pl.LightningModule):
                 f"{saved[group] if group < len(saved) else saved} in parameter group {group}, the recipe "
                 f"{recipe[group] if group < len(recipe) else recipe}; a resumed fit continues the checkpoint's "
                 "optimizer, so resume with its settings (a new fit from its weights is another run)")
+        for i, value in (pending or {}).items():  # the plateau step the checkpoint's epoch had still to take
+            self.trainer.lr_scheduler_configs[int(i)].scheduler.step(value)
+
+    def _check_resumed_settings(self) -> None:
+        """The rest of the optimizer and the scheduler, as the rates: changed settings were silently replaced by the
+        checkpoint's (betas, momentum, StepLR's gamma), and another optimizer class took the checkpoint's groups and
+        died at its first step (SGD: KeyError 'momentum')."""
+        optimizer, where = self.trainer.optimizers[0], f"fit --ckpt_path {self.trainer.ckpt_path}"
+        saved, recipe = _optimizer_settings(optimizer), getattr(self, "_recipe_settings", None)
+        if recipe is not None and [set(g) for g in saved] != [set(g) for g in recipe]:
+            extra = sorted(set().union(*saved) - set().union(*recipe))
+            raise ConfigError(f"{where}: the checkpoint's optimizer has settings {', '.join(extra) or 'other'} that "
+                              f"{type(optimizer).__name__} has not: it was trained with another optimizer; resume "
+                              "with the recipe's own (a new fit from its weights is another run)")
+        changed = _first_difference(saved, recipe) if recipe is not None else None
+        configs = self.trainer.lr_scheduler_configs
+        if changed is None and configs and getattr(self, "_recipe_scheduler", None) is not None:
+            changed = _first_difference(_scheduler_settings(configs[0].scheduler), self._recipe_scheduler)
+        if changed is not None:
+            raise ConfigError(f"{where}: {changed}; a resumed fit continues the checkpoint's optimizer and "
+                              "scheduler, so resume with its settings (a new fit from its weights is another run)")
 
     def on_train_epoch_start(self) -> None:
         self._logged_this_epoch.discard("train")
@@ -232,7 +309,8 @@ class TaskModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """A non-finite validation loss stops the run here, before a checkpoint callback could save these weights as
         the best (one host read per validation epoch)."""
-        if not self.check_finite_loss or self.trainer.sanity_checking or "val" not in self._logged_this_epoch:
+        if (not self.check_finite_loss or self.trainer.sanity_checking or "val" not in self._logged_this_epoch
+                or self.trainer.state.fn != "fit"):  # `validate` of a checkpoint reports its loss as it is
             return
         loss = self.epoch_loss["val_"].compute()
         if not torch.isfinite(loss).all():
@@ -314,6 +392,7 @@ class TaskModule(pl.LightningModule):
         self._check_group_options(optimizer)
         for group in optimizer.param_groups:  # the base rate, kept in checkpoints (ReduceLROnPlateau keeps none)
             group.setdefault("initial_lr", group["lr"])
+        self._recipe_settings, self._recipe_scheduler = _optimizer_settings(optimizer), None
         if self.lr_scheduler is None:
             self._recipe_rates = _rates(optimizer)
             return optimizer
@@ -326,9 +405,15 @@ class TaskModule(pl.LightningModule):
             if isinstance(value, int) and value < 1:
                 raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}",
                                   key="model.lr_scheduler")
-        self._recipe_rates = _rates(optimizer)
+        self._recipe_rates, self._recipe_scheduler = _rates(optimizer), _scheduler_settings(scheduler)
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and scheduler.mode != self.task.monitor_mode:
+            better = "higher" if self.task.monitor_mode == "max" else "lower"
+            raise ConfigError(f"model.lr_scheduler: ReduceLROnPlateau's mode is {scheduler.mode!r}, but it steps on "
+                              f"{self.task.monitor}, which is {better}-is-better: it would cut the rate while the "
+                              f"metric improves; set mode: {self.task.monitor_mode}", key="model.lr_scheduler")
+        if plateau:
             config["monitor"] = self.task.monitor
             if self.scheduler_interval == "step":
                 config["frequency"] = self._validation_period()
@@ -344,4 +429,10 @@ class TaskModule(pl.LightningModule):
                               f"{self.task.monitor} after each validation: give trainer.val_check_interval as a "
                               f"number of batches within the epoch (it is {interval!r}), or keep scheduler_interval "
                               "epoch", key="model.scheduler_interval")
+        accumulate = self.trainer.accumulate_grad_batches
+        if interval % accumulate:  # Lightning steps schedulers only on the batches that step the optimizer
+            raise ConfigError(f"model.scheduler_interval is step with ReduceLROnPlateau, which steps after each "
+                              f"validation, but trainer.val_check_interval {interval} is not a multiple of "
+                              f"trainer.accumulate_grad_batches {accumulate}: the validations that end on an "
+                              "accumulating batch would not step it; give a multiple", key="model.scheduler_interval")
         return interval

@@ -68,7 +68,19 @@ class AlignmentMonitor(pl.Callback):
 
     @torch.no_grad()
     def measure(self, pl_module: pl.LightningModule, strategy: FeedbackAlignmentStrategy, batch: Any) -> dict[str, float]:
-        """Alignment of DFA vs BP on ``batch``; leaves parameters, ``.grad``, buffers and RNG untouched."""
+        """Alignment of DFA vs BP on ``batch``; leaves parameters, ``.grad``, buffers and RNG untouched. After a fit
+        (whose end took the rule's hooks off the model) the hooks are put back for the measurement only."""
+        engine = strategy.engine
+        if engine.attached:
+            return self._measure(pl_module, strategy, batch)
+        engine.attach_hooks()
+        try:
+            return self._measure(pl_module, strategy, batch)
+        finally:
+            engine.detach_hooks()
+
+    def _measure(self, pl_module: pl.LightningModule, strategy: FeedbackAlignmentStrategy, batch: Any
+                 ) -> dict[str, float]:
         engine, model = strategy.engine, pl_module.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # a frozen one has no update
         buffers = {k: v.clone() for k, v in model.named_buffers()}

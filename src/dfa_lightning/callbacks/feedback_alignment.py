@@ -296,11 +296,13 @@ class FeedbackAlignmentStrategy(pl.Callback):
                        f"{saved.get('seed')})" if "seed" in changed and not self.seed_given else "")
                 raise ConfigError(f"the checkpoint was trained with other feedback settings: {changed}{why}; "
                                   "resume with the recipe it was trained with")
-        if not self._fitting:  # evaluation uses no B: a test of another checkpoint after a fit leaves this run's B
-            return  # (a later fit of this Trainer trained with the tested checkpoint's)
+        if not self._fitting and saved.get("operator", "dense") != self.config["operator"]:
+            return  # a scored checkpoint of another operator: its B cannot serve this rule (it was a KeyError)
+        # outside fit too (`test(ckpt_path=...)` in a notebook): the weights loaded are the checkpoint's, and a fit
+        # that follows goes on with the B they were trained with
         self._loaded = state_dict.get("feedback")
         if self.engine is not None and self._loaded is not None and self.method == "dfa":
-            self.engine.load_feedback_state(self._loaded, saved.get("operator"))
+            self.engine.load_feedback_state(self._loaded)
 
 
 # What a resumed fit must share with its checkpoint: under DFA every setting that shapes B or the signal through it;
