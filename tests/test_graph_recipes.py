@@ -257,6 +257,10 @@ def test_a_failed_seed_is_counted_and_named_and_a_repeated_one_counted_once():
     row = _table_rows(text)[2]
     assert row[2] == "79.5 ± 0.7 (n=2 of 3)" and row[5] == "not judged (seeds missing) (-0.4)"
     assert "- Cora gcn dfa seed 2: loss is NaN (seed 2)" in text
+    shallow = {**ok(0, 0.30), "method": "shallow"}
+    bp, bp_failed = {**ok(0, 0.81), "method": "bp"}, {**failed, "method": "bp", "error": "killed"}
+    row = _table_rows(gr.render(gr.collect([ok(0, 0.79), shallow, bp, bp_failed]), "cmd"))[2]
+    assert row[5] == "✓ (-0.9)" and row[6].startswith("✓ (49.0 below DFA")  # a BP seed judges neither
 
 
 def test_a_dataset_given_after_the_double_dash_is_refused(tmp_path, capsys):

@@ -988,3 +988,51 @@ def test_a_misspelt_callback_fragment_gets_the_close_match(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["fit", "--config", "recipes/gcn_dfa.yaml", "--trainer.callbacks+=callbacks/alignmnt.yaml"]) == 2
     assert _one_line_error(capsys).endswith("; did you mean 'callbacks/alignment.yaml'?")
+
+
+MLP_PLATEAU_RECIPE = """
+trainer:
+  max_epochs: 2
+  limit_val_batches: 0
+model:
+  model:
+    class_path: dfa_lightning.models.mlp.MLP
+    init_args: {in_features: 16, out_features: 4, hidden: [8]}
+  task:
+    class_path: dfa_lightning.tasks.classification.Classification
+    init_args: {num_classes: 4}
+  lr_scheduler:
+    class_path: torch.optim.lr_scheduler.ReduceLROnPlateau
+    init_args: {mode: max}
+data:
+  class_path: dfa_lightning.data.synthetic.SyntheticClassificationDataModule
+  init_args: {num_samples: 64, in_features: 16, batch_size: 16}
+"""
+
+
+@pytest.mark.parametrize("max_steps, refused", [(1, False), (5, True)])
+def test_a_plateau_scheduler_without_validation_is_accepted_when_the_run_ends_inside_its_first_epoch(
+        max_steps, refused, tmp_path, capsys):
+    """The transport audit runs one step of every recipe with validation off: every LM recipe (ReduceLROnPlateau)
+    was refused, though a run that ends inside its first epoch never steps the scheduler (4 batches an epoch here)."""
+    (tmp_path / "mlp.yaml").write_text(MLP_PLATEAU_RECIPE)
+    code = main(["fit", "--config", str(tmp_path / "mlp.yaml"), *QUIET, "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.logger", "false", "--trainer.max_steps", str(max_steps)])
+    assert code == (2 if refused else 0)
+    if refused:
+        assert "trainer.limit_val_batches is 0: validation is off" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("reader, said", [
+    (PLATEAU, "trainer.val_check_interval is a time: epochs end without a validation"),
+    (["--trainer.callbacks+=callbacks/early_stopping_auroc_patience3.yaml", "--trainer.max_steps", "5"],
+     "trainer.val_check_interval is a time: Lightning's EarlyStopping (monitoring val/auroc) fails"),
+], ids=["plateau", "early stopping"])
+def test_validation_on_the_clock_is_refused_where_its_readers_cannot_follow_it(reader, said, cora_root, tmp_path,
+                                                                             capsys, monkeypatch):
+    """The checks read ``trainer.val_check_interval``, which Lightning leaves unset for a time: AttributeError."""
+    monkeypatch.chdir(REPO)
+    assert _fit("recipes/gcn_bp.yaml", tmp_path, "--data.init_args.root", str(cora_root),
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.val_check_interval", "00:00:01:00",
+                *reader) == 2
+    assert said in _one_line_error(capsys)

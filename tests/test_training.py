@@ -971,6 +971,49 @@ def test_resuming_under_another_optimizer_or_scheduler_setting_is_refused(tmp_pa
                    ckpt=str(tmp_path / "first" / "e1.ckpt"))
 
 
+@pytest.mark.parametrize("scheduler, optimizer", [
+    (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=100), adam),
+    (lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=1e-2, step_size_up=3),
+     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+], ids=["one cycle, adam", "cyclic, sgd momentum"])
+def test_a_scheduler_that_keeps_settings_in_the_optimizers_groups_resumes(tmp_path, scheduler, optimizer):
+    """OneCycleLR and CyclicLR add their own entries to the groups and cycle the momentum: every resume was refused
+    as "trained with another optimizer"."""
+    _resumable(tmp_path, "first", scheduler, optimizer, epochs=2)
+    _resumable(tmp_path, "again", scheduler, optimizer, epochs=3, ckpt=str(tmp_path / "first" / "e1.ckpt"))
+
+
+def test_a_fit_that_raised_takes_the_rules_hooks_off_the_model(tmp_path):
+    """Lightning calls no ``teardown`` on an exception: after a NaN loss the model kept training by DFA in any later
+    fit, and a retry under another rule name was refused as "two rules on one point"."""
+    from helpers import NaNAfterOneStepDataModule
+    from dfa_lightning.callbacks.feedback_alignment import attached_engines
+
+    module, _, dfa = build("dfa")
+    data = NaNAfterOneStepDataModule(num_samples=128, in_features=16, num_classes=4, batch_size=32)
+    with pytest.raises(NonFiniteLossError):
+        trainer(tmp_path, [dfa], max_steps=3).fit(module, data)
+    assert attached_engines(module.model) == []
+
+
+def test_a_refusal_by_the_model_during_the_probe_is_not_blamed_on_the_rule(tmp_path):
+    """The rule's setup runs the model (the probe's forward): the model's, the data's or the task's own refusal was
+    prefixed with the rule's name and keyed to ``trainer.callbacks``, so the CLI pointed at the callbacks."""
+    class Refusing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.head = torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            raise ConfigError("Refusing: expected images, got rows")
+
+    _, data, _ = build("dfa")
+    rule = FeedbackAlignmentStrategy(feedback_points=["act"], verbose=False)
+    with pytest.raises(ConfigError, match=r"^Refusing: expected images, got rows$") as refused:
+        trainer(tmp_path, [rule], max_steps=1).fit(TaskModule(Refusing(), Classification(4), optimizer=sgd), data)
+    assert refused.value.key is None
+
+
 def test_validating_a_checkpoint_with_a_nan_loss_reports_it_rather_than_stopping_a_training(tmp_path):
     """``validate`` said "training stopped before these weights were checkpointed" of a run it did not train."""
     module, data, _ = build("bp", optimizer=adam)

@@ -247,6 +247,14 @@ _BASE_CLASSES = ("LightningDataModule", "Callback", "Module", "LightningModule")
 _GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
 
 
+def _validation_interval(trainer: pl.Trainer) -> int | float | None:
+    """``trainer.val_check_interval``, or None for validation on the clock (a time such as "00:01:00:00", which
+    Lightning keeps elsewhere, leaving this attribute unset)."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return None
+    return getattr(trainer, "val_check_interval", None)
+
+
 def _close_fragment(named: str) -> str | None:
     """A YAML file next to where ``named`` points, close to its name (``callbacks/alignmnt.yaml``), looked for from
     the working folder and from its ``recipes/`` (where a recipe's ``../callbacks/...`` starts)."""
@@ -582,6 +590,11 @@ class DFALightningCLI(LightningCLI):
                     if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("val")]
         if not stoppers:
             return
+        if _validation_interval(self.trainer) is None:  # Lightning 2.6's EarlyStopping reads the unset attribute
+            where = _origin(self._argv, "trainer.val_check_interval")
+            raise ConfigError(f"{where}trainer.val_check_interval is a time: Lightning's EarlyStopping (monitoring "
+                              f"{stoppers[0]}) fails with validation on the clock (AttributeError in its setup); "
+                              "give a fraction of an epoch or a number of batches")
         if self.trainer.limit_val_batches == 0:
             where = _origin(self._argv, "trainer.limit_val_batches")
             raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but EarlyStopping "
@@ -606,6 +619,10 @@ class DFALightningCLI(LightningCLI):
         trainer, monitor = self.trainer, self.model.task.monitor
         reader = (f"model.lr_scheduler ReduceLROnPlateau steps at each epoch's end on {monitor}, which validation "
                   "logs")
+        batches, max_steps = self._training_batches_per_epoch(), trainer.max_steps
+        accumulate = trainer.accumulate_grad_batches
+        if batches is not None and max_steps not in (None, -1) and max_steps * accumulate < batches:
+            return  # the run ends inside its first epoch (the transport audit's one step): the scheduler never steps
         if trainer.limit_val_batches == 0:
             where = _origin(self._argv, "trainer.limit_val_batches")
             raise ConfigError(f"{where}trainer.limit_val_batches is 0: validation is off, but {reader}; keep "
@@ -615,7 +632,12 @@ class DFALightningCLI(LightningCLI):
             where = _origin(self._argv, "trainer.check_val_every_n_epoch")
             raise ConfigError(f"{where}trainer.check_val_every_n_epoch is {every}: epochs end without a validation, "
                               f"but {reader}; validate every epoch, or use another scheduler")
-        interval, batches = trainer.val_check_interval, self._training_batches_per_epoch()
+        interval = _validation_interval(trainer)
+        if interval is None:
+            where = _origin(self._argv, "trainer.val_check_interval")
+            raise ConfigError(f"{where}trainer.val_check_interval is a time: epochs end without a validation, but "
+                              f"{reader}; give a fraction of an epoch or a number of batches, or step the scheduler "
+                              "by validation (model.scheduler_interval: step)")
         if every is None and isinstance(interval, int) and batches is not None and interval > batches:
             where = _origin(self._argv, "trainer.val_check_interval")
             raise ConfigError(f"{where}trainer.val_check_interval is {interval} batches across epochs of {batches}: "
@@ -626,7 +648,7 @@ class DFALightningCLI(LightningCLI):
         """Training batches (per process) before the first validation, as Lightning schedules it; None where the
         epoch's length cannot be told before the run (a loader without ``len``)."""
         trainer = self.trainer
-        interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+        interval, every = _validation_interval(trainer), trainer.check_val_every_n_epoch
         if not isinstance(interval, (int, float)):  # validation on the clock (Lightning's time-based interval)
             return None
         if every is None:  # validation by steps across epochs

@@ -44,9 +44,12 @@ def _rates_differ(saved: tuple, recipe: tuple) -> bool:
 _NOT_SETTINGS = {"params", "lr", "initial_lr", "weight_decay", "foreach", "fused", "capturable", "differentiable"}
 
 
-def _optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each group's hyperparameters besides its rates (Adam's betas and eps, SGD's momentum...)."""
-    return [{k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in optimizer.param_groups]
+def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduled: set[str] = frozenset()
+                        ) -> list[dict[str, Any]]:
+    """Each group's hyperparameters besides its rates (Adam's betas and eps, SGD's momentum...) and the entries its
+    scheduler keeps or moves there (``scheduled``: OneCycleLR's max_lr and cycled momentum)."""
+    return [{k: v for k, v in g.items() if k not in _NOT_SETTINGS and k not in scheduled}
+            for g in optimizer.param_groups]
 
 
 def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def _first_difference(saved: Any, recipe: Any) -> str | None:
     for then, now in zip(saved, recipe):
         for key in sorted(set(then) | set(now)):
             if key not in then or key not in now:
-                return None
+                continue
             same = then[key] == now[key] or (isinstance(then[key], (list, tuple)) and list(then[key]) == list(now[key]))
             if not same:
                 return f"{key} {then[key]!r} in the checkpoint, {now[key]!r} in the recipe"
@@ -286,7 +289,8 @@ class TaskModule(pl.LightningModule):
         checkpoint's (betas, momentum, StepLR's gamma), and another optimizer class took the checkpoint's groups and
         died at its first step (SGD: KeyError 'momentum')."""
         optimizer, where = self.trainer.optimizers[0], f"fit --ckpt_path {self.trainer.ckpt_path}"
-        saved, recipe = _optimizer_settings(optimizer), getattr(self, "_recipe_settings", None)
+        scheduled = getattr(self, "_scheduled_keys", frozenset())
+        saved, recipe = _optimizer_settings(optimizer, scheduled), getattr(self, "_recipe_settings", None)
         if recipe is not None and [set(g) for g in saved] != [set(g) for g in recipe]:
             extra = sorted(set().union(*saved) - set().union(*recipe))
             raise ConfigError(f"{where}: the checkpoint's optimizer has settings {', '.join(extra) or 'other'} that "
@@ -393,6 +397,7 @@ class TaskModule(pl.LightningModule):
         for group in optimizer.param_groups:  # the base rate, kept in checkpoints (ReduceLROnPlateau keeps none)
             group.setdefault("initial_lr", group["lr"])
         self._recipe_settings, self._recipe_scheduler = _optimizer_settings(optimizer), None
+        self._scheduled_keys: set[str] = set()
         if self.lr_scheduler is None:
             self._recipe_rates = _rates(optimizer)
             return optimizer
@@ -406,6 +411,11 @@ class TaskModule(pl.LightningModule):
                 raise ConfigError(f"model.lr_scheduler: {type(scheduler).__name__} {period} must be >= 1, got {value}",
                                   key="model.lr_scheduler")
         self._recipe_rates, self._recipe_scheduler = _rates(optimizer), _scheduler_settings(scheduler)
+        before = set().union(*self._recipe_settings)  # the scheduler's own entries in the groups, and what it cycles
+        self._scheduled_keys = set().union(*_optimizer_settings(optimizer)) - before
+        if getattr(scheduler, "cycle_momentum", False):
+            self._scheduled_keys |= {"momentum", "betas"}
+        self._recipe_settings = _optimizer_settings(optimizer, self._scheduled_keys)
         config = {"scheduler": scheduler, "interval": self.scheduler_interval}
         plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if plateau and scheduler.mode != self.task.monitor_mode:
@@ -423,11 +433,13 @@ class TaskModule(pl.LightningModule):
         """ReduceLROnPlateau stepped per batch: Lightning steps it every ``frequency`` batches on the logged
         ``val/`` metric; with 1 the first batch, before any validation, stopped the run (the metric "is not
         available"). Its period is the validation's, in batches: one step after each validation."""
-        interval = self.trainer.val_check_interval
+        interval = None if getattr(self.trainer, "_val_check_time_interval", None) is not None else \
+            getattr(self.trainer, "val_check_interval", None)  # None: validation on the clock
         if not isinstance(interval, int) or self.trainer.check_val_every_n_epoch is None:
+            given = "a time" if interval is None else repr(interval)
             raise ConfigError(f"model.scheduler_interval is step with ReduceLROnPlateau, which steps on "
                               f"{self.task.monitor} after each validation: give trainer.val_check_interval as a "
-                              f"number of batches within the epoch (it is {interval!r}), or keep scheduler_interval "
+                              f"number of batches within the epoch (it is {given}), or keep scheduler_interval "
                               "epoch", key="model.scheduler_interval")
         accumulate = self.trainer.accumulate_grad_batches
         if interval % accumulate:  # Lightning steps schedulers only on the batches that step the optimizer

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -150,7 +151,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
         try:
             yield
         except ConfigError as err:
-            if err.key is not None:
+            if err.key is not None or not _raised_by_the_rule(err):  # the data's, the task's: not this rule's
                 raise
             rule = type(self).__name__ + (f" {self.name!r}" if self.name is not None else "")
             raise ConfigError(f"{rule}: {err}", key="trainer.callbacks") from err
@@ -182,6 +183,11 @@ class FeedbackAlignmentStrategy(pl.Callback):
         """The hooks leave the model with the fit: a later fit of it without this rule (a BP Trainer beside it in a
         notebook) trained by DFA. Its B stays, for another fit with this rule (which attaches them again)."""
         if stage == "fit" and self.engine is not None:
+            self.engine.detach_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit that raised (a NaN loss) ends without ``teardown``: its hooks leave the model here."""
+        if self.engine is not None:
             self.engine.detach_hooks()
 
     def check_strategy(self, trainer: pl.Trainer) -> None:
@@ -312,6 +318,16 @@ RESUME_KEYS = {
             "feedback_norm", "batch_dims"),
     "shallow": ("feedback_points", "output"),
 }
+
+
+def _raised_by_the_rule(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this package's feedback code (the engine, the points, this callback) rather than
+    by the data, the task or the model, which the rule's setup also runs (the probe's forward)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename) if tb is not None else None
+    return path is not None and (path.parent.name == "feedback" or path.name == Path(__file__).name)
 
 
 def _in_effect(config: dict[str, Any]) -> dict[str, Any]:
