@@ -39,19 +39,19 @@ tensorboard: ## watch every run under logs/
 	$(PYTHON) -m tensorboard.main --logdir $(LOGDIR)
 
 bench: ## CPU benchmarks (step time, memory) into benchmarks/results/ (one thread, as the README's table)
-	$(PYTHON) -m benchmarks.run --preset cpu --threads 1 $(ARGS)
+	$(PYTHON) -m benchmarks.run --preset cpu --threads 1 --out $(OUT) $(ARGS)
 
 bench-gpu: ## GPU benchmarks into benchmarks/results/ (one H100/H200, < 6 min)
-	$(PYTHON) -m benchmarks.run --preset gpu $(ARGS)
+	$(PYTHON) -m benchmarks.run --preset gpu --out $(OUT) $(ARGS)
 
 bench-compiled: ## the CPU benchmark's models under torch.compile (Inductor: needs a C compiler) into bench_cpu_compiled.*
-	$(PYTHON) -m benchmarks.run --preset cpu --compile default --threads 1 $(ARGS)
+	$(PYTHON) -m benchmarks.run --preset cpu --compile default --threads 1 --out $(OUT) $(ARGS)
 
 profile: ## one DFA step per model under torch.profiler: one projection, no discarded gradients (ARGS="--preset gpu")
-	$(PYTHON) -m benchmarks.profile_step $(ARGS)
+	$(PYTHON) -m benchmarks.profile_step --out $(OUT) $(ARGS)
 
 kernels: ## kernel time per training step of BP and DFA on the GPU: where each step's time goes (ARGS="--models mlp nerf")
-	$(PYTHON) -m benchmarks.profile_kernels --preset gpu $(ARGS)
+	$(PYTHON) -m benchmarks.profile_kernels --preset gpu --out $(OUT) $(ARGS)
 
 loop-overhead: ## what Trainer.fit adds per step to the bare step, BP and DFA (ARGS="--preset gpu" on a GPU)
 	$(PYTHON) -m benchmarks.loop_overhead --threads 1 --out $(OUT) $(ARGS)
@@ -87,9 +87,11 @@ SPLINE_KERNELS ?= torch    # as the README's table was measured (pyg-lib has no 
 reproduce-graphs: ## paper graph tables (3, 4, A.2, A.4): GRAPH_MODELS x BP/DFA/shallow on GRAPH_DATASETS over SEEDS, + hidden-layer PCA
 	$(PYTHON) -m dfa_lightning.graphs_reproduce --datasets $(GRAPH_DATASETS) --models $(GRAPH_MODELS) --seeds $(SEEDS) \
 		--spline-kernels $(SPLINE_KERNELS) --root $(LOGDIR)/graphs --out $(GRAPHS_OUT) $(ARGS)
+	$(if $(and $(filter Cora,$(GRAPH_DATASETS)),$(filter gcn,$(GRAPH_MODELS)),$(filter 0,$(SEEDS))),\
 	$(PYTHON) -m dfa_lightning.embedding --hidden $(LOGDIR)/graphs/Cora/gcn_bp/seed0/hidden.pt \
 		$(LOGDIR)/graphs/Cora/gcn_dfa/seed0/hidden.pt $(LOGDIR)/graphs/Cora/gcn_shallow/seed0/hidden.pt \
-		--png benchmarks/results/cora_gcn_hidden_pca.png --logdir $(LOGDIR)/embedding
+		--png benchmarks/results/cora_gcn_hidden_pca.png --logdir $(LOGDIR)/embedding,\
+	@echo "no PCA plot: it needs Cora, gcn and seed 0 among GRAPH_DATASETS, GRAPH_MODELS and SEEDS")
 
 CRITEO_SEEDS ?= 0 1 2
 

@@ -1,6 +1,6 @@
 """Criteo preprocessing throughput: dfa_lightning's CriteoDataModule cache versus torchfm 0.7's CriteoDataset.
 
-Builds a ``--rows``-row file by repeating the real 10k-row sample (``/work/shared/data/criteo/train_10k.txt``) in a
+Builds a ``--rows``-row file by repeating the real 10k-row sample (``$DFA_DATA_DIR/criteo/train_10k.txt``) in a
 temporary folder, then times, each in a fresh subprocess (imports excluded from the timing, cache writes included):
 
 * ours: :func:`dfa_lightning.data.criteo.ensure_cache` (fingerprint, two passes, atomic rename), median of
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path("/work/shared/data/criteo/train_10k.txt")
+SAMPLE = Path(os.environ.get("DFA_DATA_DIR", "../shared/data")) / "criteo" / "train_10k.txt"  # the data root
 
 OURS = """
 import json, resource, sys, time
@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--torchfm", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
                         help="also time torchfm 0.7 with this interpreter (default: this one)")
     parser.add_argument("--torchfm-rows", type=int, default=None, help="rows for torchfm if fewer (slow)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of ours (median reported)")
+    parser.add_argument("--repeat", type=int, choices=range(1, 101), metavar="1..100", default=3,
+                        help="runs of ours (median reported)")
     parser.add_argument("--check-rows", type=int, default=20_000, help="rows compared between both encodings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = parser.parse_args()

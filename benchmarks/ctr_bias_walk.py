@@ -21,7 +21,8 @@ from pathlib import Path
 
 from benchmarks.labelled_nodes import PreNormDrift
 from dfa_lightning.cli import run
-from dfa_lightning.studies import QUIET, mean_std, write_outputs
+from dfa_lightning.errors import UserError
+from dfa_lightning.studies import QUIET, check_writable, mean_std, write_outputs
 
 __all__ = ["measure", "render", "main"]
 
@@ -73,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default=str(Path(os.environ.get("DFA_DATA_DIR", ".")) / "criteo" / "train_10k.txt"))
     parser.add_argument("--out", default="benchmarks/results/ctr_bias_walk.md")
     args = parser.parse_args(argv)
+    missing = [f"recipes/{m}_{r}.yaml" for m in args.models for r in args.rules
+               if not Path(f"recipes/{m}_{r}.yaml").is_file()]
+    if missing:  # before any run (it was a traceback after the first model's runs)
+        parser.error(f"--models: no recipe {', '.join(missing)} (from {Path.cwd()})")
+    try:
+        check_writable(args.out, "--out")
+    except UserError as err:
+        parser.error(str(err))
     with tempfile.TemporaryDirectory(prefix="ctr_bias_walk_") as tmp:
         runs = [measure(m, r, s, args.path, Path(tmp)) for m in args.models for r in args.rules for s in args.seeds]
     command = " ".join(["python -m benchmarks.ctr_bias_walk", *argv])

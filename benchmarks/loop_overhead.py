@@ -35,7 +35,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.run import load_average, machine
+from benchmarks.run import COMPILE_MODES, _at_least, load_average, machine, out_folder
 from dfa_lightning.callbacks import FeedbackAlignmentStrategy
 from dfa_lightning.compile import compile_model
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
@@ -208,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, help="write loop_overhead_<preset>.{md,json} into this folder")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (the CPU preset's results used 1)")
-    parser.add_argument("--compile", metavar="MODE", help="both loops with the model under torch.compile(mode=MODE)")
+    parser.add_argument("--threads", type=_at_least(1), help="torch CPU threads (the CPU preset's results used 1)")
+    parser.add_argument("--compile", metavar="MODE", choices=COMPILE_MODES,
+                        help="both loops with the model under torch.compile(mode=MODE)")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        out_folder(parser, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")

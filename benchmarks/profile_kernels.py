@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from benchmarks.models import cases
+from benchmarks.models import BUILDERS, cases
 from benchmarks.profile_step import NODE, RECEIVE_RANGE, watch_receivers
-from benchmarks.run import RESULTS, Runner, machine, sync
+from benchmarks.run import RESULTS, Runner, device_arg, machine, out_folder, sync
 
 TOP = 10
 
@@ -88,6 +88,7 @@ def run(preset: str, only: list[str] | None, variants: list[str] | None, device:
         for v in case.variants:
             if variants and v.name not in variants:
                 continue
+            runner = None  # a variant whose Runner raised (CUDA out of memory) leaves none to free
             try:
                 runner = Runner(case, v, base, device_t, batch)
                 row = dict(variant=runner.label, **kernel_profile(runner))
@@ -99,7 +100,7 @@ def run(preset: str, only: list[str] | None, variants: list[str] | None, device:
                 f"DFA host {row['dfa_host_ms']:6.3f} ms"
                 if "error" not in row else f"FAILED {row['error']}"), file=sys.stderr, flush=True)
             if device_t.type == "cuda":
-                del runner
+                runner = None
                 torch.cuda.empty_cache()
         report["cases"].append(dict(case=case.name, description=case.description, rows=rows))
     return report
@@ -135,15 +136,19 @@ def _ms(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="gpu")
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--variants", nargs="*", help="variant names (default: all of each case)")
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS))
+    parser.add_argument("--variants", nargs="+", help="variant names (default: all of each case)")
     parser.add_argument("--amp", nargs="+", choices=["fp32", "bf16"])
     parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("profiling on cuda needs CUDA (torch.cuda.is_available() is False)")
+    device = str(device_arg(parser, args.device, args.preset))
+    out_folder(parser, args.out)
+    if args.variants:  # a misspelt one profiled nothing and wrote an empty table over the results
+        known = {v.name for c in cases(args.preset, args.models, args.amp) for v in c.variants}
+        unknown = sorted(set(args.variants) - known)
+        if unknown:
+            parser.error(f"--variants {' '.join(unknown)}: not a variant of these cases ({', '.join(sorted(known))})")
     report = run(args.preset, args.models, args.variants, device, args.amp)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

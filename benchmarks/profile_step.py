@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.models import cases
-from benchmarks.run import RESULTS, Runner, machine
+from benchmarks.models import BUILDERS, cases
+from benchmarks.run import RESULTS, Runner, device_arg, machine, out_folder
 
 RECEIVE_RANGE = "dfa::receive"  # the profiler range around each matmul receiver's forward (see `watch_receivers`)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sparse_mm", "aten::_sparse_csr_mm",
@@ -176,7 +176,7 @@ def run(preset: str, only: list[str] | None = None, device: str = "cpu") -> dict
 
 def markdown(report: dict) -> str:
     lines = [f"# One DFA step under torch.profiler, preset `{report['preset']}`", "",
-             f"Command: `python -m benchmarks.profile_step --preset {report['preset']}`; "
+             f"Command: `{report.get('command') or 'python -m benchmarks.profile_step --preset ' + report['preset']}`; "
              f"{report['machine']['gpu'] or report['machine']['cpu']}, torch {report['machine']['torch']}.", "",
              "Per default DFA variant (`projection: auto`): matmuls inside `_InjectFeedbackBackward` (fused: the whole "
              "projection, lowrank is (eU)V, two thin matmuls in one operator call; per point: only lowrank's e U, or the "
@@ -207,19 +207,20 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "cpu", "gpu"], default="cpu")
-    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("profiling on cuda needs CUDA (torch.cuda.is_available() is False)")
-    report = run(args.preset, args.models, device)
+    device = device_arg(parser, args.device, args.preset)
+    out_folder(parser, args.out)
+    report = run(args.preset, args.models, str(device))
+    report["command"] = " ".join(["python -m benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile_{args.preset}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / f"profile_{args.preset}.md").write_text(markdown(report))
-    ok = all(m["ok_one_projection"] and m["ok_no_discarded_gradients"] for m in report["models"])
+    ok = bool(report["models"]) and all(m["ok_one_projection"] and m["ok_no_discarded_gradients"]
+                                        for m in report["models"])
     return 0 if ok else 1
 
 

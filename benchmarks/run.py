@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.models import BUILDERS, Case, Variant, cases
+from benchmarks.models import BUILDERS, GRAPHED, Case, Variant, cases
 from dfa_lightning.compile import compile_model
 from dfa_lightning.feedback.engine import FeedbackEngine, optimizer_state_bytes
 
@@ -480,10 +480,38 @@ def _at_least(low: float, kind: type = int):
     return parse
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
+
+
+def out_folder(parser: argparse.ArgumentParser, out: str | Path) -> Path:
+    """``--out`` as a folder to write into, refused before anything is measured: a file there was a FileExistsError
+    once the cases had run (a GPU lease's minutes lost)."""
+    path = probe = Path(out)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        parser.error(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: {probe} is not writable")
+    return path
+
+
+def device_arg(parser: argparse.ArgumentParser, given: str | None, preset: str) -> torch.device:
+    """``--device`` (default: cuda for the gpu preset, else cpu), refused when it is not a device or has no CUDA."""
+    try:
+        device = torch.device(given or ("cuda" if preset == "gpu" else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {given!r}: not a torch device (cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        what = f"--device {given}" if given else "the gpu preset"
+        parser.error(f"{what} needs CUDA (torch.cuda.is_available() is False)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--models", nargs="*", choices=list(BUILDERS), help="subset of: mlp gcn deepfm nerf lm")
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS), help="subset of: mlp gcn deepfm nerf lm")
     parser.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     parser.add_argument("--amp", nargs="+", choices=["fp32", "bf16"],
                         help="precisions to run instead of the preset's (the MLP alone gets the second one)")
@@ -495,8 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                         "for fast models)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, skip the cases replayed from a CUDA "
                         "graph (by default they follow the eager cases)")
-    parser.add_argument("--compile", metavar="MODE", choices=["default", "reduce-overhead", "max-autotune",
-                                                              "max-autotune-no-cudagraphs"], help="run the host-bound models (and the MLP) under "
+    parser.add_argument("--compile", metavar="MODE", choices=COMPILE_MODES, help="run the host-bound models (and the MLP) under "
                         "torch.compile with this mode (default, reduce-overhead, max-autotune-no-cudagraphs) instead "
                         "of eagerly: into bench_<preset>_compiled.json/.md")
     parser.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default: torch's, 1 for tiny). On an "
@@ -505,22 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads or args.preset == "tiny":
         torch.set_num_threads(args.threads or 1)
     torch.set_flush_denormal(True)  # CPU: Adam's tiny second moments turn denormal and slow `div` down 10-50x
-    try:
-        device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
-    except RuntimeError:
-        parser.error(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        what = f"--device {args.device}" if args.device else "the gpu preset"
-        parser.error(f"{what} needs CUDA (torch.cuda.is_available() is False)")
+    device = device_arg(parser, args.device, args.preset)
+    out_folder(parser, args.out)
     timing = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    report = dict(preset=args.preset, command="python -m benchmarks.run " + " ".join(argv or sys.argv[1:]),
+    report = dict(preset=args.preset, command="python -m benchmarks.run " + " ".join(
+                      sys.argv[1:] if argv is None else argv),
                   date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(device),
                   load_before=load_average(), timing=timing, results=[])
     t0 = time.perf_counter()
     out = Path(args.out)
     todo = cases(args.preset, args.models, args.amp, cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
                  compile_mode=args.compile)
+    if not todo:  # --compile keeps the models it compiles: `--models gcn` left nothing (a KeyError at the end)
+        parser.error(f"nothing to run: --compile runs {', '.join(GRAPHED)} only" if args.compile else "nothing to run")
     report["name"] = f"bench_{args.preset}" + ("_compiled" if args.compile else "")
     for i, case in enumerate(todo):
         log(f"{case.name}: {case.description}")
@@ -534,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         # written after every case: a run cut short (a device lease's time limit) keeps the cases it finished
         write_report(report, out, t0, pending=[c.name for c in todo[i + 1:]])
     log(f"wrote {out / (report['name'] + '.md')} ({report['wall_s']:.0f} s)")
-    if todo and not report["results"]:  # every case failed: no measurement, whatever the report says
-        log("error: no case was measured (the failures are listed in the report)")
+    if report.get("failures"):  # a failed case fails the command: `make gpu-check` said "all stages passed"
+        log(f"error: {len(report['failures'])} case(s) failed (listed in the report): "
+            f"{', '.join(f['case'] for f in report['failures'])}")
         return 1
     return 0
 

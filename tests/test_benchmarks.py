@@ -578,6 +578,8 @@ def test_ln_affine_drift_reads_how_far_every_post_ln_norm_moved_from_1_and_0():
     (["--steps", "0"], "0 is below 1"), (["--warmup", "-1"], "-1 is below 0"),
     (["--min-seconds", "-1"], "-1.0 is below 0"), (["--threads", "0"], "0 is below 1"),
     (["--compile", "bogus"], "invalid choice: 'bogus'"), (["--device", "foo"], "--device 'foo': not a torch device"),
+    (["--models"], "expected at least one argument"),
+    (["--compile", "default", "--models", "gcn"], "nothing to run: --compile runs mlp, deepfm, nerf, lm only"),
 ])
 def test_bench_refuses_a_bad_argument_before_writing_any_report(argv, why, tmp_path, capsys):
     """0 rounds or an unknown model made every case fail (or a KeyError) and still wrote, with exit 0, a report over
@@ -608,3 +610,85 @@ def test_bench_exits_non_zero_when_no_case_was_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_case", fail)
     assert bench.main(["--preset", "tiny", "--models", "mlp", "--out", str(tmp_path)]) == 1
     assert json.loads((tmp_path / "bench_tiny.json").read_text())["failures"][0]["error"] == "RuntimeError: broken"
+
+
+def test_every_bench_tool_refuses_a_file_as_its_out_folder_before_measuring(tmp_path, capsys):
+    """A file as ``--out`` was a FileExistsError once the cases had run (on a GPU lease: its minutes lost)."""
+    from benchmarks import loop_overhead, profile_kernels, profile_step
+    from benchmarks import run as bench
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for main in (bench.main, profile_step.main, profile_kernels.main, loop_overhead.main):
+        with pytest.raises(SystemExit) as stop:
+            main(["--preset", "tiny", "--out", str(afile)])
+        assert stop.value.code == 2 and f"--out {afile}: {afile} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, argv, why", [
+    ("profile_step", ["--models", "mpl"], "invalid choice: 'mpl'"),
+    ("profile_kernels", ["--models", "mlp", "--variants", "nope"], "--variants nope: not a variant of these cases"),
+    ("profile_step", ["--device", "foo"], "--device 'foo': not a torch device"),
+    ("loop_overhead", ["--compile", "foo"], "invalid choice: 'foo'"),
+    ("loop_overhead", ["--threads", "0"], "0 is below 1"),
+])
+def test_the_profilers_refuse_a_misspelt_name_rather_than_writing_an_empty_report(tool, argv, why, tmp_path, capsys):
+    """A misspelt model or variant profiled nothing, wrote an empty table over the results, and exited 0."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{tool}").main
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", "tiny", "--out", str(tmp_path / "out"), *argv])
+    assert stop.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_case_fails_the_bench_command_though_others_were_measured(tmp_path, monkeypatch):
+    """``make gpu-check`` judges each stage by its exit code: a failed case (a CUDA-graph capture) said "passed"."""
+    from benchmarks import run as bench
+
+    real = bench.run_case
+
+    def gcn_fails(case, *args, **kwargs):
+        if case.name.startswith("gcn"):
+            raise RuntimeError("broken")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_case", gcn_fails)
+    assert bench.main(["--preset", "tiny", "--models", "mlp", "gcn", "--rounds", "1", "--min-seconds", "0",
+                       "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert [r["case"] for r in report["results"]] == ["mlp_fp32"] and report["failures"][0]["case"] == "gcn_fp32"
+
+
+def test_a_kernel_profile_on_cuda_survives_a_variant_that_cannot_be_built(monkeypatch):
+    """``del runner`` after a Runner that raised (CUDA out of memory) was an UnboundLocalError: every result lost."""
+    from benchmarks import profile_kernels as pk
+
+    real = cases("tiny", ["mlp"])[0]
+    build_batch = real.batch
+    real.batch = lambda device, g: build_batch(torch.device("cpu"), g)
+    monkeypatch.setattr(pk, "cases", lambda *a, **k: [real])
+    monkeypatch.setattr(pk, "machine", lambda d: {})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    class OutOfMemory:
+        def __init__(self, case, variant, *args):
+            raise RuntimeError(f"CUDA out of memory in {variant.name}")
+
+    monkeypatch.setattr(pk, "Runner", OutOfMemory)
+    report = pk.run("tiny", ["mlp"], None, "cuda", None)
+    rows = report["cases"][0]["rows"]
+    assert rows and all(r["error"].startswith("RuntimeError: CUDA out of memory") for r in rows)
+
+
+def test_every_benchmark_target_writes_where_out_says(tmp_path):
+    """``make bench OUT=...`` (and bench-gpu, bench-compiled, profile, kernels) wrote over the committed results."""
+    import subprocess
+
+    from conftest import REPO
+
+    for target in ("bench", "bench-gpu", "bench-compiled", "profile", "kernels", "loop-overhead"):
+        shown = subprocess.run(["make", "-n", target, f"OUT={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout
+        assert f"--out {tmp_path}" in shown, (target, shown)

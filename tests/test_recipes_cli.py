@@ -91,6 +91,16 @@ def _fit(recipe: str, tmp_path: Path, *extra: str) -> int:
                  "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra])
 
 
+def _fit_shared_cora(recipe: str, tmp_path: Path, *extra: str) -> int:
+    """:func:`_fit` on the shared Cora files (skipped where they are not), with a private cache folder."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
+        pytest.skip("shared Cora not found")
+    return _fit(recipe, tmp_path, "--data.init_args.root", str(SHARED_DATA), "--data.init_args.cache_dir",
+                str(tmp_path / "cache"), *extra)
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     lines = [line for line in err if line.startswith("error:")]
@@ -291,12 +301,7 @@ def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_key(capsys, 
 
 def test_a_val_check_interval_longer_than_the_epoch_is_one_line_naming_the_key(tmp_path, capsys):
     """Lightning's own ValueError once the epoch's length is known (GCN: one full-graph batch per epoch)."""
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.val_check_interval", "5") == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--trainer.val_check_interval", "5") == 2
     line = _one_line_error(capsys)
     assert line.startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): trainer.val_check_interval: "
                            "`val_check_interval` (5) must be less than or equal to the number of the training "
@@ -439,61 +444,36 @@ def test_an_overlay_given_before_its_recipe_says_to_swap_them(capsys):
      "took (conv1.lin.weight)"),
 ], ids=["misspelt option", "negative lr", "string lr", "nan lr", "taken by an earlier entry"])
 def test_a_param_groups_mistake_is_one_line_not_a_silent_change_of_the_experiment(tmp_path, capsys, groups, expected):
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.param_groups", groups) == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--model.param_groups", groups) == 2
     assert expected in _one_line_error(capsys)
 
 
 def test_a_param_groups_pattern_matching_nothing_names_the_recipe_that_set_it(tmp_path, capsys):
     """Refused once the run has begun (the optimizer is built then): the message named the setting, not the file."""
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
     overlay = tmp_path / "groups.yaml"
     overlay.write_text("model:\n  param_groups:\n    - params: 'conv9.**'\n      weight_decay: 1.0e-4\n")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--config", str(overlay)) == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--config", str(overlay)) == 2
     assert _one_line_error(capsys).startswith(f"error: {REPO / 'recipes/gcn_dfa.yaml'}, {overlay}: model.param_groups "
                                               "pattern 'conv9.**' matches no parameter; names: conv1.bias")
 
 
 def test_an_optimizer_torch_refuses_is_one_line_naming_model_optimizer(tmp_path, capsys):
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.optimizer.init_args.eps", "-1") == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--model.optimizer.init_args.eps", "-1") == 2
     assert _one_line_error(capsys) == (f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): model.optimizer: "
                                        "Invalid epsilon value: -1.0")
 
 
 def test_a_scheduler_period_of_zero_is_one_line_before_training(tmp_path, capsys):
     """StepLR(step_size=0) was a ZeroDivisionError after the first epoch."""
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.lr_scheduler",
-                "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "0") == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--model.lr_scheduler",
+                            "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "0") == 2
     assert _one_line_error(capsys) == (f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): model.lr_scheduler: "
                                        "StepLR step_size must be >= 1, got 0")
 
 
 def test_an_output_that_runs_before_the_feedback_points_is_refused(tmp_path, capsys):
     """`output: conv1` below the point `hidden`: conv1 got no update at all while the report said it trained."""
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks.output", "conv1") == 2
+    assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--trainer.callbacks.output", "conv1") == 2
     assert _one_line_error(capsys).startswith(f"error: command line ({REPO / 'recipes/gcn_dfa.yaml'}): "
                                               "FeedbackAlignmentStrategy: output 'conv1' runs before the feedback "
                                               "point(s) hidden")
@@ -649,25 +629,15 @@ def test_the_cpu_sized_lm_override_shrinks_every_lm_recipe_and_keeps_its_rule(re
 
 def test_a_feedback_point_on_the_last_layer_is_named_in_a_warning_before_training(tmp_path):
     """`feedback_points: [conv2]` on the GCN: conv2 is the output layer, so it trained on B e in silence."""
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
     with pytest.warns(UserWarning, match="feedback point 'conv2' .GCNConv. has nothing trainable between it and the "
                                          "model's output"):
-        assert _fit("recipes/gcn_dfa.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                    "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1",
-                    "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 0
+        assert _fit_shared_cora("recipes/gcn_dfa.yaml", tmp_path, "--trainer.max_epochs", "1",
+                                "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 0
 
 
 def test_shallow_with_a_point_on_the_last_layer_is_one_line_before_training(tmp_path, capsys):
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "planetoid" / "Cora" / "raw").is_dir():
-        pytest.skip("shared Cora not found")
-    assert _fit("recipes/gcn_shallow.yaml", tmp_path, "--data.init_args.root", str(SHARED_DATA),
-                "--data.init_args.cache_dir", str(tmp_path / "cache"),
-                "--trainer.callbacks.feedback_points", "[hidden, conv2]") == 2
+    assert _fit_shared_cora("recipes/gcn_shallow.yaml", tmp_path, "--trainer.callbacks.feedback_points",
+                            "[hidden, conv2]") == 2
     assert _one_line_error(capsys).startswith(f"error: command line ({REPO / 'recipes/gcn_shallow.yaml'}): "
                                               "FeedbackAlignmentStrategy: method shallow: the model's output depends "
                                               "on no trainable")
