@@ -290,6 +290,9 @@ def test_bad_settings_are_config_errors():
         CriteoDataModule(min_threshold=0)
     with pytest.raises(ConfigError, match="field_dims"):
         CriteoDataModule().field_dims
+    with pytest.raises(ConfigError, match=r"criteo batch_size must be >= 2 \(the CTR models' BatchNorm needs two "
+                                          r"rows; got 1\)"):  # the first step died in BatchNorm
+        CriteoDataModule(batch_size=1)
 
 
 def test_a_validation_or_test_split_with_one_label_is_refused_as_its_auroc_is_undefined(tmp_path):
@@ -311,6 +314,10 @@ def test_an_empty_split_the_stage_reads_is_refused_and_one_it_does_not_read_is_a
     path.write_text("\n".join(make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(40)) + "\n")
     with pytest.raises(ConfigError, match=r"mixed.txt: the val split is empty \(40 rows, split \[1.0, 0.0, 0.0\]\)"):
         CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[1.0, 0.0, 0.0]).setup("fit")
+    untested = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[0.5, 0.5, 0.0])
+    untested.setup("fit")  # fine for a fit that does not test; the CLI asks before a fit that tests (it had trained)
+    with pytest.raises(ConfigError, match=r"the test split is empty"):
+        untested.check_test_split()
     scored_whole = CriteoDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), split=[0.0, 0.0, 1.0])
     scored_whole.setup("test")
     assert len(scored_whole.splits["test"]) == 40
@@ -398,3 +405,17 @@ def test_a_trailing_blank_line_is_named_as_an_empty_line(tmp_path):
     path.write_text("\n".join(make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(40)) + "\n\n")
     with pytest.raises(DatasetError, match=r"1 of 41 lines are malformed .* first bad line 41: an empty line"):
         criteo.preprocess(path, tmp_path / "out", min_threshold=1, log_every=0)
+
+
+def test_a_fit_that_would_test_on_an_empty_test_split_is_refused_before_training(tmp_path, capsys):
+    """``split: [0.8, 0.2, 0.0]`` trained the whole run, wrote its checkpoint, then stopped at the test."""
+    from dfa_lightning.cli import main
+
+    path = tmp_path / "mixed.txt"
+    path.write_text("\n".join(make_line(str(i % 2), {}, {1: f"{i:08x}"}) for i in range(40)) + "\n")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "deepfm_bp.yaml"
+    assert main(["fit", "--config", str(recipe), "--data.init_args.path", str(path), "--data.init_args.cache_dir",
+                 str(tmp_path / "cache"), "--data.init_args.split", "[0.5, 0.5, 0.0]", "--trainer.logger", "false",
+                 "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "the test split is empty" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

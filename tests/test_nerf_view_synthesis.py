@@ -694,3 +694,42 @@ def test_fine_samples_need_three_coarse_samples_to_draw_from():
         ViewSynthesis(coarse_samples=2, fine_samples=8)
     ViewSynthesis(coarse_samples=2, fine_samples=0)
     ViewSynthesis(coarse_samples=3, fine_samples=8)
+
+
+def test_a_central_crop_with_no_pixel_is_refused(shared_data, lego):
+    """``precrop_fraction: 0.01`` of a 100-pixel view is no pixel: torch's "random_ expects 'from' < 'to'"."""
+    data = nd.NeRFDataModule(root=str(shared_data), folder="nerf_synthetic_100px", rays_per_batch=64,
+                             precrop_steps=2, precrop_fraction=0.01, download=False)
+    with pytest.raises(ConfigError, match="precrop_fraction 0.01 leaves no pixel of the 100x100 views"):
+        data.train_dataloader()
+
+
+def test_each_epoch_of_a_fit_draws_fresh_rays_and_the_precrop_is_only_the_runs_first_steps(lego, shared_data,
+                                                                                           tmp_path):
+    """Lightning stops at ``len`` batches without exhausting the ray generator, whose pass count moved only after its
+    last batch: every epoch replayed the first one's rays, precrop included (half of lego's rays were never drawn)."""
+    import pytorch_lightning as pl
+
+    class Seen(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w, self.rays = torch.nn.Parameter(torch.zeros(())), []
+
+        def training_step(self, batch, batch_idx):
+            self.rays.append(batch["rays"].clone())
+            return self.w * 0 + batch["rays"].sum() * 0 + self.w ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = nd.NeRFDataModule(root=str(shared_data), folder="nerf_synthetic_100px", rays_per_batch=64,
+                             steps_per_epoch=3, precrop_steps=2, val_views=1, download=False)
+    seen = Seen()
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(seen, data)
+    first, second = seen.rays[:3], seen.rays[3:]
+    assert len(second) == 3 and not any(torch.equal(a, b) for a, b in zip(first, second))
+    rays = data._train
+    for epoch, batches in ((0, first), (1, second)):  # each epoch is its own pass: the crop only in epoch 0's
+        rays.epoch = lambda: epoch
+        assert all(torch.equal(b, expected["rays"]) for b, expected in zip(batches, rays)), epoch

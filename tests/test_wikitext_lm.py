@@ -244,6 +244,8 @@ def test_missing_root_and_bad_settings_are_one_line_errors(tmp_path):
         WikiTextDataModule(name="wikitext-5")
     with pytest.raises(ConfigError, match="tokenizer"):
         WikiTextDataModule(tokenizer="char")
+    with pytest.raises(ConfigError, match="eval_streams must be >= 1, got 0"):  # it was let through as 0
+        WikiTextDataModule(eval_streams=0)
 
 
 def test_model_with_a_smaller_vocabulary_is_a_config_error(wt2, tmp_path):

@@ -559,6 +559,8 @@ class DFALightningCLI(LightningCLI):
         return self._saved_step if self._saved_step is not None else 0
 
     def before_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit", True) and hasattr(self.datamodule, "check_test_split"):
+            self.datamodule.check_test_split()  # the data's own check, before the training the test would end
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
         self._check_validation_feeds_early_stopping()

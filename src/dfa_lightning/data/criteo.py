@@ -608,8 +608,9 @@ class CriteoDataModule(pl.LightningDataModule):
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6:
             raise ConfigError(f"criteo split must be three non-negative fractions summing to 1, got {list(split)}")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ConfigError("criteo batch_size and eval_batch_size must be >= 1")
+        if batch_size < 2 or (eval_batch_size is not None and eval_batch_size < 1):  # batch 1: BatchNorm's
+            raise ConfigError(f"criteo batch_size must be >= 2 (the CTR models' BatchNorm needs two rows; got "
+                              f"{batch_size}) and eval_batch_size >= 1 (got {eval_batch_size})")
         if min_threshold < 1:
             raise ConfigError(f"criteo min_threshold must be >= 1, got {min_threshold}")
         self.save_hyperparameters()
@@ -666,6 +667,11 @@ class CriteoDataModule(pl.LightningDataModule):
             self.splits = {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
         used = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
         self._check_splits(used)
+
+    def check_test_split(self) -> None:
+        """The test split of a fit that tests at its end: an empty one stopped the run after the whole training."""
+        self.setup()
+        self._check_splits(("test",))
 
     def _check_splits(self, names: Sequence[str]) -> None:
         """A split the stage reads must have rows, and val/test both labels: with one, AUROC is undefined and

@@ -30,6 +30,7 @@ import math
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,35 +303,42 @@ class RandomRays(IterableDataset):
     can drive every density below zero, where the ReLU passes no gradient and the render stays white."""
 
     def __init__(self, rays: torch.Tensor, rgb: torch.Tensor, rays_per_batch: int, meta: dict, seed: int,
-                 steps: int | None = None, center: torch.Tensor | None = None, precrop_steps: int = 0) -> None:
+                 steps: int | None = None, center: torch.Tensor | None = None, precrop_steps: int = 0,
+                 epoch: Callable[[], int | None] | None = None) -> None:
         if rays_per_batch > len(rays):  # the batch was every ray, silently smaller than asked (and then an OOM)
             raise ConfigError(f"NeRFDataModule: rays_per_batch {rays_per_batch} is more than the {len(rays)} "
                               "training rays of the scene; lower data.init_args.rays_per_batch")
         self.rays, self.rgb, self.rays_per_batch, self.meta, self.seed = rays, rgb, rays_per_batch, meta, seed
         self.steps = len(rays) // rays_per_batch if steps is None else steps
         self.center, self.precrop_steps = center, precrop_steps if center is not None else 0
-        self.passes = self.served = 0
+        self.passes = 0  # passes completed, where no `epoch` tells which one this is
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        """The pass is the Trainer's epoch where there is one (``epoch``): Lightning stops at ``len`` batches without
+        exhausting the generator, so a count kept after the last batch never moved, and every epoch replayed the
+        first one's rays, precrop included. From the epoch, a resumed fit draws the rays the straight one did, and a
+        probe's look at the first batch changes nothing."""
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.passes) * 1009 + rank)
+        current = self.epoch() if self.epoch is not None else None
+        passes = self.passes if current is None else current
+        served = passes * self.steps
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + passes) * 1009 + rank)
         full = len(self.rays) // self.rays_per_batch  # batches in one permutation; its remainder is left out
         for i in range(self.steps):
             if i % full == 0:  # a pass longer than the rays goes on with a fresh permutation, as NeRF reshuffles
                 order = torch.randperm(len(self.rays), generator=g)
-            if self.served + i < self.precrop_steps:
+            if served + i < self.precrop_steps:
                 idx = self.center[torch.randint(len(self.center), (self.rays_per_batch,), generator=g)]
             else:
                 j = i % full
                 idx = order[j * self.rays_per_batch:(j + 1) * self.rays_per_batch]
             yield {"rays": self.rays[idx], "rgb": self.rgb[idx], **self.meta}
-        # counted once a pass is complete: a look at the first batch (the DFA callback's probe) changes nothing,
-        # so BP and DFA runs of one seed see the same rays in the same order
+        # without an epoch: counted once a pass is read to its end (a look at the first batch changes nothing)
         self.passes += 1
-        self.served += self.steps
 
 
 def center_rays(n: int, h: int, w: int, fraction: float) -> torch.Tensor:
@@ -501,9 +509,18 @@ class NeRFDataModule(pl.LightningDataModule):
             views = self.splits["train"]
             rays = torch.cat([view_rays(views, k) for k in range(len(views.poses))])
             center = center_rays(len(views.poses), *views.hw, self.precrop_fraction) if self.precrop_steps else None
+            if center is not None and len(center) == 0:  # was torch's "random_ expects 'from' to be less than 'to'"
+                raise ConfigError(f"NeRFDataModule: precrop_fraction {self.precrop_fraction} leaves no pixel of the "
+                                  f"{views.hw[1]}x{views.hw[0]} views in the central crop; raise it, or set "
+                                  "precrop_steps: 0")
             self._train = RandomRays(rays, views.images.reshape(-1, 3), self.rays_per_batch, self._meta(views),
-                                     self.seed, self.steps_per_epoch, center, self.precrop_steps)
+                                     self.seed, self.steps_per_epoch, center, self.precrop_steps, self._epoch)
         return DataLoader(self._train, batch_size=None)
+
+    def _epoch(self) -> int | None:
+        """The attached Trainer's epoch (the training pass), or None outside one."""
+        trainer = self.trainer
+        return None if trainer is None else int(trainer.current_epoch)
 
     def _whole(self, split: str, limit: int | None) -> DataLoader:
         self.setup(split)
