@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from dfa_lightning.checkpoint_check import checkpoint_problem, read_checkpoint
 from dfa_lightning.model_args import learning_rate_problem, model_arg_problem, null_arg_problem
 from dfa_lightning.errors import ConfigError, UserError
-from dfa_lightning.module import TaskModule
+from dfa_lightning.module import TaskModule, validation_interval
 from dfa_lightning.probe import first_batch
 
 
@@ -245,14 +245,6 @@ def _wrong_type(message: str, name: str | None = None) -> str | None:
 
 _BASE_CLASSES = ("LightningDataModule", "Callback", "Module", "LightningModule")
 _GENERIC = ("Expected a <class 'NoneType'>", "a class path (str)", "a dict ", "Subclass types expect one of")
-
-
-def _validation_interval(trainer: pl.Trainer) -> int | float | None:
-    """``trainer.val_check_interval``, or None for validation on the clock (a time such as "00:01:00:00", which
-    Lightning keeps elsewhere, leaving this attribute unset)."""
-    if getattr(trainer, "_val_check_time_interval", None) is not None:
-        return None
-    return getattr(trainer, "val_check_interval", None)
 
 
 def _close_fragment(named: str) -> str | None:
@@ -592,7 +584,7 @@ class DFALightningCLI(LightningCLI):
                     if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("val")]
         if not stoppers:
             return
-        if _validation_interval(self.trainer) is None:  # Lightning 2.6's EarlyStopping reads the unset attribute
+        if validation_interval(self.trainer) is None:  # Lightning 2.6's EarlyStopping reads the unset attribute
             where = _origin(self._argv, "trainer.val_check_interval")
             raise ConfigError(f"{where}trainer.val_check_interval is a time: Lightning's EarlyStopping (monitoring "
                               f"{stoppers[0]}) fails with validation on the clock (AttributeError in its setup); "
@@ -634,7 +626,7 @@ class DFALightningCLI(LightningCLI):
             where = _origin(self._argv, "trainer.check_val_every_n_epoch")
             raise ConfigError(f"{where}trainer.check_val_every_n_epoch is {every}: epochs end without a validation, "
                               f"but {reader}; validate every epoch, or use another scheduler")
-        interval = _validation_interval(trainer)
+        interval = validation_interval(trainer)
         if interval is None:
             where = _origin(self._argv, "trainer.val_check_interval")
             raise ConfigError(f"{where}trainer.val_check_interval is a time: epochs end without a validation, but "
@@ -650,7 +642,7 @@ class DFALightningCLI(LightningCLI):
         """Training batches (per process) before the first validation, as Lightning schedules it; None where the
         epoch's length cannot be told before the run (a loader without ``len``)."""
         trainer = self.trainer
-        interval, every = _validation_interval(trainer), trainer.check_val_every_n_epoch
+        interval, every = validation_interval(trainer), trainer.check_val_every_n_epoch
         if not isinstance(interval, (int, float)):  # validation on the clock (Lightning's time-based interval)
             return None
         if every is None:  # validation by steps across epochs

@@ -29,6 +29,14 @@ from dfa_lightning.tasks.base import STAGES, BatchMean, Task
 
 GROUPS = "model.param_groups"  # the config key of the optimizer's parameter groups, named in their refusals
 
+def validation_interval(trainer: pl.Trainer) -> int | float | None:
+    """``trainer.val_check_interval``, or None for validation on the clock (a time such as "00:01:00:00", which
+    Lightning keeps elsewhere, leaving this attribute unset)."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return None
+    return getattr(trainer, "val_check_interval", None)
+
+
 def _rates(optimizer: torch.optim.Optimizer) -> list[tuple]:
     """Each group's base learning rate (``initial_lr``: before a scheduler scales it; None in a checkpoint written
     before it was kept) and weight decay."""
@@ -62,7 +70,8 @@ def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
 
 
 def _first_difference(saved: Any, recipe: Any) -> str | None:
-    """The first setting whose value differs, as "name: checkpoint's -> recipe's"."""
+    """The first setting whose value differs, as "<name> <checkpoint's> in the checkpoint, <recipe's> in the recipe"
+    (a setting on one side only is another optimizer's, told apart before)."""
     saved = saved if isinstance(saved, list) else [saved]
     recipe = recipe if isinstance(recipe, list) else [recipe]
     for then, now in zip(saved, recipe):
@@ -356,8 +365,7 @@ class TaskModule(pl.LightningModule):
                         not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0
                         or math.isinf(value)):
                     raise ConfigError(f"model.param_groups entry {spec}: {key} must be a finite number >= 0, got "
-                                      f"{value!r}",
-                                      key=GROUPS)
+                                      f"{value!r}", key=GROUPS)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         named = dict(self.model.named_parameters())
@@ -433,8 +441,7 @@ class TaskModule(pl.LightningModule):
         """ReduceLROnPlateau stepped per batch: Lightning steps it every ``frequency`` batches on the logged
         ``val/`` metric; with 1 the first batch, before any validation, stopped the run (the metric "is not
         available"). Its period is the validation's, in batches: one step after each validation."""
-        interval = None if getattr(self.trainer, "_val_check_time_interval", None) is not None else \
-            getattr(self.trainer, "val_check_interval", None)  # None: validation on the clock
+        interval = validation_interval(self.trainer)
         if not isinstance(interval, int) or self.trainer.check_val_every_n_epoch is None:
             given = "a time" if interval is None else repr(interval)
             raise ConfigError(f"model.scheduler_interval is step with ReduceLROnPlateau, which steps on "

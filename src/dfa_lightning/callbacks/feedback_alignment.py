@@ -133,7 +133,7 @@ class FeedbackAlignmentStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"  # setup runs before Lightning restores a checkpoint into the callbacks
         if stage != "fit":
-            return  # evaluation needs no feedback; a test after fit keeps the attached engine (inert without grad)
+            return  # evaluation needs no feedback (after a fit, its hooks have left the model)
         if self.engine is not None:
             if self.engine.model is pl_module.model:
                 self.engine.attach_hooks()  # another fit of the same network: its B carries on

@@ -308,7 +308,8 @@ class WikiTextDataModule(pl.LightningDataModule):
             raise ConfigError(f"WikiTextDataModule: unknown tokenizer {tokenizer!r}; choose one of {TOKENIZERS}")
         if tokenizer == "bpe" and vocab_size < 3:
             raise ConfigError(f"WikiTextDataModule: vocab_size must be at least 3 for bpe, got {vocab_size}")
-        for arg, value in (("streams", streams), ("seq_len", seq_len), ("eval_streams", 1 if eval_streams is None else eval_streams)):
+        given_eval = 1 if eval_streams is None else eval_streams  # 0 is refused: `or 1` had let it through
+        for arg, value in (("streams", streams), ("seq_len", seq_len), ("eval_streams", given_eval)):
             if int(value) < 1:
                 raise ConfigError(f"WikiTextDataModule: {arg} must be >= 1, got {value}")
         self.name, self.root, self.tokenizer = key, root, tokenizer

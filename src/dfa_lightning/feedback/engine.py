@@ -105,12 +105,13 @@ class _Pending:
 def check_settings(method: str = "dfa", init: str = "uniform", scale: str = "per_layer", operator: str = "dense",
                    error: str = "exact", projection: str = "auto", projection_dtype: str = "float32",
                    receiver: str = "auto", feedback_norm: str | Mapping[str, str] = "none", rank: int = 64,
-                   nnz: int = 16, batch_dims: Sequence[int] = (0,), **_: Any) -> None:
+                   nnz: int = 16, batch_dims: Sequence[int] = (0,), feedback_points: Sequence | None = None,
+                   **_: Any) -> None:
     """Every choice-valued setting is one of its choices: a :class:`ConfigError` naming the setting otherwise. The
     Lightning callback calls it when the recipe is read, before any run folder or model is made."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "bp" and "feedback_points" in _ and not _["feedback_points"]:
+    if method != "bp" and feedback_points is not None and not feedback_points:
         raise ConfigError(f"method {method!r} needs feedback_points (module-name globs or module types)")
     if init not in matrices.INITS:
         raise ConfigError(f"init must be one of {matrices.INITS}, got {init!r}")
