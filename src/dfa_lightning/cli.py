@@ -551,7 +551,8 @@ class DFALightningCLI(LightningCLI):
         return self._saved_step if self._saved_step is not None else 0
 
     def before_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit", True) and hasattr(self.datamodule, "check_test_split"):
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config  # run=False
+        if config.get("test_after_fit", True) and hasattr(self.datamodule, "check_test_split"):
             self.datamodule.check_test_split()  # the data's own check, before the training the test would end
         self._check_checkpoint_fits_model()  # first: the data's hints may set it up
         self._check_data_fits_model()
@@ -606,7 +607,8 @@ class DFALightningCLI(LightningCLI):
                               "sooner (trainer.val_check_interval)")
 
     def _check_validation_feeds_the_plateau_scheduler(self) -> None:
-        node = getattr(self.config.get(self.subcommand, self.config).get("model"), "lr_scheduler", None)
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        node = getattr(config.get("model"), "lr_scheduler", None)
         plateau = str(getattr(node, "class_path", "")).endswith("ReduceLROnPlateau")
         if not plateau or getattr(self.model, "scheduler_interval", "epoch") != "epoch":
             return
