@@ -250,6 +250,26 @@ def test_auto_projection_goes_per_point_when_fused_signals_would_grow_the_step_m
     assert sum(e.name == "_ReceiveFeedbackBackward" for e in prof.events()) == 4  # B_i e computed at each point
 
 
+def test_the_probe_forward_of_calibrate_leaves_no_graph_behind():
+    """calibrate() counts what autograd saves through a pack hook; a hook that handed back the saved output itself
+    tied it to its own grad_fn, a cycle no collector frees: every probe leaked a forward's activations (GPU memory
+    over a benchmark's variants) and kept the parameters' gradient accumulators on the probe's stream (a CUDA graph
+    captured later failed on the H200)."""
+    import gc
+
+    def graph_tensors() -> int:  # tensors still holding a graph, wherever they are held from
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) and o.grad_fn is not None for o in gc.get_objects())
+
+    model = MLP(8, 4, hidden=[16, 16])
+    engine = FeedbackEngine(model, ["blocks.*"])
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    before = graph_tensors()
+    c = engine.calibrate(lambda: F.cross_entropy(model(x), y))
+    assert graph_tensors() == before  # the points' ReLU outputs and the log-softmax had stayed
+    assert c["saved_activation_bytes"] > 0  # still measured
+
+
 def test_auto_projection_stays_fused_when_the_signals_are_small():
     # a wide input layer and a 16-wide hidden point (a GCN-like shape): the fused signals cost next to nothing
     model = MLP(1000, 4, hidden=[16])

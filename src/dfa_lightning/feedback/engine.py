@@ -529,7 +529,10 @@ class FeedbackEngine:
                 key, size = id(t), t.numel() * t.element_size()
             if key not in params:
                 saved[key] = size
-            return t
+            # detached: a saved output returned as itself holds its own grad_fn, a cycle through C++ that no
+            # collector sees, so the probe's whole graph (activations, and the parameters' gradient accumulators
+            # bound to the stream it ran on: a CUDA graph captured later fails) would outlive the probe
+            return t.detach()
 
         self._rows, self._calibrating, self._no_grad_points = None, True, set()
         try:
