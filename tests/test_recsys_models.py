@@ -178,6 +178,24 @@ def test_logloss_of_a_certain_wrong_prediction_is_capped_at_minus_log_eps():
     assert metric.compute().item() == pytest.approx(-math.log(1e-15), rel=1e-6)
 
 
+def test_logloss_updates_inside_a_mixed_precision_step(monkeypatch):
+    """The metric is updated inside the training step, under the Trainer's autocast; CUDA's autocast refuses
+    binary_cross_entropy outright, which failed every bf16-mixed CTR run on a GPU (seen on an H200). Here the CPU's
+    autocast stands in, with the function made to refuse as CUDA's does."""
+    real = F.binary_cross_entropy
+
+    def refused_under_autocast(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("binary_cross_entropy is unsafe to autocast")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "binary_cross_entropy", refused_under_autocast)
+    metric = LogLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metric.update(torch.tensor([0.25, 0.75], dtype=torch.bfloat16), torch.tensor([0, 1]))
+    assert metric.compute().item() == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
 def test_fm_term_is_the_sum_of_pairwise_inner_products_of_the_field_embeddings():
     torch.manual_seed(0)
     e = torch.randn(3, 5, 4, dtype=torch.float64)

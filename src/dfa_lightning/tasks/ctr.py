@@ -31,7 +31,10 @@ class LogLoss(Metric):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         p = preds.double().clamp(self.eps, 1 - self.eps)
-        self.total += F.binary_cross_entropy(p, target.double(), reduction="sum")
+        # outside autocast: CUDA's refuses binary_cross_entropy outright (fp64 here, nothing to cast), so the
+        # metric, updated inside the step, failed every bf16-mixed/16-mixed run on a GPU
+        with torch.autocast(p.device.type, enabled=False):
+            self.total += F.binary_cross_entropy(p, target.double(), reduction="sum")
         self.count += target.numel()
 
     def compute(self) -> torch.Tensor:
