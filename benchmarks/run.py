@@ -306,6 +306,13 @@ def steps_per_round(bp_step_s: float, rounds: int, steps: int, min_seconds: floa
     return max(steps, math.ceil(min_seconds / (rounds * bp_step_s)))
 
 
+def error_line(exc: BaseException) -> str:
+    """A failure as the report's tables hold it: one line (CUDA's errors run on over five, with advice, and broke the
+    markdown tables they sat in; the log keeps the whole text)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"
+
+
 def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: int, min_seconds: float,
              log) -> dict:
     torch.manual_seed(0)
@@ -324,7 +331,7 @@ def run_case(case: Case, device: torch.device, warmup: int, rounds: int, steps: 
             if v.method == "bp":
                 raise  # every ratio is taken against BP
             log(f"  {v.name}: FAILED: {type(exc).__name__}: {exc}")
-            failed.append(dict(variant=v.name, default=v.default, error=f"{type(exc).__name__}: {exc}"))
+            failed.append(dict(variant=v.name, default=v.default, error=error_line(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     del base
@@ -553,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             report["results"].append(run_case(case, device, **timing, log=log))
         except Exception as exc:  # noqa: BLE001 - one failing case must not cost the other results
             log(f"  FAILED: {type(exc).__name__}: {exc}")
-            report.setdefault("failures", []).append(dict(case=case.name, error=f"{type(exc).__name__}: {exc}"))
+            report.setdefault("failures", []).append(dict(case=case.name, error=error_line(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         # written after every case: a run cut short (a device lease's time limit) keeps the cases it finished
