@@ -32,8 +32,9 @@ test-slow: ## the slow real-data tests too
 test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP, CUDA-graph replay, syncs per step); they skip without a GPU
 	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
 
-gpu-check: ## everything a GPU session runs, in one command: bench-gpu, GPU profile, compiled bench, loop overhead (alone), then CUDA tests, Cora and NeRF sample runs at once (into OUT; DEADLINE=s caps it)
-	OUT=$(OUT) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+GPU_DEADLINE ?= 560
+gpu-check: ## everything a GPU session runs, in one command: bench-gpu, GPU profile, compiled bench, loop overhead (alone), then CUDA tests, Cora and NeRF sample runs at once (into OUT; ends within GPU_DEADLINE s, 0 = no cap)
+	OUT=$(OUT) PYTHON=$(PYTHON) DEADLINE=$(GPU_DEADLINE) bash benchmarks/gpu_check.sh
 
 tensorboard: ## watch every run under logs/
 	$(PYTHON) -m tensorboard.main --logdir $(LOGDIR)
