@@ -15,7 +15,9 @@
 # stage passed. DEADLINE (seconds from the start; 0 = none) cuts every limit so that the whole script ends by then:
 # a device command has 600 s. The benchmarks write their files after every case, so a stage cut short keeps the cases
 # it finished. A stage whose data is missing under $DFA_DATA_DIR is skipped; SKIP="name ..." skips stages by name.
-# A CPU smoke test of the script itself: PRESET=tiny ACCEL=cpu RUN_ARGS="--trainer.max_steps 2 ..." (tests/).
+# On a CPU, a smoke run of every stage: PRESET=tiny ACCEL=cpu RUN_ARGS="--trainer.max_steps 2" NERF_ARGS=
+# "--trainer.val_check_interval 1 --data.init_args.val_views 1 --data.init_args.test_views 1" (minutes); the tests run
+# the script with a stand-in python (tests/test_benchmarks.py).
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 PYTHON=${PYTHON:-python3}
