@@ -63,3 +63,18 @@ class NaNValidationDataModule(__import__("dfa_lightning.data.synthetic", fromlis
     def setup(self, stage=None):
         super().setup(stage)
         self.splits["val"].tensors[0][0] = float("nan")
+
+
+def shards(monkeypatch, loader_of, world: int = 2) -> list[list]:
+    """The batches each rank's evaluation loader gives under a ``world``-process ``torch.distributed`` run, as
+    ``loader_of()`` builds it in that rank (the process group simulated: the DataModules only ask who they are)."""
+    import torch.distributed as dist
+
+    out = []
+    for rank in range(world):
+        with monkeypatch.context() as m:
+            m.setattr(dist, "is_initialized", lambda: True)
+            m.setattr(dist, "get_world_size", lambda group=None: world)
+            m.setattr(dist, "get_rank", lambda group=None: rank)
+            out.append(list(loader_of()))
+    return out

@@ -733,3 +733,16 @@ def test_each_epoch_of_a_fit_draws_fresh_rays_and_the_precrop_is_only_the_runs_f
     for epoch, batches in ((0, first), (1, second)):  # each epoch is its own pass: the crop only in epoch 0's
         rays.epoch = lambda: epoch
         assert all(torch.equal(b, expected["rays"]) for b, expected in zip(batches, rays)), epoch
+
+
+def test_under_ddp_each_rank_renders_its_own_test_views_none_twice(shared_data, lego, monkeypatch):
+    """Lightning's own sampler pads the ranks' shares by repeating views; the DataModule hands each its own."""
+    from helpers import shards
+
+    data = nd.NeRFDataModule(root=str(shared_data), folder="nerf_synthetic_100px", test_views=5, skip=8,
+                             download=False)
+    one = [view["rgb"] for view in data.test_dataloader()]
+    rank0, rank1 = shards(monkeypatch, lambda: [view["rgb"] for view in data.test_dataloader()])
+    assert (len(one), len(rank0), len(rank1)) == (5, 3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one[0::2], rank0)) and all(
+        torch.equal(a, b) for a, b in zip(one[1::2], rank1))

@@ -489,3 +489,14 @@ def test_a_cache_dir_that_cannot_be_written_is_named_as_the_setting_to_change(wt
     with pytest.raises(DatasetError, match=rf"cannot write the wikitext-2 cache in {tmp_path / 'afile'}: .*; set "
                                            r"`cache_dir:` to a writable folder"):
         dm.setup()
+
+
+def test_under_ddp_each_rank_scores_its_own_validation_chunks_none_twice(wt2, monkeypatch):
+    """Lightning's own sampler pads the ranks' shares by repeating chunks; the DataModule hands each its own."""
+    from helpers import shards
+
+    one = [x for x, _ in wt2.val_dataloader()]
+    rank0, rank1 = shards(monkeypatch, lambda: [x for x, _ in wt2.val_dataloader()])
+    assert len(rank0) + len(rank1) == len(one) and len(rank0) - len(rank1) in (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(one[0::2], rank0)) and all(
+        torch.equal(a, b) for a, b in zip(one[1::2], rank1))

@@ -53,6 +53,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dfa_lightning.data.paths import DEFAULT_CACHE, ENV_VAR, data_root, make_cache_folder
+from dfa_lightning.data.sharding import eval_sampler
 from dfa_lightning.errors import ConfigError, DatasetError
 
 DOWNLOAD_PAGE = "https://ailab.criteo.com/ressources/"
@@ -707,6 +708,8 @@ class CriteoDataModule(pl.LightningDataModule):
         rows = self.splits[split]
         bs = self.batch_size if train else self.eval_batch_size
         sampler = _BatchSampler(len(rows), bs, shuffle=train and self.shuffle, seed=self.seed, drop_single=train)
+        if not train:  # under DDP each rank scores its own batches, none twice (Lightning's sampler pads)
+            sampler = eval_sampler(sampler)
         return DataLoader(_RowBatches(self.cache, rows), sampler=sampler, batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, sha256sum,
                                       warn_cache_fallback)
+from dfa_lightning.data.sharding import eval_sampler
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["NeRFDataModule", "Views", "load_blender", "load_llff", "camera_rays", "ndc_rays", "EXAMPLE_ARCHIVE"]
@@ -526,8 +527,10 @@ class NeRFDataModule(pl.LightningDataModule):
         self.setup(split)
         views = self.splits[split]
         n = len(views.poses) if limit is None else min(limit, len(views.poses))
-        return DataLoader(WholeViews(views, list(range(n)), self._meta(views)), batch_size=None,
-                          num_workers=self.num_workers, collate_fn=_keep)
+        whole = WholeViews(views, list(range(n)), self._meta(views))
+        # under DDP each rank renders its own views, none twice (Lightning's sampler pads)
+        return DataLoader(whole, batch_size=None, sampler=eval_sampler(whole), num_workers=self.num_workers,
+                          collate_fn=_keep)
 
     def val_dataloader(self) -> DataLoader:
         return self._whole("val", self.val_views)

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfa_lightning.data.paths import (DEFAULT_CACHE, ENV_VAR, data_root, download as download_file, make_cache_folder,
                                       sha256sum, warn_cache_fallback)
+from dfa_lightning.data.sharding import eval_sampler
 from dfa_lightning.errors import ConfigError, DatasetError
 
 __all__ = ["WikiTextDataModule", "StreamChunks", "batchify", "ARCHIVES"]
@@ -532,8 +533,11 @@ class WikiTextDataModule(pl.LightningDataModule):
         return StreamChunks(self.ids[split], self._streams(split), self.seq_len)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=None, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        data = self.dataset(split)
+        # evaluation under DDP: each rank scores its own chunks, none twice (Lightning's sampler pads)
+        sampler = None if split == "train" else eval_sampler(data)
+        return DataLoader(data, batch_size=None, shuffle=shuffle if sampler is None else None, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.shuffle)

@@ -1,0 +1,52 @@
+"""Evaluation batches under DDP: each rank its own, none repeated (dfa_lightning.data.sharding)."""
+from __future__ import annotations
+
+import pytest
+from torch.utils.data import DistributedSampler, Sampler
+
+from dfa_lightning.data.sharding import EvalShard, eval_sampler
+
+
+class Batches(Sampler):
+    def __init__(self, n: int) -> None:
+        self.n, self.epochs = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(f"batch{i}" for i in range(self.n))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+def test_the_ranks_share_every_batch_once_in_the_loaders_order():
+    parts = [list(EvalShard(Batches(7), 3, rank)) for rank in range(3)]
+    assert parts == [["batch0", "batch3", "batch6"], ["batch1", "batch4"], ["batch2", "batch5"]]
+    assert [len(EvalShard(Batches(7), 3, rank)) for rank in range(3)] == [3, 2, 2]  # no padding
+
+
+def test_lightning_keeps_the_shard_and_it_passes_the_epoch_on():
+    """Lightning replaces an evaluation sampler under DDP unless it is a DistributedSampler already."""
+    base = Batches(4)
+    shard = EvalShard(base, 2, 1)
+    assert isinstance(shard, DistributedSampler)
+    shard.set_epoch(3)
+    assert base.epochs == [3]
+
+
+def test_a_rank_with_no_batch_scores_the_last_one_again_and_says_so():
+    """Every rank must run a batch: Lightning registers the epoch metrics at the first one, and a rank without
+    any would leave the others waiting in the metrics' synchronisation."""
+    with pytest.warns(UserWarning, match="2 evaluation batch.*ranks 2 to 3 score the last one again"):
+        EvalShard(Batches(2), 4, 0)  # rank 0 says it, for every rank
+    assert [list(EvalShard(Batches(2), 4, rank)) for rank in range(4)] == [["batch0"], ["batch1"], ["batch1"],
+                                                                           ["batch1"]]
+    assert len(EvalShard(Batches(2), 4, 3)) == 1
+
+
+def test_one_process_keeps_the_loaders_own_order():
+    base = Batches(3)
+    assert eval_sampler(base) is base
+    assert list(eval_sampler([10, 20, 30])) == [0, 1, 2]  # a dataset: read in order
