@@ -29,15 +29,18 @@ class EvalShard(DistributedSampler):
     def __init__(self, base: Sampler | Sized, num_replicas: int, rank: int) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"EvalShard: rank {rank} is not one of {num_replicas} ranks")
-        # not DistributedSampler.__init__: it sizes a padded share; Lightning only asks isinstance()
+        # not DistributedSampler.__init__, which sizes a padded share; Lightning keeps any DistributedSampler
         self.base = base if isinstance(base, Sampler) else SequentialSampler(base)
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
         total = len(self.base)
+        # what code that knows DistributedSampler reads (Lightning asks `shuffle` of an evaluation loader's)
+        self.dataset, self.shuffle, self.seed, self.drop_last, self.total_size = base, False, 0, False, total
         self.repeats_last = 0 < total <= rank
         if 0 < total < num_replicas:  # said once, by rank 0 (which always has a batch)
             rank_zero_warn(f"{total} evaluation batch(es) for {num_replicas} ranks: ranks {total} to "
                            f"{num_replicas - 1} score the last one again (every rank needs one); use at most {total} "
                            "device(s) for exact metrics")
+        self.num_samples = len(self)
 
     def __len__(self) -> int:
         total = len(self.base)
