@@ -270,6 +270,30 @@ def test_the_probe_forward_of_calibrate_leaves_no_graph_behind():
     assert c["saved_activation_bytes"] > 0  # still measured
 
 
+def test_a_point_whose_output_nothing_takes_is_named_at_calibration():
+    """Backprop gives a dropped branch's layers no gradient; DFA's B e would train them anyway, unsaid."""
+    import warnings
+
+    class DroppedBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.dropped, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            self.dropped(h)  # computed, then left out
+            return self.head(h)
+
+    x = torch.randn(16, 4)
+    engine = FeedbackEngine(DroppedBranch(), ["a", "dropped"])
+    with pytest.warns(UserWarning, match=r"feedback point\(s\) dropped: nothing in the forward takes the output"):
+        engine.calibrate(lambda: engine.model(x).sum())
+    used = FeedbackEngine(MLP(4, 2, hidden=[8, 8]), ["blocks.*"], feedback_norm={"blocks.0": "layer"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every point taken: no word (the norm's clone counted as handed on)
+        used.calibrate(lambda: used.model(x).sum())
+
+
 def test_auto_projection_stays_fused_when_the_signals_are_small():
     # a wide input layer and a 16-wide hidden point (a GCN-like shape): the fused signals cost next to nothing
     model = MLP(1000, 4, hidden=[16])

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfa_lightning.errors import ConfigError
@@ -281,6 +283,7 @@ class FeedbackEngine:
         self._output_dtype: torch.dtype | None = None
         self._token_dtype = torch.float32
         self._warm: tuple | None = None
+        self._cuts: dict[str, list[torch.Tensor]] | None = None  # calibrate's forward: what each point handed on
         self._receivers: list[torch.Tensor] = []  # matmul receivers: M_i^T [d_i, w] per point, on _warm's device
         self._post_scales: tuple[float, ...] | None = None
         self._layout: matrices.FeedbackLayout | None = None
@@ -359,10 +362,17 @@ class FeedbackEngine:
                 else:
                     pending.tensors.append(receives)
                 if mode != "none":  # the norm's backward keeps `out`: an in-place op above (ReLU(inplace=True))
-                    return out.detach().clone()  # must not bump its version through a detached alias
-            return out.detach()
+                    # must not bump its version through a detached alias
+                    return self._cut(info.name, out.detach().clone())
+            return self._cut(info.name, out.detach())
 
         return hook
+
+    def _cut(self, name: str, cut: torch.Tensor) -> torch.Tensor:
+        """The tensor a point hands the layers above; calibrate's forward keeps each, to see which one they use."""
+        if self._cuts is not None and self.method == "dfa":
+            self._cuts.setdefault(name, []).append(cut)
+        return cut
 
     def _output_hook(self, module: nn.Module, args, out):
         if not isinstance(out, torch.Tensor):
@@ -534,13 +544,15 @@ class FeedbackEngine:
             # bound to the stream it ran on: a CUDA graph captured later fails) would outlive the probe
             return t.detach()
 
-        self._rows, self._calibrating, self._no_grad_points = None, True, set()
+        self._rows, self._calibrating, self._no_grad_points, self._cuts = None, True, set(), {}
+        taken = _InputsTaken()
         try:
             with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
-                  FlopCounterMode(display=False) as flops):
+                  FlopCounterMode(display=False) as flops, taken):
                 forward()
+            self._warn_points_unused(taken.ids)
         finally:
-            self._calibrating = False
+            self._calibrating, self._cuts = False, None
         self._warn_points_without_grad()
         self._check_points_precede_output()
         self._check_point_rows()
@@ -556,6 +568,15 @@ class FeedbackEngine:
         cheap = max(RECEIVER_FLOP_BUDGET * 3 * c["forward_matmul_flops"], RECEIVER_FREE_FLOPS * len(self.points))
         c["receiver"] = "matmul" if self.operator_kind != "sparse" and c["receiver_flops"] <= cheap else "token"
         return self.count_optimizer_state(optimizer_state_bytes)
+
+    def _warn_points_unused(self, taken: set[int]) -> None:
+        """A point whose output nothing above takes (an auxiliary branch left out of the loss, a module the forward
+        computes and drops): backprop would give the layers below it no gradient, DFA's ``B e`` still trains them."""
+        unused = sorted(name for name, cuts in (self._cuts or {}).items() if not any(id(c) in taken for c in cuts))
+        if unused:
+            warnings.warn(f"feedback point(s) {', '.join(unused)}: nothing in the forward takes the output, yet under "
+                          "DFA the layers below still train on B e (backprop would leave them alone); take the "
+                          "point out of feedback_points unless that is meant", stacklevel=4)
 
     def _warn_points_without_grad(self) -> None:
         """Points that ran with grad off inside the probe's training forward get no feedback there; under
@@ -959,6 +980,19 @@ def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
                 elif p.requires_grad:
                     total += n * p.numel() * p.element_size()
     return total
+
+
+class _InputsTaken(TorchFunctionMode):
+    """The ids of the tensors that the torch functions and methods called under it take (calibrate's forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ids.update(id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        return func(*args, **kwargs)
 
 
 def _reachable_parameters(tensor: torch.Tensor, ids: dict[int, str]) -> list[str]:
