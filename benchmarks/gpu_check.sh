@@ -61,9 +61,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run it alone under a time limit, log
 
 pids=()
 names=()
+reserve=${TABLE_RESERVE:-45}  # seconds kept after the runs for the tables written from them (made at once)
+trap 'for p in "${pids[@]}"; do pkill -TERM -P "$p"; done' EXIT  # stopped early: no run left holding the GPU
 beside() {  # beside NAME SECONDS COMMAND...: start it in the background, logging to $RUNS/NAME.log
     local name=$1 limit
-    limit=$(capped "$2" "${TABLE_RESERVE:-50}")  # time left for the tables written from these runs
+    limit=$(capped "$2" "$reserve")
     shift 2
     echo "=== $name: started ($(date -u +%T), limit ${limit} s): $*" | tee -a "$LOG"
     (
@@ -92,6 +94,7 @@ sweep_each() {  # sweep_each NAME SECONDS METRIC REFERENCE "RECIPES" ARGS...: on
     local name=$1 limit=$2 metric=$3 reference=$4 recipes=$5 recipe  # the others; REFERENCE: sweep's --reference
     shift 5
     wanted "$name" || return 0
+    rm -rf "${RUNS:?}/$name"  # a sweep reuses a finished run's result: an earlier check's must not pass for this one
     for recipe in $recipes; do
         # shellcheck disable=SC2086  # RUN_ARGS is word-split on purpose
         beside "$name.$(basename "$recipe" .yaml)" "$limit" "$PYTHON" -m dfa_lightning.sweep --recipes "$recipe" \
@@ -101,7 +104,9 @@ sweep_each() {  # sweep_each NAME SECONDS METRIC REFERENCE "RECIPES" ARGS...: on
     SWEEPS+=("$name|$metric|$reference|$recipes|$*")
 }
 
-table_each() {  # one table per sweep from its finished runs (a sweep reuses a run's result.json: no training here)
+table_each() {  # one table per sweep from its finished runs (a sweep reuses a run's result.json: no training here),
+    # all at once
+    reserve=0
     local entry name metric reference recipes args recipe done
     for entry in "${SWEEPS[@]}"; do
         IFS='|' read -r name metric reference recipes args <<<"$entry"
@@ -112,10 +117,11 @@ table_each() {  # one table per sweep from its finished runs (a sweep reuses a r
         if [ -z "$done" ]; then echo "=== $name: no run finished, no table" | tee -a "$LOG"; status=1; continue; fi
         [ "$(echo $done)" = "$(echo $recipes)" ] || reference='{}'  # the sweep refuses a reference to a missing run
         # shellcheck disable=SC2086
-        stage "$name" 60 "$PYTHON" -m dfa_lightning.sweep --recipes $done --seeds 0 --metric "$metric" \
+        beside "$name" 60 "$PYTHON" -m dfa_lightning.sweep --recipes $done --seeds 0 --metric "$metric" \
             --out "$OUT/$name.md" --root "$RUNS/$name" --reference "$reference" \
             -- $args --trainer.accelerator "$ACCEL" --trainer.devices 1 $RUN_ARGS
     done
+    wait_beside
 }
 
 # --- alone: the timed stages ---------------------------------------------------------------------------------------

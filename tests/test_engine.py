@@ -285,9 +285,10 @@ def test_a_point_whose_output_nothing_takes_is_named_at_calibration():
             return self.head(h)
 
     x = torch.randn(16, 4)
-    engine = FeedbackEngine(DroppedBranch(), ["a", "dropped"])
-    with pytest.warns(UserWarning, match=r"feedback point\(s\) dropped: nothing in the forward takes the output"):
-        engine.calibrate(lambda: engine.model(x).sum())
+    for norm in ("none", {"a": "layer"}):  # the norm's path makes and drops temporaries of the same size first
+        engine = FeedbackEngine(DroppedBranch(), ["a", "dropped"], feedback_norm=norm)
+        with pytest.warns(UserWarning, match=r"feedback point\(s\) dropped: nothing in the forward takes the outp"):
+            engine.calibrate(lambda: engine.model(x).sum())
     used = FeedbackEngine(MLP(4, 2, hidden=[8, 8]), ["blocks.*"], feedback_norm={"blocks.0": "layer"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every point taken: no word (the norm's clone counted as handed on)

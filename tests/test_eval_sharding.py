@@ -50,3 +50,8 @@ def test_one_process_keeps_the_loaders_own_order():
     base = Batches(3)
     assert eval_sampler(base) is base
     assert list(eval_sampler([10, 20, 30])) == [0, 1, 2]  # a dataset: read in order
+
+
+def test_an_empty_loader_gives_every_rank_nothing_alike():
+    """No batch anywhere: every rank skips the stage alike (no rank waits for another in the metrics' sync)."""
+    assert [list(EvalShard(Batches(0), 2, rank)) for rank in range(2)] == [[], []]

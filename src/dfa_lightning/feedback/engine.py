@@ -283,7 +283,7 @@ class FeedbackEngine:
         self._output_dtype: torch.dtype | None = None
         self._token_dtype = torch.float32
         self._warm: tuple | None = None
-        self._cuts: dict[str, list[torch.Tensor]] | None = None  # calibrate's forward: what each point handed on
+        self._cuts: dict[int, tuple[str, torch.Tensor]] | None = None  # calibrate's forward: what points hand on
         self._receivers: list[torch.Tensor] = []  # matmul receivers: M_i^T [d_i, w] per point, on _warm's device
         self._post_scales: tuple[float, ...] | None = None
         self._layout: matrices.FeedbackLayout | None = None
@@ -369,9 +369,10 @@ class FeedbackEngine:
         return hook
 
     def _cut(self, name: str, cut: torch.Tensor) -> torch.Tensor:
-        """The tensor a point hands the layers above; calibrate's forward keeps each, to see which one they use."""
+        """The tensor a point hands the layers above; calibrate's forward keeps each alive (so that no other tensor
+        can share its ``id`` meanwhile), to see which ones the layers above take."""
         if self._cuts is not None and self.method == "dfa":
-            self._cuts.setdefault(name, []).append(cut)
+            self._cuts[id(cut)] = (name, cut)
         return cut
 
     def _output_hook(self, module: nn.Module, args, out):
@@ -545,12 +546,12 @@ class FeedbackEngine:
             return t.detach()
 
         self._rows, self._calibrating, self._no_grad_points, self._cuts = None, True, set(), {}
-        taken = _InputsTaken()
+        taken = _InputsTaken(self._cuts)
         try:
             with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(),
                   FlopCounterMode(display=False) as flops, taken):
                 forward()
-            self._warn_points_unused(taken.ids)
+            self._warn_points_unused(taken.names)
         finally:
             self._calibrating, self._cuts = False, None
         self._warn_points_without_grad()
@@ -569,10 +570,10 @@ class FeedbackEngine:
         c["receiver"] = "matmul" if self.operator_kind != "sparse" and c["receiver_flops"] <= cheap else "token"
         return self.count_optimizer_state(optimizer_state_bytes)
 
-    def _warn_points_unused(self, taken: set[int]) -> None:
+    def _warn_points_unused(self, taken: set[str]) -> None:
         """A point whose output nothing above takes (an auxiliary branch left out of the loss, a module the forward
         computes and drops): backprop would give the layers below it no gradient, DFA's ``B e`` still trains them."""
-        unused = sorted(name for name, cuts in (self._cuts or {}).items() if not any(id(c) in taken for c in cuts))
+        unused = sorted({name for name, _ in (self._cuts or {}).values()} - taken)
         if unused:
             warnings.warn(f"feedback point(s) {', '.join(unused)}: nothing in the forward takes the output, yet under "
                           "DFA the layers below still train on B e (backprop would leave them alone); take the "
@@ -983,15 +984,20 @@ def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
 
 
 class _InputsTaken(TorchFunctionMode):
-    """The ids of the tensors that the torch functions and methods called under it take (calibrate's forward)."""
+    """The points whose handed-on tensor (``cuts``: id -> (point, tensor), each kept alive, so an id seen at a call
+    is that tensor's) a torch function or method called under it takes (calibrate's forward). Reading an attribute
+    (``.shape``) does not count as taking it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuts: dict[int, tuple[str, torch.Tensor]]) -> None:
         super().__init__()
-        self.ids: set[int] = set()
+        self.cuts, self.names = cuts, set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ids.update(id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        if getattr(func, "__name__", "") != "__get__":
+            for a in tree_leaves((args, kwargs)):
+                if isinstance(a, torch.Tensor) and id(a) in self.cuts:
+                    self.names.add(self.cuts[id(a)][0])
         return func(*args, **kwargs)
 
 
