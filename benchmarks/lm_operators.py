@@ -139,7 +139,9 @@ def main() -> None:
     dm.load()
     setup["vocab"], setup["train_tokens"] = dm.vocab_size, int(dm.ids["train"].numel())
     load = [round(x, 2) for x in os.getloadavg()]
-    command = "DFA_DATA_DIR=../shared/data python " + " ".join(["benchmarks/lm_operators.py", *sys.argv[1:]])
+    data = os.environ.get("DFA_DATA_DIR")  # the data root this run read, as it was given (none: the cache's)
+    command = (f"DFA_DATA_DIR={data} " if data else "") + " ".join(["python benchmarks/lm_operators.py",
+                                                                     *sys.argv[1:]])
     payload = {"benchmark": "lm_operators", "command": command, "setup": setup, "torch": torch.__version__,
                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} thread(s); "
                           f"load average at start {load}",
@@ -169,8 +171,8 @@ def render_md(payload: dict, rows: list[str]) -> str:
         f"Adam lr {s['lr']} "
         f"beta2 0.999, grad clip 0.5, seed {s['seed']}; validation perplexity on the first {s['val_tokens']:,} "
         "validation tokens (each stream's first chunks) after the last step. One seed: differences of a few "
-        "percent are noise. Time per step is wall time on one CPU core (machine below): compare variants only "
-        "roughly.",
+        f"percent are noise. Time per step is wall time on {s['threads']} CPU thread(s) (machine below): compare "
+        "variants only roughly.",
         "",
         f"Machine: {payload['machine']}; torch {payload['torch']}.",
         "",

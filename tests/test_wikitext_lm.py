@@ -429,7 +429,9 @@ def test_lm_operator_proxy_script_runs_each_variant_and_records_its_setup(wt2_ro
     for r in results.values():
         assert r["steps"] == 3 and math.isfinite(r["val_ppl"]) and r["val_ppl"] > 1
     assert results["after_lowrank_shared_bf16proj"]["config"]["projection_dtype"] == "gradient"
-    assert "| before_shared |" in out.with_suffix(".md").read_text()
+    text = out.with_suffix(".md").read_text()
+    assert "| before_shared |" in text and "on 1 CPU thread(s)" in text
+    assert payload["command"].startswith(f"DFA_DATA_DIR={wt2_root} python benchmarks/lm_operators.py")  # as run
 
 
 def test_each_setting_that_changes_the_ids_has_its_own_cache_and_lowercase_applies_to_every_split(tmp_path):
