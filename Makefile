@@ -33,7 +33,7 @@ test-gpu: ## the tests marked `gpu` (CUDA: fp16 AMP, CUDA-graph replay, syncs pe
 	$(PYTHON) -m pytest -q -m gpu -rs $(ARGS)
 
 GPU_DEADLINE ?= 560
-gpu-check: ## everything a GPU session runs, in one command: bench-gpu, GPU profile, compiled bench, loop overhead (alone), then CUDA tests, Cora and NeRF sample runs at once (into OUT; ends within GPU_DEADLINE s, 0 = no cap)
+gpu-check: ## everything a GPU session runs, in one command: bench-gpu, GPU profile, compiled bench, loop overhead, compiled LM (alone), then CUDA tests, Cora and NeRF sample runs at once (into OUT; ends within GPU_DEADLINE s, 0 = no cap)
 	OUT=$(OUT) PYTHON=$(PYTHON) DEADLINE=$(GPU_DEADLINE) bash benchmarks/gpu_check.sh
 
 tensorboard: ## watch every run under logs/

@@ -533,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", metavar="MODE", choices=COMPILE_MODES, help="run the host-bound models (and the MLP) under "
                         "torch.compile with this mode (default, reduce-overhead, max-autotune-no-cudagraphs) instead "
                         "of eagerly: into bench_<preset>_compiled.json/.md")
+    parser.add_argument("--name", help="file name of the report, without .json/.md (default: bench_<preset>, "
+                        "bench_<preset>_compiled with --compile): a second run of a subset keeps the first's files")
     parser.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default: torch's, 1 for tiny). On an "
                         "oversubscribed machine 1 thread avoids OpenMP spin-wait stalls of 100x")
     args = parser.parse_args(argv)
@@ -541,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # CPU: Adam's tiny second moments turn denormal and slow `div` down 10-50x
     device = device_arg(parser, args.device, args.preset)
     out_folder(parser, args.out)
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.endswith(
+            (".json", ".md"))):
+        parser.error(f"--name {args.name}: a file name without folder or extension (it becomes NAME.json and NAME.md)")
     timing = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = dict(preset=args.preset, command="python -m benchmarks.run " + " ".join(
@@ -553,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                  compile_mode=args.compile)
     if not todo:  # --compile keeps the models it compiles: `--models gcn` left nothing (a KeyError at the end)
         parser.error(f"nothing to run: --compile runs {', '.join(GRAPHED)} only" if args.compile else "nothing to run")
-    report["name"] = f"bench_{args.preset}" + ("_compiled" if args.compile else "")
+    report["name"] = args.name or f"bench_{args.preset}" + ("_compiled" if args.compile else "")
     for i, case in enumerate(todo):
         log(f"{case.name}: {case.description}")
         try:

@@ -232,6 +232,9 @@ def test_cuda_graph_cases_follow_the_eager_ones_and_keep_bp_the_defaults_and_bot
         assert c.variants[0].method == "bp" and any(v.default for v in c.variants)
         if c.name != "lm_bf16_graph":
             assert {"dfa", "dfa fused", "dfa per-point", "shallow"} <= kept
+        # the MLP's bf16 target is also timed with the projection in bf16; no other case pays for that
+        bf16_projection = {"dfa fused, bf16 projection", "dfa per-point, bf16 projection"}
+        assert kept & bf16_projection == (bf16_projection if c.name == "mlp_bf16_graph" else set())
     assert not any(c.cuda_graph for c in cases("gpu"))
 
 
@@ -374,8 +377,12 @@ def test_gpu_check_times_alone_then_runs_the_rest_at_once_and_tables_each_sweep(
     done, _, calls = _gpu_check(tmp_path, SKIP="tests")
     assert done.returncode == 0, done.stdout[-2000:]
     modules = [c.split()[0] for c in calls]
-    assert modules[:4] == ["benchmarks.run", "benchmarks.profile_step", "benchmarks.run", "benchmarks.loop_overhead"]
-    per_recipe = [c for c in calls[4:-4] if c.startswith("dfa_lightning.sweep")]
+    assert modules[:5] == ["benchmarks.run", "benchmarks.profile_step", "benchmarks.run", "benchmarks.loop_overhead",
+                           "benchmarks.run"]
+    # the compiled models in two stages, each into its own report: the LM's compilations alone outlast a stage
+    assert "--models deepfm nerf " in calls[2] and "--name" not in calls[2]
+    assert "--models lm " in calls[4] and "--name bench_gpu_compiled_lm " in calls[4]
+    per_recipe = [c for c in calls[5:-4] if c.startswith("dfa_lightning.sweep")]
     assert len(per_recipe) == 3 + 3 + 2 + 2 and all(len(c.split("--recipes ")[1].split(" --")[0].split()) == 1
                                                      for c in per_recipe)
     out = tmp_path / "out"
@@ -389,8 +396,10 @@ def test_gpu_check_times_alone_then_runs_the_rest_at_once_and_tables_each_sweep(
 def test_gpu_check_ends_by_its_deadline_and_tables_only_the_runs_that_finished(tmp_path):
     """A device command has 600 s: DEADLINE cuts every stage's limit (a run that would not end is stopped), the
     tables still come from the runs that did finish, and the exit status says a stage failed."""
-    done, seconds, _ = _gpu_check(tmp_path, SKIP="tests", SLOW="nerf_dfa", DEADLINE="10", TABLE_RESERVE="4")
+    done, seconds, calls = _gpu_check(tmp_path, SKIP="tests", SLOW="nerf_dfa", DEADLINE="10", TABLE_RESERVE="4")
     assert done.returncode == 1 and seconds < 30, (seconds, done.stdout[-2000:])
+    # the LM's compiled stage would eat the untimed stages' time: skipped, and said so
+    assert "=== compiled_lm: skipped" in done.stdout and not any("--models lm" in c for c in calls)
     table = (tmp_path / "out" / "nerf_lego_100px_gpu.md").read_text()
     assert "nerf_bp" in table and "nerf_shallow" in table and "nerf_dfa" not in table
     assert "a stage FAILED" in done.stdout
@@ -659,6 +668,7 @@ def test_ln_affine_drift_reads_how_far_every_post_ln_norm_moved_from_1_and_0():
     (["--compile", "bogus"], "invalid choice: 'bogus'"), (["--device", "foo"], "--device 'foo': not a torch device"),
     (["--models"], "expected at least one argument"),
     (["--compile", "default", "--models", "gcn"], "nothing to run: --compile runs mlp, deepfm, nerf, lm only"),
+    (["--name", "sub/x"], "--name sub/x: a file name without folder"), (["--name", "x.md"], "--name x.md: a file"),
 ])
 def test_bench_refuses_a_bad_argument_before_writing_any_report(argv, why, tmp_path, capsys):
     """0 rounds or an unknown model made every case fail (or a KeyError) and still wrote, with exit 0, a report over
@@ -678,6 +688,19 @@ def test_bench_names_the_device_flag_when_cuda_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "out")])
     assert "--device cuda needs CUDA" in capsys.readouterr().err
+
+
+def test_a_named_report_leaves_the_presets_report_alone(tmp_path, monkeypatch):
+    """`gpu-check` compiles the LM in a stage of its own: its report must not overwrite the other compiled cases'."""
+    from benchmarks import run as bench
+
+    monkeypatch.setattr(bench, "run_case", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not measured")))
+    (tmp_path / "bench_tiny_compiled.md").write_text("the first stage's cases")
+    bench.main(["--preset", "tiny", "--compile", "default", "--models", "lm", "--name", "bench_tiny_compiled_lm",
+                "--out", str(tmp_path)])
+    assert (tmp_path / "bench_tiny_compiled.md").read_text() == "the first stage's cases"
+    report = json.loads((tmp_path / "bench_tiny_compiled_lm.json").read_text())
+    assert report["failures"][0]["case"] == "lm_fp32_compiled" and (tmp_path / "bench_tiny_compiled_lm.md").exists()
 
 
 def test_bench_exits_non_zero_when_no_case_was_measured(tmp_path, monkeypatch):
