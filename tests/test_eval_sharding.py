@@ -55,3 +55,31 @@ def test_one_process_keeps_the_loaders_own_order():
 def test_an_empty_loader_gives_every_rank_nothing_alike():
     """No batch anywhere: every rank skips the stage alike (no rank waits for another in the metrics' sync)."""
     assert [list(EvalShard(Batches(0), 2, rank)) for rank in range(2)] == [[], []]
+
+
+@pytest.mark.parametrize(("limit", "total", "says"), [
+    (40, 100, "2 ranks score 80, one process 40, .* set limit_val_batches=20"),
+    (60, 100, "2 ranks score 100, one process 60, .* set limit_val_batches=30"),
+])
+def test_an_integer_batch_limit_under_ddp_says_it_counts_per_rank(limit, total, says):
+    """Lightning cuts each rank's share to the limit: two ranks scored twice the batches that one process scores
+    (the LM sample's 40 validation chunks became 80), silently another metric than the same command's on one GPU."""
+    from dfa_lightning.data.sharding import warn_limit_per_rank
+
+    with pytest.warns(UserWarning, match=f"limit_val_batches={limit} acts on each rank's share of the {total} val "
+                                         f"batches: {says}"):
+        warn_limit_per_rank(limit, "val", total, 2)
+
+
+@pytest.mark.parametrize(("limit", "total", "world"), [
+    (0.25, 100, 2),  # a fraction scales with the shares: one process's count
+    (200, 100, 2), (100, 100, 2),  # no cut anywhere
+    (40, 100, 1),  # one process
+    (0, 100, 2),  # the stage is off
+    (None, 100, 2),
+])
+def test_a_batch_limit_that_counts_alike_on_one_or_many_ranks_says_nothing(limit, total, world, recwarn):
+    from dfa_lightning.data.sharding import warn_limit_per_rank
+
+    warn_limit_per_rank(limit, "val", total, world)
+    assert not [w for w in recwarn if "acts on each rank" in str(w.message)]

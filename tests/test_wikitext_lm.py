@@ -502,3 +502,16 @@ def test_under_ddp_each_rank_scores_its_own_validation_chunks_none_twice(wt2, mo
     assert len(rank0) + len(rank1) == len(one) and len(rank0) - len(rank1) in (0, 1)
     assert all(torch.equal(a, b) for a, b in zip(one[0::2], rank0)) and all(
         torch.equal(a, b) for a, b in zip(one[1::2], rank1))
+
+
+def test_under_ddp_an_integer_validation_limit_of_the_trainer_is_said_to_count_per_rank(wt2, monkeypatch):
+    """The recipe's `limit_val_batches: 40` scores 80 chunks on 2 GPUs: the DataModule reads its Trainer's limit."""
+    from types import SimpleNamespace
+
+    from helpers import shards
+
+    total = len(list(wt2.val_dataloader()))
+    monkeypatch.setattr(wt2, "trainer", SimpleNamespace(limit_val_batches=3, limit_test_batches=1.0))
+    with pytest.warns(UserWarning, match=f"limit_val_batches=3 acts on each rank's share of the {total} val batches: "
+                                         "2 ranks score 6, one process 3"):
+        shards(monkeypatch, lambda: list(wt2.val_dataloader()))

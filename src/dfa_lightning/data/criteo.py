@@ -709,7 +709,7 @@ class CriteoDataModule(pl.LightningDataModule):
         bs = self.batch_size if train else self.eval_batch_size
         sampler = _BatchSampler(len(rows), bs, shuffle=train and self.shuffle, seed=self.seed, drop_single=train)
         if not train:  # under DDP each rank scores its own batches, none twice (Lightning's sampler pads)
-            sampler = eval_sampler(sampler)
+            sampler = eval_sampler(sampler, self.trainer, "test" if split == "test" else "val")
         return DataLoader(_RowBatches(self.cache, rows), sampler=sampler, batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -529,7 +529,8 @@ class NeRFDataModule(pl.LightningDataModule):
         n = len(views.poses) if limit is None else min(limit, len(views.poses))
         whole = WholeViews(views, list(range(n)), self._meta(views))
         # under DDP each rank renders its own views, none twice (Lightning's sampler pads)
-        return DataLoader(whole, batch_size=None, sampler=eval_sampler(whole), num_workers=self.num_workers,
+        return DataLoader(whole, batch_size=None, sampler=eval_sampler(whole, self.trainer, split),
+                          num_workers=self.num_workers,
                           collate_fn=_keep)
 
     def val_dataloader(self) -> DataLoader:

@@ -58,9 +58,31 @@ class EvalShard(DistributedSampler):
             self.base.set_epoch(epoch)
 
 
-def eval_sampler(base: Sampler | Sized) -> Sampler:
+def eval_sampler(base: Sampler | Sized, trainer: Any = None, stage: str = "val") -> Sampler:
     """The evaluation order of ``base`` (a sampler, or a dataset read in order) in one process; this rank's
-    :class:`EvalShard` of it under ``torch.distributed`` with several processes."""
+    :class:`EvalShard` of it under ``torch.distributed`` with several processes. ``trainer`` (the DataModule's,
+    when attached) and ``stage`` (``val`` or ``test``): its ``limit_<stage>_batches`` is checked against the shares
+    (see :func:`warn_limit_per_rank`)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return base if isinstance(base, Sampler) else SequentialSampler(base)
-    return EvalShard(base, dist.get_world_size(), dist.get_rank())
+    shard = EvalShard(base, dist.get_world_size(), dist.get_rank())
+    if trainer is not None and not getattr(trainer, "fast_dev_run", False):  # (a smoke run limits on purpose)
+        warn_limit_per_rank(getattr(trainer, f"limit_{stage}_batches", None), stage, len(shard.base),
+                            shard.num_replicas)
+    return shard
+
+
+def warn_limit_per_rank(limit: int | float | None, stage: str, total: int, world: int) -> None:
+    """Lightning applies an integer ``limit_<stage>_batches`` to each rank's share, after the sharding: ``w`` ranks
+    score up to ``w`` times the batches that one process scores, so the metric is another one than the same
+    command's on one device. Said once (rank 0), with the limit that gives one process's count; a fraction scales
+    with the shares and is left alone."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0 or world <= 1:
+        return
+    scored = sum(min(limit, len(range(rank, total, world))) for rank in range(world))
+    alone = min(limit, total)
+    if scored != alone:
+        rank_zero_warn(f"limit_{stage}_batches={limit} acts on each rank's share of the {total} {stage} batches: "
+                       f"{world} ranks score {scored}, one process {alone}, so the {stage} metrics are not the "
+                       f"one-device ones; for those, set limit_{stage}_batches={-(-alone // world)} (when it divides "
+                       f"evenly) or a fraction, which scales with the shares")

@@ -535,7 +535,7 @@ class WikiTextDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.dataset(split)
         # evaluation under DDP: each rank scores its own chunks, none twice (Lightning's sampler pads)
-        sampler = None if split == "train" else eval_sampler(data)
+        sampler = None if split == "train" else eval_sampler(data, self.trainer, "test" if split == "test" else "val")
         return DataLoader(data, batch_size=None, shuffle=shuffle if sampler is None else None, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
