@@ -530,8 +530,7 @@ class NeRFDataModule(pl.LightningDataModule):
         whole = WholeViews(views, list(range(n)), self._meta(views))
         # under DDP each rank renders its own views, none twice (Lightning's sampler pads)
         return DataLoader(whole, batch_size=None, sampler=eval_sampler(whole, self.trainer, split),
-                          num_workers=self.num_workers,
-                          collate_fn=_keep)
+                          num_workers=self.num_workers, collate_fn=_keep)
 
     def val_dataloader(self) -> DataLoader:
         return self._whole("val", self.val_views)
